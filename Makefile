@@ -1,0 +1,39 @@
+# Two entry points do everything on a fresh machine:
+#   make demo   - create .venv if missing, run the MovieLens-100K pipeline end to end
+#   make test   - create .venv if missing, run the test suite
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export GLOO_SOCKET_IFNAME ?= lo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch first from the CPU wheel on disk; fbgemm-gpu-cpu 1.8.0 matches torch
+# 2.13; torchrec --no-deps so pip never pulls the 2.7 GB CUDA fbgemm-gpu.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pipelines.envcheck
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m pipelines.demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python -m benchmarks.auc
+
+clean:
+	rm -rf artifacts feature_repo/data

@@ -1,0 +1,1 @@
+"""Dataset ingestion, modality embedding and causal behaviour-feature pipelines."""

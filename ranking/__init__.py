@@ -1,0 +1,1 @@
+"""TorchRec DLRM ranker: batches from Feast rows, model, torchrun trainer, metrics."""

@@ -1,0 +1,1 @@
+"""Semantic-ID tokenizers: residual quantizer core, RQ-KMeans, RQ-VAE, metrics."""
