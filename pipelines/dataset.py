@@ -1,0 +1,212 @@
+"""The ingested-dataset core every source reader shares.
+
+Every source reader (MovieLens, Amazon, synthetic) returns an
+:class:`IngestedDataset` with dense ids; :func:`write_dataset` applies the
+evaluation protocol (sort, ``row_id``, 80/10/10 split), validates everything and
+only then writes the artifacts atomically, ``meta.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.io import write_json, write_npy, write_parquet
+from pipelines.protocol import POSITIVE_RATING, assign_protocol_split
+from pipelines.schema import SPLITS, DataError, DatasetPaths, require_utc_timestamps, validate_events, validate_modality
+
+log = logging.getLogger(__name__)
+
+EVENT_OUTPUT_COLUMNS = ("row_id", "user_id", "item_id", "label", "rating", "event_timestamp", "split")
+ITEM_BASE_COLUMNS = ("item_id", "raw_item_id", "title", "tags", "year")
+MODALITY_MANIFEST = "manifest.json"
+# Unix seconds after 2100-01-01 are almost surely milliseconds or microseconds.
+MAX_UNIX_SECONDS = 4_102_444_800
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sorted_vocabulary(raw_ids: pd.Series) -> pd.Index:
+    """Unique raw ids in a deterministic order: numeric when all are digits, else lexicographic.
+
+    Dense id = position + 1, so MovieLens ids 1..n map onto themselves and the
+    mapping never depends on the order of lines in the input file.
+    """
+    unique = pd.Series(raw_ids.astype(str).unique())
+    if len(unique) and unique.str.fullmatch(r"\d+").all():
+        # The string breaks ties between "007" and "7", so line order never matters.
+        return pd.Index(sorted(unique, key=lambda raw: (int(raw), raw)), dtype=object)
+    return pd.Index(np.sort(unique.to_numpy()), dtype=object)
+
+
+def dense_ids(raw_ids: pd.Series, vocabulary: pd.Index, source: str, column: str, vocabulary_file: str) -> np.ndarray:
+    """Map raw ids to dense int64 ids 1..len(vocabulary); unknown ids are a DataError."""
+    positions = vocabulary.get_indexer(raw_ids.astype(str))
+    if (positions < 0).any():
+        unknown = raw_ids[positions < 0].astype(str).unique()[:5].tolist()
+        raise DataError(
+            f"{source}: column '{column}' has ids {unknown} that are not in {vocabulary_file}; "
+            f"pass files from the same dataset release"
+        )
+    return positions.astype(np.int64) + 1
+
+
+def parse_ratings(values: pd.Series, source: str, column: str) -> np.ndarray:
+    """Ratings as float64; missing or non-numeric values are a DataError."""
+    ratings = pd.to_numeric(values, errors="coerce")
+    bad = ratings.isna().to_numpy()
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise DataError(f"{source}: column '{column}' has missing or non-numeric ratings (rows {rows}); drop those rows")
+    return ratings.to_numpy(dtype=np.float64)
+
+
+def parse_unix_seconds(values: pd.Series, source: str, column: str) -> pd.Series:
+    """Unix seconds -> tz-aware UTC timestamps (datetime64[ns, UTC])."""
+    seconds = pd.to_numeric(values, errors="coerce")
+    bad = seconds.isna().to_numpy()
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise DataError(f"{source}: column '{column}' has missing or non-numeric unix times (rows {rows}); fix or drop them")
+    outside = ((seconds < 0) | (seconds >= MAX_UNIX_SECONDS)).to_numpy()
+    if outside.any():
+        rows = np.flatnonzero(outside)[:5].tolist()
+        raise DataError(
+            f"{source}: column '{column}' has values outside 1970..2100 as unix seconds (rows {rows}); "
+            f"convert milliseconds to seconds"
+        )
+    return pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")
+
+
+def make_events(
+    user_id: np.ndarray,
+    item_id: np.ndarray,
+    rating: np.ndarray,
+    event_timestamp: pd.Series,
+    label: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Event frame before the protocol; ``label`` defaults to rating >= POSITIVE_RATING."""
+    if label is None:
+        label = (rating >= POSITIVE_RATING).astype(np.int64)
+    return pd.DataFrame(
+        {
+            "user_id": np.asarray(user_id, dtype=np.int64),
+            "item_id": np.asarray(item_id, dtype=np.int64),
+            "label": np.asarray(label, dtype=np.int64),
+            "rating": np.asarray(rating, dtype=np.float64),
+            "event_timestamp": pd.Series(event_timestamp).reset_index(drop=True),
+        }
+    )
+
+
+@dataclass
+class IngestedDataset:
+    """What a source reader hands to :func:`write_dataset`.
+
+    Args:
+        name: dataset folder name under the output root.
+        events: ``user_id``, ``item_id``, ``label``, ``rating``, ``event_timestamp`` (any order).
+        items: ``item_id`` (dense 1..n), ``raw_item_id``, ``title``, ``tags``, ``year`` (+ extras).
+        users: ``user_id`` (dense 1..n), ``raw_user_id`` and the profile columns (strings).
+        profile_columns: the user profile column names.
+        source: provenance for meta.json (``kind`` plus file names and sha256).
+        events_file: the input file named in event errors.
+        modalities: precomputed ``name -> float32[n_items + 1, d]`` (synthetic only).
+    """
+
+    name: str
+    events: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame
+    profile_columns: list[str]
+    source: dict[str, Any]
+    events_file: str
+    modalities: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _check_tables(dataset: IngestedDataset) -> None:
+    """Reader invariants: dense ids 1..n and the item / user columns of the contract."""
+    for df, column in ((dataset.items, "item_id"), (dataset.users, "user_id")):
+        ids = df[column].to_numpy()
+        assert ids.dtype == np.int64 and np.array_equal(ids, np.arange(1, len(df) + 1)), f"{column} is not dense 1..n"
+    assert set(ITEM_BASE_COLUMNS) <= set(dataset.items.columns), "items lack contract columns"
+    assert set(dataset.profile_columns) <= set(dataset.users.columns), "users lack profile columns"
+
+
+def _protocol_events(dataset: IngestedDataset) -> pd.DataFrame:
+    """Validate timestamps, apply the protocol split and check the events contract."""
+    source = dataset.events_file
+    require_utc_timestamps(dataset.events, "event_timestamp", source)
+    events = assign_protocol_split(dataset.events, source)
+    events["event_timestamp"] = events["event_timestamp"].astype("datetime64[ns, UTC]")
+    validate_events(events, source)
+    assert int(events["user_id"].max()) <= len(dataset.users), "event user outside the users table"
+    assert int(events["item_id"].max()) <= len(dataset.items), "event item outside the items table"
+    return events.loc[:, list(EVENT_OUTPUT_COLUMNS)]
+
+
+def _meta(dataset: IngestedDataset, events: pd.DataFrame) -> dict[str, Any]:
+    split_rows = events["split"].value_counts()
+    return {
+        "dataset": dataset.name,
+        "n_users": len(dataset.users),
+        "n_items": len(dataset.items),
+        "n_events": len(events),
+        "split_rows": {split: int(split_rows.get(split, 0)) for split in SPLITS},
+        "positive_rate": float(events["label"].mean()),
+        "user_profile_columns": list(dataset.profile_columns),
+        "positive_rating": POSITIVE_RATING,
+        "source": dataset.source,
+        "precomputed_modalities": bool(dataset.modalities),
+    }
+
+
+def write_dataset(dataset: IngestedDataset, out: str | Path) -> dict[str, Any]:
+    """Apply the protocol, validate, and write the dataset folder ``<out>/<name>``.
+
+    Nothing is written unless every check passes; ``meta.json`` is written last
+    so its presence marks a complete dataset.
+
+    Returns:
+        The meta.json content.
+    """
+    paths = DatasetPaths(Path(out) / dataset.name)
+    _check_tables(dataset)
+    events = _protocol_events(dataset)
+    for name, array in dataset.modalities.items():
+        validate_modality(name, array, len(dataset.items), f"{dataset.name} modality '{name}'")
+    meta = _meta(dataset, events)
+
+    if dataset.modalities:
+        for name, array in dataset.modalities.items():
+            write_npy(array, paths.modality(name))
+        manifest = {
+            "names": list(dataset.modalities),
+            "dims": {name: int(array.shape[1]) for name, array in dataset.modalities.items()},
+            "source": dataset.source["kind"],
+        }
+        write_json(manifest, paths.modalities / MODALITY_MANIFEST)
+    write_parquet(dataset.items, paths.items)
+    write_parquet(dataset.users, paths.users)
+    write_parquet(events, paths.events)
+    write_json(meta, paths.meta)
+    rows = meta["split_rows"]
+    print(
+        f"{dataset.name}: {meta['n_events']} events (train {rows['train']} / valid {rows['valid']} / "
+        f"test {rows['test']}), {meta['n_users']} users, {meta['n_items']} items, "
+        f"positive rate {meta['positive_rate']:.4f} -> {paths.root}"
+    )
+    return meta
