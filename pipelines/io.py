@@ -7,6 +7,7 @@ a truncated file (``os.replace`` is atomic on one filesystem).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -46,8 +47,12 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON atomically (numpy scalars converted)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    """Write ``obj`` as strict JSON atomically (numpy scalars converted, NaN/inf as null).
+
+    An undefined metric (e.g. cold-item AUC without cold rows) becomes ``null``
+    so any JSON parser, not only Python's, reads the file.
+    """
+    text = json.dumps(_null_nonfinite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
     return _write_with(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
@@ -72,6 +77,16 @@ def read_json(path: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that writes it first")
     return json.loads(path.read_text())
+
+
+def _null_nonfinite(obj: Any) -> Any:
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _null_nonfinite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_null_nonfinite(value) for value in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

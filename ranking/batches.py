@@ -1,0 +1,339 @@
+"""Training rows -> tensors once per split -> TorchRec batches by index.
+
+A split is encoded once into a dense matrix, labels, row ids and one jagged
+(values, offsets) pair per sparse feature; a batch is then a tensor gather
+(no Python per row), returned as ``torchrec.datasets.utils.Batch`` with a
+``KeyedJaggedTensor`` whose keys follow the table order of
+:func:`sparse_tables`.
+
+Sparse features and their tables (all ids validated: TorchRec silently zeroes
+ids outside a table):
+
+- ``user_id`` -> ``t_user`` (n_users + 1)
+- ``item_id`` and ``hist_items`` -> one shared ``t_item`` (n_items + 1), so a
+  history item and a candidate item are the same vector (``use_item_id``)
+- each user-profile column -> its own table of the vocabulary size
+- ``tag_ids`` bag -> ``t_tag`` (n_tags + 1); ``year_bucket`` -> ``t_year``
+- SIDs (``use_sid``): ``sid_<l>`` per code position (K + 1, code + 1, 0 =
+  unknown); prefix n-grams ``sid_prefix_<d>`` for depth 2..L and the history
+  prefix bags ``hist_sid_p1`` / ``hist_sid_p2``, all hashed by
+  :func:`prefix_bucket` into one ``t_sid_prefix`` table, so an item's prefix
+  and the same prefix in a user's history share one embedding.
+
+Dense features (``DENSE_FEATURES``): log1p of the four causal counts,
+smoothed positive rates ``(pos + a) / (count + a + b)`` for user and item,
+log1p of the history length. Missing counts (no earlier events) read as 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipelines.schema import DataError, check_ids_in_range, require_columns
+from ranking import spec
+
+DENSE_FEATURES = (
+    "log_user_count",
+    "log_user_pos_count",
+    "log_item_count",
+    "log_item_pos_count",
+    "user_pos_rate",
+    "item_pos_rate",
+    "log_hist_len",
+)
+MIN_PREFIX_BUCKETS = 4096
+PREFIX_BUCKETS_PER_ITEM = 4
+
+# splitmix64 constants (Steele et al. 2014): a fixed integer hash, identical on
+# every rank and run, unlike Python's salted hash().
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+
+
+class SparseTable(NamedTuple):
+    """One embedding table: its name, row count and the features that look it up."""
+
+    name: str
+    num_embeddings: int
+    features: tuple[str, ...]
+
+
+@dataclass
+class FeatureConfig:
+    """Which sparse features the ranker sees and how dense ones are smoothed.
+
+    Args:
+        use_item_id: item id and history item bag (one shared table).
+        use_sid: SID code positions, hashed prefixes and history prefix bags.
+        prefix_buckets: rows of the hashed prefix table; None means
+            ``max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * n_items)``.
+        rate_prior_pos: pseudo-positives ``a`` of the smoothed rates.
+        rate_prior_neg: pseudo-negatives ``b`` of the smoothed rates.
+    """
+
+    use_item_id: bool = True
+    use_sid: bool = True
+    prefix_buckets: int | None = None
+    rate_prior_pos: float = 1.0
+    rate_prior_neg: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prefix_buckets is not None and self.prefix_buckets < 1:
+            raise ValueError(f"prefix_buckets must be >= 1 or None, got {self.prefix_buckets}")
+        for name in ("rate_prior_pos", "rate_prior_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def n_prefix_buckets(self, meta: spec.FeatureMeta) -> int:
+        """Rows of the hashed SID prefix table for this dataset."""
+        if self.prefix_buckets is not None:
+            return self.prefix_buckets
+        return max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * meta.n_items)
+
+
+def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
+    """Hash encoded SID prefixes of one depth into ``[0, buckets)``.
+
+    Args:
+        values: [N] non-negative ``spec.encode_prefix`` integers.
+        depth: prefix length; mixed in so equal integers of different depths
+            land in unrelated buckets.
+        buckets: table rows.
+
+    Returns:
+        [N] int64 bucket ids.
+    """
+    # Python ints for the scalar product: numpy warns on scalar uint64 overflow.
+    x = np.asarray(values, dtype=np.uint64) + np.uint64(depth * _GOLDEN % 2**64)
+    x = (x ^ (x >> np.uint64(30))) * _MIX_1
+    x = (x ^ (x >> np.uint64(27))) * _MIX_2
+    x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(buckets)).astype(np.int64)
+
+
+def read_feature_meta(path: str | Path) -> spec.FeatureMeta:
+    """Read ``feature_meta.json`` (``asdict(FeatureMeta)`` plus extra keys, which are ignored)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: feature meta not found; run the feature pipeline or pass --feature-meta")
+    raw = json.loads(path.read_text())
+    names = [f.name for f in dataclasses.fields(spec.FeatureMeta)]
+    missing = [n for n in names if n not in raw and n != "user_profile"]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; regenerate it with the feature pipeline")
+    return spec.FeatureMeta(**{n: raw[n] for n in names if n in raw})
+
+
+def sparse_tables(meta: spec.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
+    """The embedding tables of a feature selection, in KJT key order."""
+    tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))]
+    if cfg.use_item_id:
+        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", spec.HIST_ITEMS)))
+    tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in meta.user_profile.items()]
+    tables.append(SparseTable("t_tag", meta.n_tags + 1, (spec.ITEM_TAGS,)))
+    tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
+    if cfg.use_sid:
+        L, K = meta.sid_levels, meta.sid_codebook_size
+        tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]
+        prefix_features = tuple(f"sid_prefix_{d}" for d in range(2, L + 1)) + spec.HIST_SID_PREFIXES[:L]
+        tables.append(SparseTable("t_sid_prefix", cfg.n_prefix_buckets(meta), prefix_features))
+    return tables
+
+
+def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values int64 [nnz], lengths int64 [N]) of a list column; a missing list is empty."""
+    try:
+        arr = pa.array(rows[column], from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"{source}: column '{column}' is not a column of int64 lists ({exc})") from exc
+    if pa.types.is_null(arr.type):
+        return np.zeros(0, np.int64), np.zeros(len(rows), np.int64)
+    if not pa.types.is_list(arr.type):
+        raise DataError(f"{source}: column '{column}' holds {arr.type}, expected lists of int64")
+    flat = arr.flatten()
+    if flat.null_count:
+        raise DataError(f"{source}: column '{column}' has NaN/None inside lists; the feature pipeline must drop them")
+    values = flat.to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise DataError(f"{source}: column '{column}' has non-integer list values; expected int64 ids")
+    return values.astype(np.int64), arr.value_lengths().fill_null(0).to_numpy().astype(np.int64)
+
+
+def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.ndarray:
+    """A scalar categorical id column; NaN (not joined) means 0 = unknown."""
+    values = rows[column].fillna(0).to_numpy(np.float64)
+    if not np.array_equal(values, np.round(values)):
+        raise DataError(f"{source}: column '{column}' has non-integer ids; expected int64")
+    values = values.astype(np.int64)
+    check_ids_in_range(values, size, f"{source}: column '{column}'")
+    return values
+
+
+def _sid_codes(rows: pd.DataFrame, meta: spec.FeatureMeta, source: str) -> np.ndarray:
+    """[N, L] int64 SID codes; every row must carry exactly L codes in [0, K)."""
+    L, K = meta.sid_levels, meta.sid_codebook_size
+    if K**L >= 2**63:
+        raise DataError(f"{source}: SID codebook {K}^{L} overflows 64-bit prefix encoding; use fewer levels or codes")
+    values, lengths = _list_column(rows, spec.SID_CODES, source)
+    if (lengths != L).any():
+        bad = rows["row_id"].to_numpy()[lengths != L][:5].tolist()
+        raise DataError(
+            f"{source}: column '{spec.SID_CODES}' is missing or not {L} codes long for row_id {bad}; "
+            f"every item needs a SID of version '{meta.tokenizer_version}': publish it to Feast before training"
+        )
+    check_ids_in_range(values, K, f"{source}: column '{spec.SID_CODES}'")
+    return values.reshape(len(rows), L)
+
+
+def _sid_features(rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str) -> dict:
+    """SID positions, hashed item prefixes (depth 2..L) and hashed history prefix bags."""
+    codes = _sid_codes(rows, meta, source)
+    L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
+    ones = np.ones(len(rows), np.int64)
+    feats = {f"sid_{lvl}": (codes[:, lvl] + 1, ones) for lvl in range(L)}
+    prefix = codes[:, 0].copy()
+    for d in range(2, L + 1):
+        prefix = prefix * K + codes[:, d - 1]  # mixed radix, as spec.encode_prefix
+        feats[f"sid_prefix_{d}"] = (prefix_bucket(prefix, d, buckets), ones)
+    for depth, column in enumerate(spec.HIST_SID_PREFIXES[:L], start=1):
+        values, lengths = _list_column(rows, column, source)
+        check_ids_in_range(values, K**depth, f"{source}: column '{column}' (depth-{depth} prefixes)")
+        feats[column] = (prefix_bucket(values, depth, buckets), lengths)
+    return feats
+
+
+def _sparse_features(rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str) -> dict:
+    """Feature name -> (values [nnz], lengths [N]) for every feature of :func:`sparse_tables`."""
+    ones = np.ones(len(rows), np.int64)
+    feats = {"user_id": (_int_column(rows, "user_id", meta.n_users + 1, source), ones)}
+    if cfg.use_item_id:
+        feats["item_id"] = (_int_column(rows, "item_id", meta.n_items + 1, source), ones)
+        values, lengths = _list_column(rows, spec.HIST_ITEMS, source)
+        check_ids_in_range(values, meta.n_items + 1, f"{source}: column '{spec.HIST_ITEMS}'")
+        feats[spec.HIST_ITEMS] = (values, lengths)
+    for column, size in meta.user_profile.items():
+        feats[column] = (_int_column(rows, column, size, source), ones)
+    values, lengths = _list_column(rows, spec.ITEM_TAGS, source)
+    check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{spec.ITEM_TAGS}'")
+    feats[spec.ITEM_TAGS] = (values, lengths)
+    feats["year_bucket"] = (_int_column(rows, "year_bucket", meta.n_year_buckets, source), ones)
+    if cfg.use_sid:
+        feats.update(_sid_features(rows, meta, cfg, source))
+    return feats
+
+
+def _count_column(rows: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    counts = rows[column].fillna(0).to_numpy(np.float64)
+    if (counts < 0).any():
+        raise DataError(f"{source}: column '{column}' has negative counts; rebuild the behaviour features")
+    return counts
+
+
+def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.ndarray:
+    """[N, len(DENSE_FEATURES)] float32 dense matrix (see the module docstring)."""
+    a, b = cfg.rate_prior_pos, cfg.rate_prior_neg
+    columns = []
+    for count_col, pos_col in (spec.USER_COUNT_COLUMNS, spec.ITEM_COUNT_COLUMNS):
+        count, pos = _count_column(rows, count_col, source), _count_column(rows, pos_col, source)
+        if (pos > count).any():
+            raise DataError(
+                f"{source}: column '{pos_col}' exceeds '{count_col}' in some rows; rebuild the behaviour features"
+            )
+        columns.append((np.log1p(count), np.log1p(pos), (pos + a) / (count + a + b)))
+    (log_uc, log_upc, user_rate), (log_ic, log_ipc, item_rate) = columns
+    _, hist_len = _list_column(rows, spec.HIST_ITEMS, source)
+    stacked = np.stack([log_uc, log_upc, log_ic, log_ipc, user_rate, item_rate, np.log1p(hist_len)], axis=1)
+    return stacked.astype(np.float32)
+
+
+def _gather_jagged(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``values[starts[i] : starts[i] + lengths[i]]`` over i without a Python loop."""
+    total = int(lengths.sum())
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)
+    return values[torch.repeat_interleave(shift, lengths, output_size=total) + torch.arange(total)]
+
+
+@dataclass
+class SplitTensors:
+    """One split encoded once; :meth:`batch` gathers any subset of its rows.
+
+    Shapes: N rows, F dense features, nnz_k values of sparse feature k.
+
+    Args:
+        keys: sparse feature names in KJT order.
+        dense: [N, F] float32.
+        labels: [N] float32 0/1.
+        row_ids: [N] int64, ascending.
+        values: per key [nnz_k] int64 table ids.
+        offsets: per key [N + 1] int64, row i owns ``values[offsets[i]:offsets[i+1]]``.
+    """
+
+    keys: tuple[str, ...]
+    dense: torch.Tensor
+    labels: torch.Tensor
+    row_ids: torch.Tensor
+    values: tuple[torch.Tensor, ...]
+    offsets: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        """Rows ``index`` ([B] int64) as a Batch: dense [B, F], KJT of B rows per key, labels [B]."""
+        lengths, values = [], []
+        for vals, offs in zip(self.values, self.offsets):
+            starts = offs[index]
+            lens = offs[index + 1] - starts
+            values.append(_gather_jagged(vals, starts, lens))
+            lengths.append(lens)
+        kjt = KeyedJaggedTensor(keys=list(self.keys), values=torch.cat(values), lengths=torch.cat(lengths))
+        return Batch(dense_features=self.dense[index], sparse_features=kjt, labels=self.labels[index])
+
+
+def build_split(rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str) -> SplitTensors:
+    """Encode one split's training rows (``spec`` columns, any order) into tensors.
+
+    Args:
+        rows: training rows of one split.
+        meta: table sizes from ``feature_meta.json``.
+        cfg: feature selection.
+        source: name for error messages, e.g. ``rows.parquet[valid]``.
+
+    Raises:
+        DataError: empty split, missing columns, ids outside their table,
+            NaN inside lists, a row without its SID.
+    """
+    if rows.empty:
+        raise DataError(f"{source}: no rows; the split is empty, check the 'split' column of events.parquet")
+    needed = ["row_id", "label", "user_id", spec.ITEM_TAGS, spec.HIST_ITEMS, *spec.ITEM_SCALAR_COLUMNS]
+    needed += [*spec.USER_COUNT_COLUMNS, *spec.ITEM_COUNT_COLUMNS, *meta.user_profile]
+    needed += ["item_id"] if cfg.use_item_id else []
+    needed += [spec.SID_CODES, *spec.HIST_SID_PREFIXES[: meta.sid_levels]] if cfg.use_sid else []
+    require_columns(rows, needed, source)
+    if not rows["label"].isin([0, 1]).all():
+        raise DataError(f"{source}: column 'label' must be 0/1; rebuild the events with the ingest stage")
+    rows = rows.sort_values("row_id", kind="stable")
+    feats = _sparse_features(rows, meta, cfg, source)
+    keys = tuple(f for table in sparse_tables(meta, cfg) for f in table.features)
+    assert set(keys) == set(feats), (keys, sorted(feats))
+    offsets = [np.concatenate([[0], np.cumsum(feats[k][1])]) for k in keys]
+    return SplitTensors(
+        keys=keys,
+        dense=torch.from_numpy(dense_features(rows, cfg, source)),
+        labels=torch.from_numpy(rows["label"].to_numpy(np.float32)),
+        row_ids=torch.from_numpy(rows["row_id"].to_numpy(np.int64)),
+        values=tuple(torch.from_numpy(feats[k][0]) for k in keys),
+        offsets=tuple(torch.from_numpy(o.astype(np.int64)) for o in offsets),
+    )

@@ -1,0 +1,423 @@
+"""Train the DLRM / DCN ranker on Feast training rows with sharded embedding tables.
+
+    OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node 2 \\
+        -m ranking.train --dataset artifacts/ml-100k --repo feature_repo --out runs/dlrm
+
+``python -m ranking.train ...`` (no torchrun) runs as world size 1. Tables are
+placed by TorchRec's planner (CPU: table-wise / column-wise, kernel ``fused``,
+RowWiseAdagrad applied in backward); dense layers are data-parallel with Adam.
+Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet`` and
+the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torchrec
+from torchrec.distributed import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer
+from tqdm import tqdm
+
+from pipelines.io import write_json, write_parquet
+from pipelines.protocol import train_item_counts
+from pipelines.schema import DataError, DatasetPaths, require_file, validate_events
+from ranking import spec
+from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, read_feature_meta, sparse_tables
+from ranking.metrics import auc, evaluate_predictions
+from ranking.model import ModelConfig, build_model, shard_model
+
+log = logging.getLogger("ranking.train")
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Args:
+        dataset: dataset folder with ``events.parquet`` (row ids and splits).
+        repo: Feast repository the training rows come from.
+        out: run folder for metrics, predictions and the checkpoint.
+        rows: training rows parquet, read as given. None means the cache
+            ``<dataset>/rows/<service>.parquet``, (re)built from Feast by rank 0
+            when missing or older than the feature meta.
+        feature_meta: None means ``<repo>/data/feature_meta.json``.
+        service: Feast feature service name.
+        epochs: maximum epochs.
+        batch_size: global batch (split evenly across ranks).
+        lr_sparse: RowWiseAdagrad learning rate of the embedding tables.
+        lr_dense: Adam learning rate of the MLPs.
+        patience: epochs without a better valid AUC before stopping.
+        seed: seeds init and the per-epoch shuffle (shared by all ranks).
+        ddr_cap_gb: host memory per rank the planner may fill.
+        save_checkpoint: write the best model with torch.distributed.checkpoint.
+        features: sparse feature selection.
+        model: architecture.
+    """
+
+    dataset: Path
+    repo: Path
+    out: Path
+    rows: Path | None = None
+    feature_meta: Path | None = None
+    service: str = spec.FEATURE_SERVICE
+    epochs: int = 10
+    batch_size: int = 1024
+    lr_sparse: float = 0.05
+    lr_dense: float = 1e-3
+    patience: int = 2
+    seed: int = 0
+    ddr_cap_gb: float = 4.0
+    save_checkpoint: bool = True
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "repo", "out", "rows", "feature_meta"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def rows_path(self) -> Path:
+        return self.rows or self.dataset / "rows" / f"{self.service}.parquet"
+
+    @property
+    def feature_meta_path(self) -> Path:
+        return self.feature_meta or self.repo / "data" / spec.FEATURE_META_FILE
+
+
+def _init_distributed() -> bool:
+    """Join torchrun's gloo group, or form a one-process group; True if this call created it."""
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def _on_rank0(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 while the others wait; a failure there stops every rank instead of hanging them."""
+    if not dist.is_initialized():
+        fn()
+        return
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = [f"{type(exc).__name__}: {exc}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {error[0]}")
+
+
+def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) -> pd.DataFrame:
+    """Training rows with the protocol ``split`` from events, sorted by ``row_id``.
+
+    ``--rows`` is read as given. The default cache is (re)built from Feast by
+    rank 0 when missing or older than the feature meta, which every publish rewrites.
+    """
+    path = cfg.rows_path
+
+    def build_if_stale() -> None:
+        if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= cfg.feature_meta_path.stat().st_mtime):
+            return
+        from ranking.rows import load_training_rows  # Feast is heavy: import only on a cache miss
+
+        rows = load_training_rows(
+            cfg.repo, events, service=cfg.service, expected_tokenizer_version=meta.tokenizer_version
+        )
+        write_parquet(rows, path)
+        log.info("wrote %d training rows to %s", len(rows), path)
+
+    # Rank 0 alone decides: a rank checking the file itself could see it half-way through the rebuild.
+    _on_rank0(build_if_stale)
+    cached = pd.read_parquet(path)
+    rows = cached.drop(columns=["split"], errors="ignore")
+    rows = rows.merge(events[["row_id", "split"]], on="row_id", how="inner", validate="one_to_one")
+    if not len(cached) == len(rows) == len(events):
+        raise DataError(
+            f"{path}: {len(rows)} of its {len(cached)} rows match the {len(events)} events by row_id; "
+            f"it was built from other events: delete {path} to rebuild it"
+        )
+    versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()
+    if cfg.features.use_sid and versions - {meta.tokenizer_version}:
+        raise DataError(
+            f"{path}: column '{spec.TOKENIZER_VERSION}' has {sorted(versions)} but feature meta says "
+            f"'{meta.tokenizer_version}'; delete {path} to rebuild the rows"
+        )
+    return rows.sort_values("row_id", kind="stable").reset_index(drop=True)
+
+
+def train_epoch(
+    dmp: DistributedModelParallel, opt: CombinedOptimizer, train: SplitTensors, cfg: TrainConfig, epoch: int
+) -> tuple[float, float]:
+    """One pass over train in global batches; returns (mean loss over ranks, global samples/s)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = cfg.batch_size // world
+    # Same permutation on every rank, and the last partial batch dropped: every
+    # rank must run the same number of steps or the collectives hang.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    n_steps = len(train) // cfg.batch_size
+    dmp.train()
+    loss_sum, start = torch.zeros(()), time.perf_counter()
+    bar = tqdm(range(n_steps), desc=f"epoch {epoch}", disable=rank != 0, mininterval=1.0)
+    for step in bar:
+        first = step * cfg.batch_size + rank * local
+        loss, _ = dmp(train.batch(order[first : first + local]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach()
+        if rank == 0 and step % 20 == 0:
+            rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+    rate = n_steps * cfg.batch_size / (time.perf_counter() - start)
+    dist.all_reduce(loss_sum)
+    return float(loss_sum) / (n_steps * world), rate
+
+
+def score_split(dmp: DistributedModelParallel, split: SplitTensors, local: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of every row, (row_ids, scores) sorted by row_id, on every rank.
+
+    Each rank scores an equal contiguous part padded to the same number of
+    batches (padding rows carry row_id -1 and are dropped after the gather).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = math.ceil(len(split) / world)
+    n_batches = math.ceil(part / local)
+    index = torch.arange(n_batches * local) + rank * part
+    real = index < min((rank + 1) * part, len(split))
+    index = torch.where(real, index, 0)
+    dmp.eval()
+    scores = []
+    # no_grad, not inference_mode: inference tensors break TorchRec's sharded modules (DESIGN section 9).
+    with torch.no_grad():
+        for b in range(n_batches):
+            _, (_, logits, _) = dmp(split.batch(index[b * local : (b + 1) * local]))
+            scores.append(torch.sigmoid(logits))
+    local_ids = torch.where(real, split.row_ids[index], -1)
+    gathered_ids = [torch.empty_like(local_ids) for _ in range(world)]
+    gathered_scores = [torch.empty(len(local_ids)) for _ in range(world)]
+    dist.all_gather(gathered_ids, local_ids)
+    dist.all_gather(gathered_scores, torch.cat(scores))
+    ids, probs = torch.cat(gathered_ids).numpy(), torch.cat(gathered_scores).numpy()
+    keep = ids >= 0
+    order = np.argsort(ids[keep], kind="stable")
+    return ids[keep][order], probs[keep][order].astype(np.float64)
+
+
+def _predictions(rows: pd.DataFrame, row_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    frame = rows.loc[rows["row_id"].isin(row_ids), ["row_id", "user_id", "item_id", "label"]]
+    assert np.array_equal(frame["row_id"].to_numpy(), row_ids), "scored rows differ from the split"
+    return frame.assign(score=scores).reset_index(drop=True)
+
+
+def save_checkpoint(state: dict[str, Any], out: Path) -> None:
+    """Sharded save of ``state`` into ``out/checkpoint``; a temp folder renamed at the end, never half-written."""
+    final, tmp = out / "checkpoint", out / ".checkpoint.tmp"
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train, early-stop on valid AUC and evaluate the best epoch; metrics dict on rank 0, else None."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    # 1. one thread per rank (2 cores), seeds shared by all ranks; main() set up the gloo group
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    log.info("config: %s", json.dumps(config, sort_keys=True))
+
+    # 2. rows: events give row ids and splits; features come from Feast (cached)
+    with _timed(timings, "rows_s"):
+        paths = DatasetPaths(cfg.dataset)
+        events = pd.read_parquet(require_file(paths.events, "python -m pipelines.ingest"))
+        events = validate_events(events, str(paths.events))
+        meta = read_feature_meta(cfg.feature_meta_path)
+        rows = load_rows(cfg, events, meta)
+
+    # 3. tensors per split, encoded once
+    with _timed(timings, "batches_s"):
+        by_split = {s: rows[rows["split"] == s] for s in ("train", "valid", "test")}
+        splits = {s: build_split(r, meta, cfg.features, f"{cfg.rows_path}[{s}]") for s, r in by_split.items()}
+    if len(splits["train"]) < cfg.batch_size:
+        raise DataError(
+            f"{cfg.rows_path}: {len(splits['train'])} train rows < batch_size {cfg.batch_size}; lower --batch-size"
+        )
+
+    # 4. model, sharding plan, optimizers
+    with _timed(timings, "shard_s"):
+        tables = sparse_tables(meta, cfg.features)
+        model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta")
+        dmp, opt, plan = shard_model(model, tables, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
+                                     ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30))
+        log.info("sharding plan:\n%s", plan["text"])
+
+    # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
+    local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
+    for epoch in range(cfg.epochs):
+        with _timed(timings, "train_s"):
+            loss, rate = train_epoch(dmp, opt, splits["train"], cfg, epoch)
+        with _timed(timings, "eval_s"):
+            ids, scores = score_split(dmp, splits["valid"], local)
+        # Every rank holds all scores, so every rank takes the same stopping decision.
+        valid_auc = auc(by_split["valid"]["label"].to_numpy(), scores, what="valid auc")
+        history.append({"epoch": epoch, "train_loss": loss, "valid_auc": valid_auc, "samples_per_s": rate})
+        log.info("epoch %d: train loss %.4f, valid auc %.4f, %.0f samples/s", epoch, loss, valid_auc, rate)
+        if best["epoch"] < 0 or valid_auc > best["auc"]:
+            best = {"epoch": epoch, "auc": valid_auc, "state": copy.deepcopy(dmp.state_dict()), "valid": (ids, scores)}
+        elif epoch - best["epoch"] >= cfg.patience:
+            log.info("early stop: no better valid auc for %d epochs", cfg.patience)
+            break
+    dmp.load_state_dict(best["state"])
+    with _timed(timings, "eval_s"):
+        test_ids, test_scores = score_split(dmp, splits["test"], local)
+    if cfg.save_checkpoint:
+        save_checkpoint({**best["state"], "config": json.dumps(config), "best_epoch": best["epoch"]}, cfg.out)
+    timings["total_s"] = time.perf_counter() - start
+    if rank != 0:
+        return None
+
+    # 8. metrics and predictions (rank 0)
+    preds = {
+        "valid": _predictions(by_split["valid"], *best["valid"]),
+        "test": _predictions(by_split["test"], test_ids, test_scores),
+    }
+    counts = train_item_counts(events, meta.n_items)
+    test, valid = (evaluate_predictions(preds[s], counts, source=f"predictions_{s}") for s in ("test", "valid"))
+    for name, frame in preds.items():
+        write_parquet(frame[["row_id", "label", "score"]], cfg.out / f"predictions_{name}.parquet")
+    metrics = {
+        **{f"test_{k}": v for k, v in test.items() if k != "n_rows"},
+        "valid_auc": valid["auc"],
+        "valid_logloss": valid["logloss"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        **{f"{s}_rows": len(splits[s]) for s in splits},
+        "world_size": world,
+        "tokenizer": meta.tokenizer_version,
+        "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
+        "history": history,
+        "config": config,
+        "plan": plan["ranks"],
+        "sharding": plan["kinds"],
+        "timings": timings,
+        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__},
+    }
+    write_json(metrics, cfg.out / "metrics.json")
+    log.info("test auc %.4f (cold %.4f, gauc %.4f) at epoch %d -> %s", metrics["test_auc"],
+             metrics["test_auc_cold"], metrics["test_gauc"], best["epoch"], cfg.out / "metrics.json")
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ranking.train", description="Train the sharded DLRM/DCN ranker.", allow_abbrev=False
+    )
+    p.add_argument("--dataset", type=Path, required=True, help="folder with events.parquet")
+    p.add_argument("--repo", type=Path, required=True, help="Feast repository")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--rows", type=Path, default=TrainConfig.rows, help="cached training rows parquet")
+    p.add_argument("--feature-meta", type=Path, default=TrainConfig.feature_meta)
+    p.add_argument("--service", default=TrainConfig.service)
+    for name in ("epochs", "batch_size", "patience", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TrainConfig, name))
+    for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name))
+    p.add_argument("--save-checkpoint", action=argparse.BooleanOptionalAction, default=TrainConfig.save_checkpoint)
+    p.add_argument("--use-item-id", action=argparse.BooleanOptionalAction, default=FeatureConfig.use_item_id)
+    p.add_argument("--use-sid", action=argparse.BooleanOptionalAction, default=FeatureConfig.use_sid)
+    p.add_argument("--prefix-buckets", type=int, default=FeatureConfig.prefix_buckets)
+    p.add_argument("--rate-prior-pos", type=float, default=FeatureConfig.rate_prior_pos)
+    p.add_argument("--rate-prior-neg", type=float, default=FeatureConfig.rate_prior_neg)
+    p.add_argument("--arch", choices=("dlrm", "dcn"), default=ModelConfig.arch)
+    p.add_argument("--emb-dim", type=int, default=ModelConfig.emb_dim)
+    p.add_argument("--dense-layers", type=int, nargs="+", default=ModelConfig.dense_layers)
+    p.add_argument("--over-layers", type=int, nargs="+", default=ModelConfig.over_layers)
+    p.add_argument("--dcn-layers", type=int, default=ModelConfig.dcn_layers)
+    p.add_argument("--dcn-low-rank", type=int, default=ModelConfig.dcn_low_rank)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse command-line flags (unknown flags are an error) into a validated TrainConfig."""
+    args = vars(_parser().parse_args(argv))
+    sub = {}
+    for cls in (FeatureConfig, ModelConfig):
+        sub[cls] = cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls)})
+    return TrainConfig(**args, features=sub[FeatureConfig], model=sub[ModelConfig])
+
+
+def _log_to_stderr() -> None:
+    # Our own handler for the CLI: TorchRec configures the root logger on
+    # import, so basicConfig would be a silent no-op.
+    handler = logging.StreamHandler()
+    rank = os.environ.get("RANK", "0")
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("ranking")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """CLI entry: returns the metrics dict on rank 0 (None on other ranks)."""
+    cfg = config_from_args(argv)
+    created = _init_distributed()
+    logging.getLogger("ranking").setLevel(logging.INFO if dist.get_rank() == 0 else logging.WARNING)
+    try:
+        return run(cfg)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _log_to_stderr()
+    main()

@@ -1,0 +1,177 @@
+"""End-to-end: the trainer under torchrun with 2 gloo ranks on a planted-signal dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.io import write_json, write_parquet
+from pipelines.protocol import assign_protocol_split
+from pipelines.schema import DataError
+from ranking import spec, train
+from ranking.metrics import auc
+from ranking.train import config_from_args, load_rows
+
+N_ROWS, N_USERS, N_ITEMS, COLD, LEVELS, CODES = 4000, 300, 120, 20, 3, 8
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = ("--batch-size", "256", "--epochs", "4", "--patience", "2", "--seed", "0")
+META = spec.FeatureMeta(
+    n_users=N_USERS, n_items=N_ITEMS, n_tags=6, n_year_buckets=4, sid_levels=LEVELS,
+    sid_codebook_size=CODES, tokenizer_version="rq-test", user_profile={"age_id": 5, "gender_id": 3},
+)
+
+
+def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: int = 0) -> tuple[Path, Path, Path]:
+    """events.parquet, rows parquet and feature_meta.json whose label follows sid_0 and age.
+
+    Returns:
+        (dataset folder, rows path, feature meta path).
+    """
+    rng = np.random.default_rng(seed)
+    item_codes = rng.integers(0, CODES, size=(N_ITEMS + 1, LEVELS))
+    age = rng.integers(0, 5, size=N_USERS + 1)
+    users = rng.integers(1, N_USERS + 1, N_ROWS)
+    # The last COLD items first appear after the train cut, so test has cold rows.
+    items = rng.integers(1, N_ITEMS + 1 - COLD, N_ROWS)
+    late = np.arange(N_ROWS) >= int(N_ROWS * 0.8)
+    items[late] = rng.integers(1, N_ITEMS + 1, late.sum())
+    logit = 2.5 * (item_codes[items, 0] < CODES // 2) + 1.5 * (age[users] >= 3) - 2.0
+    labels = (rng.random(N_ROWS) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    events = pd.DataFrame({
+        "user_id": users, "item_id": items, "label": labels,
+        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(np.arange(N_ROWS), unit="min"),
+    })
+    events = assign_protocol_split(events, "synthetic")
+    if shuffle_train_labels:
+        in_train = events["split"] == "train"
+        events.loc[in_train, "label"] = rng.permutation(events.loc[in_train, "label"].to_numpy())
+    hist = [rng.integers(1, N_ITEMS + 1, rng.integers(0, 5)) for _ in range(N_ROWS)]
+    rows = events.drop(columns=["split"]).assign(
+        user_count=np.where(rng.random(N_ROWS) < 0.2, np.nan, rng.integers(0, 50, N_ROWS)),
+        user_pos_count=0,
+        item_count=rng.integers(0, 50, N_ROWS),
+        item_pos_count=0,
+        year_bucket=rng.integers(0, 4, N_ROWS),
+        tag_ids=[rng.integers(1, 7, rng.integers(0, 3)) for _ in range(N_ROWS)],
+        sid_codes=list(item_codes[events["item_id"].to_numpy()]),
+        hist_items=hist,
+        hist_sid_p1=[item_codes[h, 0] for h in hist],
+        hist_sid_p2=[item_codes[h, 0] * CODES + item_codes[h, 1] for h in hist],
+        tokenizer_version=META.tokenizer_version,
+        age_id=age[events["user_id"].to_numpy()],
+        gender_id=rng.integers(0, 3, N_ROWS),
+    )
+    dataset = root / "data"
+    write_parquet(events, dataset / "events.parquet")
+    write_parquet(rows, dataset / "rows.parquet")
+    write_json({**dataclasses.asdict(META), "extra": 1}, root / "feature_meta.json")
+    return dataset, dataset / "rows.parquet", root / "feature_meta.json"
+
+
+def _torchrun(dataset: Path, rows: Path, meta: Path, out: Path, *extra: str) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "ranking.train", "--dataset", str(dataset), "--repo", str(dataset.parent),
+        "--rows", str(rows), "--feature-meta", str(meta), "--out", str(out), *TRAIN_ARGS, *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_learns_planted_signal(tmp_path: Path) -> None:
+    dataset, rows, meta = synthetic_dataset(tmp_path)
+    metrics = _torchrun(dataset, rows, meta, tmp_path / "run")
+
+    assert metrics["world_size"] == 2
+    assert metrics["test_auc"] > 0.7, metrics["history"]
+    assert np.isfinite(metrics["test_auc_cold"]) and metrics["test_n_cold"] > 0
+    # Tables spread over both ranks, every one with the fused kernel (RowWiseAdagrad).
+    assert {r for ranks in metrics["plan"].values() for r in ranks} == {0, 1}
+    assert all(ranks for ranks in metrics["plan"].values())
+    assert all(kind.endswith("/fused") for kind in metrics["sharding"].values()), metrics["sharding"]
+    assert metrics["config"]["batch_size"] == 256 and metrics["tokenizer"] == META.tokenizer_version
+    events = pd.read_parquet(dataset / "events.parquet")
+    for split in ("valid", "test"):
+        preds = pd.read_parquet(tmp_path / "run" / f"predictions_{split}.parquet")
+        expected = events.loc[events["split"] == split].sort_values("row_id")
+        assert preds["row_id"].tolist() == expected["row_id"].tolist()
+        assert preds["label"].tolist() == expected["label"].tolist()
+        assert preds["score"].between(0, 1).all()
+    test_preds = pd.read_parquet(tmp_path / "run" / "predictions_test.parquet")
+    assert auc(test_preds["label"], test_preds["score"]) == pytest.approx(metrics["test_auc"])
+    assert (tmp_path / "run" / "checkpoint" / ".metadata").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_shuffled_train_labels_give_chance_auc(tmp_path: Path) -> None:
+    dataset, rows, meta = synthetic_dataset(tmp_path, shuffle_train_labels=True)
+    metrics = _torchrun(dataset, rows, meta, tmp_path / "run", "--arch", "dcn", "--no-save-checkpoint")
+
+    assert abs(metrics["test_auc"] - 0.5) < 0.07, metrics["history"]
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, monkeypatch) -> None:
+    """Plain ``main()`` in-process is world size 1; a missing or stale rows cache is built via ranking.rows."""
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    rows = pd.read_parquet(rows_path)
+    calls = []
+
+    def fake_load_training_rows(repo, events, *, service, expected_tokenizer_version):
+        calls.append((Path(repo), len(events), service, expected_tokenizer_version))
+        return rows.sample(frac=1.0, random_state=0)  # Feast's own order
+
+    monkeypatch.setitem(sys.modules, "ranking.rows", types.SimpleNamespace(load_training_rows=fake_load_training_rows))
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--feature-meta", str(meta),
+            "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--no-use-item-id", "--no-save-checkpoint"]
+    metrics = train.main(argv)
+
+    assert calls == [(tmp_path, N_ROWS, spec.FEATURE_SERVICE, META.tokenizer_version)]
+    assert (dataset / "rows" / f"{spec.FEATURE_SERVICE}.parquet").exists()
+    assert metrics["world_size"] == 1 and set(map(tuple, metrics["plan"].values())) == {(0,)}
+    assert "t_item" not in metrics["plan"] and "t_sid_0" in metrics["plan"]
+    assert metrics["test_auc"] > 0.7
+    train.main(argv)  # the cache is read, not rebuilt
+    assert len(calls) == 1
+    later = time.time() + 10
+    os.utime(meta, (later, later))  # a re-publish rewrites the feature meta: the cache is stale
+    train.main(argv)
+    assert len(calls) == 2
+
+
+def test_cached_rows_of_another_tokenizer_are_rejected(tmp_path: Path) -> None:
+    dataset, rows, _ = synthetic_dataset(tmp_path)
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path), "--rows", str(rows)]
+    cfg = config_from_args(argv)
+    events = pd.read_parquet(dataset / "events.parquet")
+    assert load_rows(cfg, events, META)["split"].tolist() == events.sort_values("row_id")["split"].tolist()
+    with pytest.raises(DataError, match="tokenizer_version"):
+        load_rows(cfg, events, dataclasses.replace(META, tokenizer_version="rq-other"))
+    with pytest.raises(DataError, match="rows match the"):
+        load_rows(cfg, events.iloc[:-1], META)
+
+
+def test_cli_rejects_unknown_and_bad_values(tmp_path: Path) -> None:
+    base = ["--dataset", str(tmp_path), "--repo", str(tmp_path), "--out", str(tmp_path)]
+    for unknown in (["--no-such-flag"], ["--epoch", "3"]):  # abbreviations are unknown too
+        with pytest.raises(SystemExit):
+            config_from_args([*base, *unknown])
+    with pytest.raises(ValueError, match="emb_dim"):
+        config_from_args([*base, "--emb-dim", "10"])
+    with pytest.raises(ValueError, match="batch_size"):
+        config_from_args([*base, "--batch-size", "0"])
+    cfg = config_from_args([*base, "--dense-layers", "32", "16", "--no-use-sid"])
+    assert cfg.model.dense_layers == (32, 16) and not cfg.features.use_sid
