@@ -1,0 +1,78 @@
+"""What every benchmark records: environment, git commit, mean +- std, JSON + Markdown."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.io import write_json, write_text
+
+RESULTS_DIR = Path("benchmarks/results")
+VERSIONED_PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "feast", "duckdb", "scikit-learn", "lightgbm")
+
+
+def environment() -> dict:
+    """Versions, machine and git commit, so a number can be traced to its run."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", True
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "packages": {name: _version(name) for name in VERSIONED_PACKAGES},
+    }
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    arr = np.asarray([v for v in values if v is not None and v == v], dtype=float)
+    if len(arr) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": int(len(arr))}
+
+
+def fmt(stat: dict, digits: int = 4) -> str:
+    """``mean +- std`` for a Markdown cell."""
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict, table: str, command: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``<name>.json`` (payload + environment + command) and ``<name>.md`` atomically."""
+    payload = {**payload, "command": command, "environment": environment()}
+    json_path = write_json(payload, results_dir / f"{name}.json")
+    env = payload["environment"]
+    md_text = (
+        f"{table}\n\nCommand: `{command}`  \n"
+        f"Commit {env['git_commit'][:10]}{' (dirty)' if env['git_dirty'] else ''}, "
+        f"torch {env['packages']['torch']}, torchrec {env['packages']['torchrec']}, "
+        f"feast {env['packages']['feast']}, {env['cpus']} CPUs.\n"
+    )
+    write_text(md_text, results_dir / f"{name}.md")
+    return json_path

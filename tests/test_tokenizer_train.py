@@ -1,0 +1,223 @@
+"""Tokenizers on planted clusters, metrics on hand examples, and the tokenizer.train CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from pipelines.schema import DataError, DatasetPaths, validate_sids
+from tokenizer import train
+from tokenizer.metrics import (
+    collision_rate,
+    largest_bucket,
+    level_perplexity,
+    level_usage,
+    prefix_collision_rates,
+    reconstruction_metrics,
+    tokenizer_metrics,
+)
+from tokenizer.rqkmeans import RQKMeans
+from tokenizer.rqvae import RQVAE
+from tokenizer.train import TokenizerConfig, main
+
+CLUSTERS = 8
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+def planted(n_items: int = 400, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Two noisy linear views (text 32-d, tags 8-d) of latents drawn around 8 cluster centres."""
+    rng = np.random.default_rng(seed)
+    clusters = rng.integers(0, CLUSTERS, n_items)
+    latent = rng.normal(size=(CLUSTERS, 12))[clusters] * 2 + 0.4 * rng.normal(size=(n_items, 12))
+    views = {}
+    for name, dim in (("text", 32), ("tags", 8)):
+        view = unit_rows(latent @ rng.normal(size=(12, dim)) + 0.5 * rng.normal(size=(n_items, dim)))
+        views[name] = np.vstack([np.zeros((1, dim), np.float32), view])
+    return views, clusters
+
+
+def concat(views: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([views[k] for k in sorted(views)], axis=1)[1:])
+
+
+def shuffled_nmi(clusters: np.ndarray, codes: np.ndarray) -> float:
+    return normalized_mutual_info_score(np.random.default_rng(1).permutation(clusters), codes)
+
+
+# metrics on hand examples
+
+
+def test_code_metrics_on_hand_example() -> None:
+    codes = np.array([[0, 1], [0, 1], [0, 2], [1, 1]])
+    assert collision_rate(codes) == 0.25  # one item repeats an earlier SID
+    assert prefix_collision_rates(codes) == [0.5, 0.25]
+    assert largest_bucket(codes) == 2
+    assert level_usage(codes, 4) == [0.5, 0.5]
+    p = np.array([0.75, 0.25])
+    np.testing.assert_allclose(level_perplexity(codes, 4), [np.exp(-(p * np.log(p)).sum())] * 2)
+    assert level_perplexity(np.arange(4)[:, None], 4) == pytest.approx([4.0])
+    full = tokenizer_metrics(codes, 4, clusters=np.array([5, 5, 5, 6]))
+    assert full["collision_rate"] == 0.25 and full["nmi_first_level"] == pytest.approx(1.0)
+    assert "recon_error" not in full
+
+
+def test_reconstruction_metrics_on_hand_example() -> None:
+    x = np.array([[1.0, 0.0], [0.0, 2.0]])
+    recon = np.array([[0.0, 0.0], [0.0, 1.0]])
+    result = reconstruction_metrics(x, recon)
+    assert result["recon_error"] == pytest.approx((1.0 + 1.0) / 2)  # summed over dims, mean over items
+    assert result["recon_cosine"] == pytest.approx((0.0 + 1.0) / 2)  # zero reconstruction has cosine 0
+
+
+# tokenizers recover planted clusters
+
+
+def test_rqkmeans_recovers_planted_clusters() -> None:
+    views, clusters = planted()
+    x = concat(views)
+    model = RQKMeans(x.shape[1], levels=3, codebook_size=8)
+    error = model.fit(x, seed=0)
+    codes = model.encode(x).numpy()
+    nmi = normalized_mutual_info_score(clusters, codes[:, 0])
+    assert nmi > 0.8 and nmi > shuffled_nmi(clusters, codes[:, 0]) + 0.7
+    assert min(level_usage(codes, 8)) > 0.5
+    assert error == pytest.approx(((model.decode(torch.from_numpy(codes)) - x) ** 2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_rqvae_loss_decreases_and_recovers_planted_clusters() -> None:
+    views, clusters = planted()
+    x = concat(views)
+    torch.manual_seed(0)
+    model = RQVAE(x.shape[1], latent_dim=16, hidden_dims=(64,), levels=2, codebook_size=8, dead_code_window=10)
+    history = model.fit(x, epochs=40, batch_size=64, lr=3e-3, seed=0)
+    assert history[-1] < 0.6 * history[0]
+    codes = model.encode(x).numpy()
+    nmi = normalized_mutual_info_score(clusters, codes[:, 0])
+    assert nmi > 0.6 and nmi > shuffled_nmi(clusters, codes[:, 0]) + 0.5
+    assert min(level_usage(codes, 8)) > 0.5
+    recon = model.decode(torch.from_numpy(codes))
+    assert recon.shape == x.shape
+    assert reconstruction_metrics(x.numpy(), recon.numpy())["recon_cosine"] > 0.7
+
+
+# the CLI
+
+
+def write_dataset(root: Path, n_items: int = 120, seed: int = 0) -> tuple[DatasetPaths, np.ndarray]:
+    """A tiny precomputed dataset; items 101..120 appear only in valid/test rows (cold)."""
+    paths = DatasetPaths(root)
+    views, clusters = planted(n_items, seed)
+    paths.modalities.mkdir(parents=True)
+    for name, view in views.items():
+        np.save(paths.modality(name), view)
+    manifest = {"names": ["text", "tags"], "dims": {"text": 32, "tags": 8}, "source": "synthetic"}
+    (paths.modalities / "manifest.json").write_text(json.dumps(manifest))
+    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1, dtype=np.int64), "cluster": clusters})
+    items["title"], items["tags"], items["year"] = "", [[] for _ in range(n_items)], 0
+    items.to_parquet(paths.items, index=False)
+    rng = np.random.default_rng(seed)
+    warm = rng.integers(1, 101, 800)
+    cold = rng.integers(101, n_items + 1, 200)
+    events = pd.DataFrame({"item_id": np.concatenate([warm, cold]).astype(np.int64)})
+    events["row_id"] = np.arange(len(events), dtype=np.int64)
+    events["user_id"] = np.int64(1) + events["row_id"] % 7
+    events["label"] = (events["row_id"] % 2).astype(np.int64)
+    start = pd.Timestamp("2024-01-01", tz="UTC")
+    events["event_timestamp"] = start + pd.to_timedelta(events["row_id"], unit="min")
+    events["split"] = np.where(events["row_id"] < 800, "train", np.where(events["row_id"] < 900, "valid", "test"))
+    events.to_parquet(paths.events, index=False)
+    paths.meta.write_text(json.dumps({"n_items": n_items, "n_users": 7, "precomputed_modalities": True}))
+    return paths, views
+
+
+def run_cli(paths: DatasetPaths, *extra: str) -> dict:
+    return main(["--dataset", str(paths.root), "--levels", "2", "--codebook-size", "8", *extra])
+
+
+def test_cli_rqkmeans_writes_sid_contract_and_fits_on_train_items_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, views = write_dataset(tmp_path / "d")
+    seen = {}
+
+    def spy(cfg: TokenizerConfig, x_fit: torch.Tensor):
+        seen["x_fit"] = x_fit.clone()
+        return fit_tokenizer(cfg, x_fit)
+
+    fit_tokenizer = train.fit_tokenizer
+    monkeypatch.setattr(train, "fit_tokenizer", spy)
+    metrics = run_cli(paths, "--method", "rqkmeans")
+    version = metrics["version"]
+    assert version.startswith("rqkmeans-") and (paths.root / "sids" / "LATEST").read_text().strip() == version
+
+    # leakage: the fit saw exactly the train items' rows (ids 1..100), no cold item
+    train_ids = np.unique(pd.read_parquet(paths.events).query("split == 'train'")["item_id"])
+    assert train_ids.max() <= 100 and metrics["n_fit_items"] == len(train_ids)
+    torch.testing.assert_close(
+        seen["x_fit"], torch.from_numpy(np.concatenate([views["tags"], views["text"]], 1)[train_ids])
+    )
+
+    out = paths.sid_dir(version)
+    sids = pd.read_parquet(out / "sids.parquet")
+    assert validate_sids(sids, 8, "sids.parquet") == ["sid_0", "sid_1"]
+    assert sids["item_id"].tolist() == list(range(1, 121))  # cold items 101..120 included
+    assert (sids["tokenizer_version"] == version).all()
+    assert sids["event_timestamp"].eq(pd.Timestamp("2024-01-01", tz="UTC")).all()
+    assert str(sids["created"].dtype) == "datetime64[ns, UTC]"
+    saved = torch.load(out / "codebooks.pt")
+    assert [tuple(c.shape) for c in saved["codebooks"]] == [(8, 40), (8, 40)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["levels"] == 2 and config["codebook_size"] == 8 and config["modalities"] == ["tags", "text"]
+    assert config["modality_dims"] == {"tags": 8, "text": 32}
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["collision_rate"] == metrics["collision_rate"] and written["nmi_first_level"] > 0.7
+    # the SIDs decode to the saved codebooks' sums
+    codes = torch.from_numpy(sids[["sid_0", "sid_1"]].to_numpy())
+    recon = saved["codebooks"][0][codes[:, 0]] + saved["codebooks"][1][codes[:, 1]]
+    expected = reconstruction_metrics(concat(views).numpy(), recon.numpy())["recon_error"]
+    assert written["recon_error"] == pytest.approx(expected, rel=1e-5)
+
+    # same inputs -> same version; a new setting -> a new version
+    assert run_cli(paths, "--method", "rqkmeans")["version"] == version
+    assert run_cli(paths, "--method", "rqkmeans", "--epochs", "7")["version"] == version  # an RQ-VAE-only knob
+    assert run_cli(paths, "--method", "rqkmeans", "--modalities", "text", "tags")["version"] == version  # = all
+    assert run_cli(paths, "--method", "rqkmeans", "--seed", "1")["version"] != version
+
+
+def test_cli_rqvae_smoke(tmp_path: Path) -> None:
+    paths, _ = write_dataset(tmp_path / "d")
+    args = ("--method", "rqvae", "--epochs", "3", "--hidden-dims", "16", "--latent-dim", "8", "--batch-size", "32")
+    metrics = run_cli(paths, *args, "--sinkhorn-last")
+    out = paths.sid_dir(metrics["version"])
+    validate_sids(pd.read_parquet(out / "sids.parquet"), 8, "sids.parquet")
+    assert [tuple(c.shape) for c in torch.load(out / "codebooks.pt")["codebooks"]] == [(8, 8), (8, 8)]
+    assert len(metrics["loss_history"]) == 3 and np.isfinite(metrics["final_loss"])
+
+
+def test_cli_bad_inputs(tmp_path: Path) -> None:
+    paths, views = write_dataset(tmp_path / "d")
+    with pytest.raises(DataError, match="'image' is not listed"):
+        run_cli(paths, "--method", "rqkmeans", "--modalities", "text", "image")
+    broken = views["tags"].copy()
+    broken[3, 0] = np.nan
+    np.save(paths.modality("tags"), broken)
+    with pytest.raises(DataError, match=r"tags\.npy.*NaN"):
+        run_cli(paths, "--method", "rqkmeans")
+    paths.modality("tags").unlink()
+    with pytest.raises(DataError, match=r"tags\.npy: file not found"):
+        run_cli(paths, "--method", "rqkmeans")
+    with pytest.raises(ValueError, match="method='vq'"):
+        TokenizerConfig(dataset=paths.root, method="vq")
+    with pytest.raises(ValueError, match="codebook_size=0"):
+        TokenizerConfig(dataset=paths.root, codebook_size=0)
+    with pytest.raises(SystemExit):
+        main(["--dataset", str(paths.root), "--no-such-flag", "1"])

@@ -1,0 +1,100 @@
+"""Quality figures of a semantic-ID assignment (../shared/DESIGN.md section 6).
+
+Every tokenizer reports the same dictionary from :func:`tokenizer_metrics`:
+how well the codes reconstruct the content, how much of each codebook is used,
+and how often distinct items end up with the same (prefix of a) SID.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+
+def reconstruction_metrics(x: np.ndarray, recon: np.ndarray) -> dict[str, float]:
+    """Squared error per item summed over dims (mean over items) and mean cosine.
+
+    Args:
+        x: inputs, [N, D].
+        recon: reconstructions, [N, D].
+    """
+    error = ((x - recon) ** 2).sum(1)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(recon, axis=1)
+    # An all-zero row has no direction: its cosine counts as 0 rather than NaN.
+    cosine = (x * recon).sum(1) / np.maximum(norms, 1e-12)
+    return {"recon_error": float(error.mean()), "recon_cosine": float(cosine.mean())}
+
+
+def level_usage(codes: np.ndarray, codebook_size: int) -> list[float]:
+    """Distinct codes used per level divided by K, for codes [N, L]."""
+    return [len(np.unique(codes[:, level])) / codebook_size for level in range(codes.shape[1])]
+
+
+def level_perplexity(codes: np.ndarray, codebook_size: int) -> list[float]:
+    """exp(entropy) of the code distribution per level: K when uniform, 1 when collapsed."""
+    result = []
+    for level in range(codes.shape[1]):
+        p = np.bincount(codes[:, level], minlength=codebook_size) / len(codes)
+        p = p[p > 0]
+        result.append(float(np.exp(-(p * np.log(p)).sum())))
+    return result
+
+
+def collision_rate(codes: np.ndarray) -> float:
+    """(N - distinct full codes) / N: share of items that repeat an earlier item's SID."""
+    return (len(codes) - len(np.unique(codes, axis=0))) / len(codes)
+
+
+def prefix_collision_rates(codes: np.ndarray) -> list[float]:
+    """Collision rate of the prefixes of depth 1..L; the last is the full-code rate."""
+    return [collision_rate(codes[:, :depth]) for depth in range(1, codes.shape[1] + 1)]
+
+
+def largest_bucket(codes: np.ndarray) -> int:
+    """Most items sharing one full code."""
+    return int(np.unique(codes, axis=0, return_counts=True)[1].max())
+
+
+def tokenizer_metrics(
+    codes: np.ndarray,
+    codebook_size: int,
+    *,
+    x: np.ndarray | None = None,
+    recon: np.ndarray | None = None,
+    clusters: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """All figures for codes [N, L]; reconstruction when ``x`` and ``recon`` are given,
+    NMI of the first level against ground-truth ``clusters`` [N] when given."""
+    codes = np.asarray(codes)
+    result: dict[str, Any] = {
+        "n_items": len(codes),
+        "levels": codes.shape[1],
+        "codebook_size": codebook_size,
+        "usage": level_usage(codes, codebook_size),
+        "perplexity": level_perplexity(codes, codebook_size),
+        "prefix_collision_rate": prefix_collision_rates(codes),
+        "collision_rate": collision_rate(codes),
+        "largest_bucket": largest_bucket(codes),
+    }
+    if x is not None and recon is not None:
+        result.update(reconstruction_metrics(x, recon))
+    if clusters is not None:
+        result["nmi_first_level"] = float(normalized_mutual_info_score(clusters, codes[:, 0]))
+    return result
+
+
+def summary_line(metrics: dict) -> str:
+    """One human line of the headline figures of :func:`tokenizer_metrics`."""
+    usage = "/".join(f"{u:.2f}" for u in metrics["usage"])
+    prefix = "/".join(f"{c:.3f}" for c in metrics["prefix_collision_rate"])
+    line = (
+        f"items={metrics['n_items']} usage={usage} prefix_collisions={prefix} "
+        f"collision_rate={metrics['collision_rate']:.4f} largest_bucket={metrics['largest_bucket']}"
+    )
+    if "recon_error" in metrics:
+        line += f" recon_error={metrics['recon_error']:.4f} recon_cosine={metrics['recon_cosine']:.4f}"
+    if "nmi_first_level" in metrics:
+        line += f" nmi_first_level={metrics['nmi_first_level']:.3f}"
+    return line
