@@ -35,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
+def _write_with(path: str | Path, writer: Callable[[Path], object]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)

@@ -11,7 +11,7 @@ events they count, so a row never sees its own label (pipelines/features.py).
 from __future__ import annotations
 
 import logging
-import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,14 @@ from ranking import spec
 
 log = logging.getLogger(__name__)
 
-# Entity rows per get_historical_features call; the duckdb join holds each
-# chunk with all feature rows stamped before it, so chunks bound memory.
+# Bounds per get_historical_features call. The duckdb point-in-time join pairs
+# each entity row with every earlier feature row of its user and of its item
+# (an inequality join, then a window), so memory follows the joined rows, not
+# the entity rows: a user with n events costs ~n^2/2.
 MAX_ENTITY_ROWS = 2_000_000
+MAX_JOINED_ROWS = 5_000_000
+# DuckDB spills that join to "<cwd>/.tmp" and by default may fill 90% of the free disk.
+DUCKDB_SPILL_LIMIT = "8GB"
 
 
 def _feature_store(repo: Path):
@@ -38,10 +43,31 @@ def _feature_store(repo: Path):
     return FeatureStore(repo_path=str(repo))
 
 
-def time_chunks(timestamps: pd.Series, max_rows: int = MAX_ENTITY_ROWS) -> list[np.ndarray]:
-    """Row positions split into consecutive time ranges of at most ``max_rows`` rows."""
-    order = np.argsort(timestamps.to_numpy(), kind="stable")
-    return np.array_split(order, max(1, math.ceil(len(order) / max_rows)))
+def _bound_duckdb_spill() -> None:
+    import ibis
+
+    # Feast's duckdb offline store runs on ibis' default backend.
+    backend = ibis.get_backend()
+    if backend.name == "duckdb":
+        backend.raw_sql(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'sidrank-duckdb'}'")
+        backend.raw_sql(f"SET max_temp_directory_size = '{DUCKDB_SPILL_LIMIT}'")
+
+
+def time_chunks(
+    entity_df: pd.DataFrame, max_rows: int = MAX_ENTITY_ROWS, max_joined_rows: int = MAX_JOINED_ROWS
+) -> list[np.ndarray]:
+    """Row positions in time order, cut into consecutive ranges within both bounds.
+
+    A row's join size is estimated as 1 + the earlier rows of its user + those
+    of its item in ``entity_df`` itself.
+    """
+    order = np.argsort(entity_df["event_timestamp"].to_numpy(), kind="stable")
+    ordered = entity_df.iloc[order]
+    joined = ordered.groupby("user_id").cumcount().to_numpy() + ordered.groupby("item_id").cumcount().to_numpy() + 1
+    by_join = (np.cumsum(joined) - 1) // max_joined_rows
+    by_rows = np.arange(len(order)) // max_rows
+    cuts = np.flatnonzero((np.diff(by_join) != 0) | (np.diff(by_rows) != 0)) + 1
+    return np.split(order, cuts)
 
 
 def _check_versions(rows: pd.DataFrame, repo: Path, expected: str | None) -> None:
@@ -68,6 +94,7 @@ def load_training_rows(
     service: str = spec.FEATURE_SERVICE,
     expected_tokenizer_version: str | None = None,
     max_rows_per_call: int = MAX_ENTITY_ROWS,
+    max_joined_rows_per_call: int = MAX_JOINED_ROWS,
 ) -> pd.DataFrame:
     """Join the feature service onto labelled events, one row per event, sorted by ``row_id``.
 
@@ -78,6 +105,7 @@ def load_training_rows(
         service: feature service name.
         expected_tokenizer_version: if given, every row's SID must come from it.
         max_rows_per_call: entity rows per retrieval; larger inputs go in time chunks.
+        max_joined_rows_per_call: estimated joined rows per retrieval (see :func:`time_chunks`).
 
     Returns:
         ``spec.ENTITY_COLUMNS`` plus the service's features. Rows without an
@@ -89,32 +117,38 @@ def load_training_rows(
     """
     require_columns(events, spec.ENTITY_COLUMNS, "events")
     if events["row_id"].duplicated().any():
-        raise DataError(f"events: column 'row_id' repeats {events.loc[events['row_id'].duplicated(), 'row_id'].iloc[0]}; row ids must be unique")
+        repeated = events.loc[events["row_id"].duplicated(), "row_id"].iloc[0]
+        raise DataError(f"events: column 'row_id' repeats {repeated}; row ids must be unique")
     entity_df = events[list(spec.ENTITY_COLUMNS)].reset_index(drop=True)
     # The duckdb store holds microseconds and refuses (ArrowInvalid) entity
     # timestamps with a sub-us part; the features were grouped floored too.
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
     store = _feature_store(repo)
     features = store.get_feature_service(service)
-    chunks = time_chunks(entity_df["event_timestamp"], max_rows_per_call)
+    _bound_duckdb_spill()
+    chunks = time_chunks(entity_df, max_rows_per_call, max_joined_rows_per_call)
     parts = []
     for positions in tqdm(chunks, desc="feast rows", unit="chunk", disable=len(chunks) == 1):
         part = entity_df.iloc[np.sort(positions)]
         parts.append(store.get_historical_features(entity_df=part, features=features).to_df())
     rows = pd.concat(parts, ignore_index=True).sort_values("row_id", ignore_index=True)
     # The `file` offline store silently collapses rows sharing (key, timestamp): never trust the count.
-    if len(rows) != len(entity_df) or not np.array_equal(rows["row_id"].to_numpy(), np.sort(entity_df["row_id"].to_numpy())):
+    expected_ids = np.sort(entity_df["row_id"].to_numpy())
+    if len(rows) != len(entity_df) or not np.array_equal(rows["row_id"].to_numpy(), expected_ids):
         raise DataError(
             f"{repo}: the offline store returned {len(rows)} rows for {len(entity_df)} events; use the duckdb "
             f"offline store (feature_store.yaml) and unique row_id values"
         )
-    rows["event_timestamp"] = events.set_index("row_id").loc[rows["row_id"], "event_timestamp"].to_numpy()
+    # Hand back the caller's timestamps, not the floored ones.
+    rows["event_timestamp"] = events.set_index("row_id")["event_timestamp"].loc[rows["row_id"]].reset_index(drop=True)
     _check_versions(rows, repo, expected_tokenizer_version)
     log.info("%d training rows from service %s (%d calls)", len(rows), service, len(chunks))
     return rows
 
 
-def online_features(repo: Path, user_id: int, item_ids: list[int], *, service: str = spec.FEATURE_SERVICE) -> pd.DataFrame:
+def online_features(
+    repo: Path, user_id: int, item_ids: list[int], *, service: str = spec.FEATURE_SERVICE
+) -> pd.DataFrame:
     """Latest materialized features of one user against candidate items (serving path).
 
     Returns:

@@ -1,0 +1,148 @@
+"""The whole pipeline on one dataset, each stage run as the command a user would type.
+
+    python -m pipelines.demo                      # what `make demo` runs
+    python -m pipelines.demo --method rqkmeans --nproc 1
+
+Stages (each reads files and writes files, so each can be rerun alone):
+ingest -> embed + tokenize -> behaviour features -> feast apply/materialize
+-> torchrun ranker -> results table. Ends by writing ``<out>/metrics.json``
+(the ranker's metrics plus the tokenizer's collision rate) and printing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipelines.io import read_json, write_json
+from pipelines.schema import DatasetPaths
+
+DATASET_COMMANDS = {"ml-100k": ["movielens-100k"]}
+METHODS = ("rqvae", "rqkmeans")
+TABLE_KEYS = (
+    "test_auc",
+    "test_auc_cold",
+    "test_gauc",
+    "test_logloss",
+    "valid_auc",
+    "train_rows",
+    "valid_rows",
+    "test_rows",
+    "world_size",
+    "tokenizer",
+    "sid_collision_rate",
+)
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs.
+
+    Args:
+        dataset: dataset name (a key of DATASET_COMMANDS).
+        method: tokenizer method.
+        artifacts: root folder of dataset artifacts.
+        repo: the Feast repository.
+        out: run folder for the ranker's metrics and predictions.
+        nproc: torchrun processes (ranks).
+        seed: seed for tokenizer and ranker.
+        ranker_args: extra arguments passed to ``ranking.train``.
+    """
+
+    dataset: str = "ml-100k"
+    method: str = "rqvae"
+    artifacts: Path = Path("artifacts")
+    repo: Path = Path("feature_repo")
+    out: Path = Path("artifacts/demo")
+    nproc: int = 2
+    seed: int = 0
+    ranker_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_COMMANDS:
+            raise ValueError(f"dataset={self.dataset!r}: expected one of {sorted(DATASET_COMMANDS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.nproc < 1:
+            raise ValueError(f"nproc={self.nproc}: expected >= 1")
+        self.artifacts, self.repo, self.out = Path(self.artifacts), Path(self.repo), Path(self.out)
+
+
+def run_stage(name: str, argv: list[str]) -> float:
+    """Run one stage's command, streaming its output; raise if it fails."""
+    print(f"\n=== {name}: {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(argv, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: stage '{name}' failed (exit {result.returncode}): {shlex.join(argv)}")
+    seconds = time.perf_counter() - start
+    print(f"=== {name}: done in {seconds:.1f}s", flush=True)
+    return seconds
+
+
+def stage_commands(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
+    """The ordered (name, argv) list of the pipeline's stages."""
+    py = sys.executable
+    data = str(cfg.artifacts / cfg.dataset)
+    return [
+        ("ingest", [py, "-m", "pipelines.ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts)]),
+        ("tokenize", [py, "-m", "tokenizer.train", "--dataset", data, "--method", cfg.method, "--seed", str(cfg.seed)]),
+        ("features", [py, "-m", "pipelines.features", "--dataset", data, "--sid-version", "LATEST"]),
+        ("feast", [py, "-m", "pipelines.publish", "--dataset", data, "--repo", str(cfg.repo)]),
+        (
+            "ranker",
+            [
+                py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+                "-m", "ranking.train", "--dataset", data, "--repo", str(cfg.repo), "--out", str(cfg.out),
+                "--seed", str(cfg.seed), *cfg.ranker_args,
+            ],
+        ),
+    ]
+
+
+def results_table(metrics: dict) -> str:
+    """A two-column Markdown table of the headline figures."""
+    lines = ["| metric | value |", "|---|---|"]
+    for key in TABLE_KEYS:
+        value = metrics.get(key)
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = DemoConfig()
+    parser.add_argument("--dataset", default=defaults.dataset)
+    parser.add_argument("--method", default=defaults.method)
+    parser.add_argument("--artifacts", type=Path, default=defaults.artifacts)
+    parser.add_argument("--repo", type=Path, default=defaults.repo)
+    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--nproc", type=int, default=defaults.nproc)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args, ranker_args = parser.parse_known_args(argv)
+    cfg = DemoConfig(**vars(args), ranker_args=ranker_args)
+
+    timings = {name: run_stage(name, argv) for name, argv in stage_commands(cfg)}
+
+    paths = DatasetPaths(cfg.artifacts / cfg.dataset)
+    metrics = read_json(cfg.out / "metrics.json")
+    version = metrics["tokenizer"]
+    tokenizer_metrics = read_json(paths.sid_dir(version) / "metrics.json")
+    metrics["sid_collision_rate"] = tokenizer_metrics["collision_rate"]
+    metrics["demo"] = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "stage_seconds": timings}
+    write_json(metrics, cfg.out / "metrics.json")
+    print(f"\nResults ({cfg.dataset}, tokenizer {version}, {metrics['world_size']} ranks) -> {cfg.out}/metrics.json")
+    print(results_table(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Causal behaviour features and static item/user tables for the feature store.
+
+    python -m pipelines.features --dataset artifacts/ml-100k [--sid-version LATEST]
+
+Reads the dataset folder (events, items, users, meta.json and one SID version)
+and writes ``<dataset>/features/``:
+
+- ``user_behaviour.parquet``: user_id, event_timestamp, user_count,
+  user_pos_count, hist_items, hist_sid_p1, hist_sid_p2.
+- ``item_behaviour.parquet``: item_id, event_timestamp, item_count, item_pos_count.
+- ``user_profile.parquet``: user_id, event_timestamp, one ``<col>_id`` per profile column.
+- ``item_content.parquet``: item_id, event_timestamp, tag_ids, year_bucket.
+- ``item_sids.parquet``: item_id, event_timestamp, sid_codes, tokenizer_version.
+- ``feature_meta.json``: :class:`ranking.spec.FeatureMeta` plus ``vocabularies``
+  (feature column -> values; the value at index i has id i + 1).
+
+A behaviour row holds the state of its user (item) after *all* events at or
+before time t and is stamped t + 1 microsecond. Feast's point-in-time join is
+inclusive (feature time <= event time), so an event at time t sees only events
+strictly before t: never its own label, never a same-timestamp sibling
+(../shared/DESIGN.md sections 4 and 5). Events of every split are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipelines.io import atomic_path, read_json, write_json
+from pipelines.schema import (
+    DataError,
+    DatasetPaths,
+    require_columns,
+    require_file,
+    require_int_ids,
+    validate_events,
+    validate_sids,
+)
+from ranking import spec
+
+log = logging.getLogger(__name__)
+
+STATIC_TIMESTAMP = pd.Timestamp("1970-01-01", tz="UTC")
+STAMP_DELAY_US = 1
+# Rows per list-building chunk: bounds the temporary index arrays to ~HISTORY_LENGTH x this.
+HISTORY_CHUNK_ROWS = 1_000_000
+AGE_BUCKET_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's age groups
+AGE_BUCKET_NAMES = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+YEAR_BUCKET_WIDTH = 5
+ZIP_PREFIX_CHARS = 3
+TABLES = ("user_behaviour", "item_behaviour", "user_profile", "item_content", "item_sids")
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def to_micros(timestamps: pd.Series) -> np.ndarray:
+    """UTC timestamps -> int64 microseconds since the epoch, floored.
+
+    Feast's duckdb offline store holds microseconds (and refuses entity
+    timestamps with a sub-us part), so the features are computed at that
+    precision too: two events inside one microsecond are simultaneous here
+    exactly as they are in the join.
+    """
+    return ((timestamps - _EPOCH) // pd.Timedelta(microseconds=1)).to_numpy(dtype=np.int64)
+
+
+def from_micros(micros: np.ndarray) -> pd.DatetimeIndex:
+    """int64 microseconds since the epoch -> UTC timestamps."""
+    return pd.to_datetime(micros, unit="us", utc=True)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int64)))
+
+
+def _list_column(chunks: list[pa.Array]) -> pd.arrays.ArrowExtensionArray:
+    return pd.arrays.ArrowExtensionArray(pa.chunked_array(chunks, type=pa.list_(pa.int64())))
+
+
+def write_table(df: pd.DataFrame, path: Path) -> Path:
+    """Write ``df`` to parquet atomically: microsecond timestamps, no pandas metadata.
+
+    duckdb reads nanosecond UTC parquet timestamps as TIMESTAMPTZ_NS, which
+    Feast's materialize cannot cast to TIMESTAMP. pandas stores Arrow list
+    dtypes in its metadata under a name its own reader cannot parse; without
+    the metadata, list columns read back as numpy arrays.
+    """
+    df = df.assign(**{c: df[c].dt.as_unit("us") for c in df.columns if pd.api.types.is_datetime64_any_dtype(df[c])})
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+class KeyTimeGroups(NamedTuple):
+    """Events grouped by (key, timestamp), keys and times ascending.
+
+    Attributes:
+        order: event indices sorted by (key, time, row_id).
+        last: sorted position of the last event of each group.
+        key_first: sorted position of the first event of each group's key.
+    """
+
+    order: np.ndarray
+    last: np.ndarray
+    key_first: np.ndarray
+
+
+def group_by_key_time(key: np.ndarray, micros: np.ndarray, row_id: np.ndarray) -> KeyTimeGroups:
+    """Sort events by (key, time, row_id) and find the (key, time) group boundaries."""
+    order = np.lexsort((row_id, micros, key))
+    k, t = key[order], micros[order]
+    n = len(order)
+    last = np.r_[np.flatnonzero((k[1:] != k[:-1]) | (t[1:] != t[:-1])), n - 1]
+    key_starts = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
+    key_first_of_event = np.repeat(key_starts, np.diff(np.r_[key_starts, n]))
+    return KeyTimeGroups(order, last, key_first_of_event[last])
+
+
+def behaviour_counts(events: pd.DataFrame, key: str) -> tuple[pd.DataFrame, KeyTimeGroups]:
+    """Cumulative event and positive counts per (key, distinct timestamp).
+
+    Returns:
+        A frame with ``key``, ``event_timestamp`` (t + 1 us), ``count`` and
+        ``pos_count`` (events with timestamp <= t), and the grouping it used.
+    """
+    micros = to_micros(events["event_timestamp"])
+    groups = group_by_key_time(events[key].to_numpy(), micros, events["row_id"].to_numpy())
+    labels = events["label"].to_numpy(dtype=np.int64)[groups.order]
+    positives = np.cumsum(labels)
+    before_key = positives[groups.key_first] - labels[groups.key_first]
+    frame = pd.DataFrame(
+        {
+            key: events[key].to_numpy()[groups.order][groups.last],
+            "event_timestamp": from_micros(micros[groups.order][groups.last] + STAMP_DELAY_US),
+            "count": (groups.last - groups.key_first + 1).astype(np.int64),
+            "pos_count": (positives[groups.last] - before_key).astype(np.int64),
+        }
+    )
+    return frame, groups
+
+
+def recent_positive_lists(
+    items_sorted: np.ndarray,
+    labels_sorted: np.ndarray,
+    groups: KeyTimeGroups,
+    lookups: dict[str, np.ndarray],
+    length: int = spec.HISTORY_LENGTH,
+) -> dict[str, pd.arrays.ArrowExtensionArray]:
+    """Last ``length`` positive items of each group's key up to the group, most recent first.
+
+    Args:
+        items_sorted: item id per event, in ``groups.order``.
+        labels_sorted: 0/1 label per event, in ``groups.order``.
+        groups: user/time groups from :func:`group_by_key_time`.
+        lookups: output column -> array mapping item id to the value stored
+            (identity for item ids, SID prefix codes for the prefix columns).
+        length: maximum list length.
+
+    Returns:
+        Output column -> list column with one entry per group.
+    """
+    positive_items = items_sorted[labels_sorted == 1]
+    cum = np.cumsum(labels_sorted)
+    # The key's positives up to group g are positive_items[start[g]:end[g]].
+    end = cum[groups.last]
+    start = cum[groups.key_first] - labels_sorted[groups.key_first]
+    chunks: dict[str, list[pa.Array]] = {name: [] for name in lookups}
+    n_groups = len(groups.last)
+    quiet = n_groups < HISTORY_CHUNK_ROWS
+    for lo in tqdm(range(0, n_groups, HISTORY_CHUNK_ROWS), desc="history", unit="chunk", disable=quiet):
+        g_end = end[lo : lo + HISTORY_CHUNK_ROWS]
+        lens = g_end - np.maximum(start[lo : lo + HISTORY_CHUNK_ROWS], g_end - length)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        # Element e of segment s is positive_items[end[s] - 1 - (e - offsets[s])]: newest first.
+        index = np.repeat(g_end - 1 + offsets[:-1], lens) - np.arange(offsets[-1])
+        items = positive_items[index]
+        for name, lookup in lookups.items():
+            chunks[name].append(_list_array(offsets, lookup[items]))
+    return {name: _list_column(parts) for name, parts in chunks.items()}
+
+
+def sid_prefix_lookups(
+    sids: pd.DataFrame, code_columns: list[str], n_items: int, codebook_size: int
+) -> dict[str, np.ndarray]:
+    """Item id -> encoded SID prefix of depth 1 and 2 (``spec.encode_prefix``), index 0 unused."""
+    codes = sids[code_columns].to_numpy(dtype=np.int64)
+    lookups = {}
+    for depth, name in enumerate(spec.HIST_SID_PREFIXES, start=1):
+        table = np.zeros(n_items + 1, dtype=np.int64)
+        table[sids["item_id"].to_numpy()] = [spec.encode_prefix(row[:depth], codebook_size) for row in codes]
+        lookups[name] = table
+    return lookups
+
+
+def user_behaviour(events: pd.DataFrame, prefix_lookups: dict[str, np.ndarray], n_items: int) -> pd.DataFrame:
+    """Causal user counts and recent positive history, one row per (user, distinct timestamp)."""
+    counts, groups = behaviour_counts(events, "user_id")
+    items_sorted = events["item_id"].to_numpy()[groups.order]
+    labels_sorted = events["label"].to_numpy(dtype=np.int64)[groups.order]
+    lookups = {spec.HIST_ITEMS: np.arange(n_items + 1, dtype=np.int64), **prefix_lookups}
+    lists = recent_positive_lists(items_sorted, labels_sorted, groups, lookups)
+    frame = counts.rename(columns={"count": "user_count", "pos_count": "user_pos_count"})
+    for name in (spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES):
+        frame[name] = lists[name]
+    return frame
+
+
+def item_behaviour(events: pd.DataFrame) -> pd.DataFrame:
+    """Causal item counts, one row per (item, distinct timestamp)."""
+    counts, _ = behaviour_counts(events, "item_id")
+    return counts.rename(columns={"count": "item_count", "pos_count": "item_pos_count"})
+
+
+def _vocab_ids(values: pd.Series, vocab: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Dense ids from 1 over ``vocab`` (default: sorted distinct non-empty values); else 0."""
+    values = values.astype("string").str.strip().replace("", pd.NA)
+    if vocab is None:
+        vocab = sorted(values.dropna().unique())
+    codes = pd.Categorical(values, categories=vocab).codes.astype(np.int64)
+    return codes + 1, list(vocab)
+
+
+def _profile_ids(column: str, values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Profile column -> ids; ages are bucketed and zip codes cut to their region prefix."""
+    if column == "age":
+        ages = pd.to_numeric(values, errors="coerce")
+        buckets = np.searchsorted(AGE_BUCKET_EDGES, ages.fillna(-1).to_numpy(), side="right")
+        names = pd.Series(np.asarray(AGE_BUCKET_NAMES, dtype=object)[buckets], index=values.index).where(ages.notna())
+        present = set(names.dropna())
+        # Keep the buckets in age order, not alphabetical.
+        return _vocab_ids(names, [name for name in AGE_BUCKET_NAMES if name in present])
+    if column == "zip_code":
+        return _vocab_ids(values.astype("string").str.strip().str[:ZIP_PREFIX_CHARS])
+    return _vocab_ids(values)
+
+
+def user_profile(users: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Static user profile ids (``<col>_id``, 0 unknown) and their vocabularies."""
+    frame = pd.DataFrame({"user_id": users["user_id"].to_numpy(), "event_timestamp": STATIC_TIMESTAMP})
+    vocabularies = {}
+    for column in columns:
+        ids, vocab = _profile_ids(column, users[column])
+        frame[f"{column}_id"] = ids
+        vocabularies[f"{column}_id"] = vocab
+    return frame, vocabularies
+
+
+def item_content(items: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list]]:
+    """Static item tag ids (vocabulary from 1, first occurrence kept) and 5-year buckets (0 unknown)."""
+    tags = items["tags"].reset_index(drop=True).explode().dropna().astype(str)
+    tags = tags[tags != ""]
+    tags = tags[~pd.MultiIndex.from_arrays([tags.index, tags.to_numpy()]).duplicated()]
+    tag_ids, vocab = _vocab_ids(tags)
+    lengths = np.bincount(tags.index.to_numpy(dtype=np.int64), minlength=len(items))
+    offsets = np.r_[0, np.cumsum(lengths)]
+    years = items["year"].to_numpy(dtype=np.int64)
+    known = years > 0
+    base = int(years[known].min()) // YEAR_BUCKET_WIDTH * YEAR_BUCKET_WIDTH if known.any() else 0
+    buckets = np.where(known, (years - base) // YEAR_BUCKET_WIDTH + 1, 0).astype(np.int64)
+    frame = pd.DataFrame(
+        {
+            "item_id": items["item_id"].to_numpy(),
+            "event_timestamp": STATIC_TIMESTAMP,
+            spec.ITEM_TAGS: _list_column([_list_array(offsets, tag_ids)]),
+            "year_bucket": buckets,
+        }
+    )
+    starts = [base + YEAR_BUCKET_WIDTH * b for b in range(int(buckets.max(initial=0)))]
+    return frame, {spec.ITEM_TAGS: vocab, "year_bucket": starts}
+
+
+def item_sids(sids: pd.DataFrame, code_columns: list[str]) -> pd.DataFrame:
+    """One row per item: its L codes as a list, stamped when the SID version became valid."""
+    codes = sids[code_columns].to_numpy(dtype=np.int64)
+    levels = len(code_columns)
+    offsets = np.arange(0, codes.size + 1, levels, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "item_id": sids["item_id"].to_numpy(),
+            "event_timestamp": from_micros(to_micros(sids["event_timestamp"])),
+            spec.SID_CODES: _list_column([_list_array(offsets, codes.ravel())]),
+            spec.TOKENIZER_VERSION: sids["tokenizer_version"].astype(str).to_numpy(),
+        }
+    )
+
+
+@dataclass
+class FeaturesConfig:
+    """Configuration of the feature pipeline.
+
+    Args:
+        dataset: dataset folder (see :class:`pipelines.schema.DatasetPaths`).
+        sid_version: SID version under ``<dataset>/sids/``, or ``LATEST``.
+        codebook_size: codes per SID position K; only needed when the SID
+            version's ``config.json`` does not record ``codebook_size``.
+    """
+
+    dataset: Path
+    sid_version: str = "LATEST"
+    codebook_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.dataset = Path(self.dataset)
+        if not self.sid_version.strip() or "/" in self.sid_version:
+            raise ValueError(f"sid_version={self.sid_version!r}: expected a version name or LATEST")
+        if self.codebook_size is not None and self.codebook_size < 1:
+            raise ValueError(f"codebook_size={self.codebook_size}: must be >= 1")
+
+
+class SidTable(NamedTuple):
+    """A validated SID version: rows, code columns sid_0..sid_{L-1}, codebook size K."""
+
+    frame: pd.DataFrame
+    code_columns: list[str]
+    codebook_size: int
+
+
+def resolve_sid_version(paths: DatasetPaths, version: str) -> str:
+    """``LATEST`` -> the version named in ``<dataset>/sids/LATEST``; others unchanged."""
+    if version != "LATEST":
+        return version
+    latest = require_file(paths.root / "sids" / "LATEST", "python -m tokenizer.train --dataset ...")
+    return latest.read_text().strip()
+
+
+def _sid_config_value(config: dict, key: str) -> int | None:
+    # The tokenizer may record its settings at the top level or under "config".
+    value = config.get(key, config.get("config", {}).get(key))
+    return None if value is None else int(value)
+
+
+def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_size: int | None) -> SidTable:
+    """Read and check one SID version: every item has exactly one SID, codes inside the codebook."""
+    sid_dir = paths.sid_dir(version)
+    source = require_file(sid_dir / "sids.parquet", "python -m tokenizer.train --dataset ...")
+    config_path = sid_dir / "config.json"
+    config = read_json(config_path) if config_path.exists() else {}
+    levels, recorded = _sid_config_value(config, "levels"), _sid_config_value(config, "codebook_size")
+    if recorded is not None and codebook_size is not None and recorded != codebook_size:
+        raise DataError(f"{config_path}: codebook_size={recorded} but --codebook-size {codebook_size}; drop the flag")
+    size = recorded if recorded is not None else codebook_size
+    if size is None:
+        raise DataError(f"{config_path}: no 'codebook_size' recorded; pass --codebook-size K")
+    sids = pd.read_parquet(source)
+    code_columns = validate_sids(sids, size, str(source))
+    expected_columns = [f"sid_{i}" for i in range(levels if levels is not None else len(code_columns))]
+    if code_columns != expected_columns:
+        raise DataError(f"{source}: code columns {code_columns} do not match levels={levels} in {config_path}")
+    if sids["item_id"].duplicated().any():
+        repeated = sids.loc[sids["item_id"].duplicated(), "item_id"].iloc[0]
+        raise DataError(f"{source}: column 'item_id' repeats {repeated}; one SID per item")
+    missing = np.setdiff1d(item_ids, sids["item_id"].to_numpy())
+    if len(missing):
+        raise DataError(
+            f"{source}: items {missing[:5].tolist()} ({len(missing)} in all) have no SID; "
+            f"re-run the tokenizer on all items"
+        )
+    unknown = np.setdiff1d(sids["item_id"].to_numpy(), item_ids)
+    if len(unknown):
+        raise DataError(
+            f"{source}: column 'item_id' has ids {unknown[:5].tolist()} absent from items.parquet; "
+            f"the SIDs belong to another dataset"
+        )
+    versions = sids["tokenizer_version"].astype(str).unique()
+    if len(versions) != 1:
+        raise DataError(f"{source}: column 'tokenizer_version' has values {versions[:3].tolist()}; one per table")
+    return SidTable(sids.sort_values("item_id", ignore_index=True), code_columns, size)
+
+
+def _load_dataset(paths: DatasetPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Read events, items, users and meta.json and check that they agree."""
+    made_by = "python -m pipelines.ingest ..."
+    meta_path = require_file(paths.meta, made_by)
+    meta = read_json(meta_path)
+    absent_keys = [key for key in ("n_users", "n_items", "user_profile_columns") if key not in meta]
+    if absent_keys:
+        raise DataError(f"{meta_path}: missing key(s) {absent_keys}; re-run ingest")
+    events = validate_events(pd.read_parquet(require_file(paths.events, made_by)), str(paths.events))
+    items = pd.read_parquet(require_file(paths.items, made_by))
+    users = pd.read_parquet(require_file(paths.users, made_by))
+    require_columns(items, ["item_id", "tags", "year"], str(paths.items))
+    require_columns(users, ["user_id", *meta["user_profile_columns"]], str(paths.users))
+    for frame, column, source, size in (
+        (items, "item_id", paths.items, meta["n_items"]),
+        (users, "user_id", paths.users, meta["n_users"]),
+    ):
+        require_int_ids(frame, column, str(source))
+        if frame[column].duplicated().any() or int(frame[column].max()) > size:
+            raise DataError(f"{source}: column '{column}' must hold unique ids 1..{size} (meta.json); re-run ingest")
+    for column, known, source in (("item_id", items, paths.items), ("user_id", users, paths.users)):
+        absent = np.setdiff1d(events[column].to_numpy(), known[column].to_numpy())
+        if len(absent):
+            raise DataError(
+                f"{paths.events}: column '{column}' has ids {absent[:5].tolist()} absent from {source}; re-run ingest"
+            )
+    items, users = items.sort_values("item_id", ignore_index=True), users.sort_values("user_id", ignore_index=True)
+    return events, items, users, meta
+
+
+def build_features(config: FeaturesConfig) -> spec.FeatureMeta:
+    """Compute every feature table of one dataset and write them to ``<dataset>/features/``.
+
+    Returns:
+        The :class:`ranking.spec.FeatureMeta` also written to ``feature_meta.json``.
+    """
+    paths = DatasetPaths(config.dataset)
+    events, items, users, meta = _load_dataset(paths)
+    version = resolve_sid_version(paths, config.sid_version)
+    sids = load_sids(paths, version, items["item_id"].to_numpy(), config.codebook_size)
+    n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
+    log.info("events %d (positive rate %.3f), users %d, items %d, SID %s (L=%d, K=%d)", len(events),
+             events["label"].mean(), n_users, n_items, version, len(sids.code_columns), sids.codebook_size)
+
+    early = int((events["event_timestamp"] < sids.frame["event_timestamp"].min()).sum())
+    if early:
+        log.warning("%d events precede the SID stamp of %s: their training rows will have no SID", early, version)
+    lookups = sid_prefix_lookups(sids.frame, sids.code_columns, n_items, sids.codebook_size)
+    profile, profile_vocab = user_profile(users, list(meta["user_profile_columns"]))
+    content, content_vocab = item_content(items)
+    tables = {
+        "user_behaviour": user_behaviour(events, lookups, n_items),
+        "item_behaviour": item_behaviour(events),
+        "user_profile": profile,
+        "item_content": content,
+        "item_sids": item_sids(sids.frame, sids.code_columns),
+    }
+    for name, frame in tables.items():
+        write_table(frame, paths.features / f"{name}.parquet")
+        log.info("%s: %d rows", name, len(frame))
+
+    feature_meta = spec.FeatureMeta(
+        n_users=n_users,
+        n_items=n_items,
+        n_tags=len(content_vocab[spec.ITEM_TAGS]),
+        n_year_buckets=len(content_vocab["year_bucket"]) + 1,
+        sid_levels=len(sids.code_columns),
+        sid_codebook_size=sids.codebook_size,
+        tokenizer_version=str(sids.frame["tokenizer_version"].iloc[0]),
+        user_profile={name: len(vocab) + 1 for name, vocab in profile_vocab.items()},
+    )
+    write_json(
+        {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": spec.HISTORY_LENGTH,
+         "vocabularies": {**content_vocab, **profile_vocab}},
+        paths.features / spec.FEATURE_META_FILE,
+    )
+    return feature_meta
+
+
+def main(argv: list[str] | None = None) -> spec.FeatureMeta:
+    """CLI entry: ``python -m pipelines.features --dataset D [--sid-version V]``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder")
+    parser.add_argument("--sid-version", default="LATEST", help="SID version under <dataset>/sids/, or LATEST")
+    parser.add_argument("--codebook-size", type=int, default=None, help="K, when the SID config.json lacks it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = FeaturesConfig(dataset=args.dataset, sid_version=args.sid_version, codebook_size=args.codebook_size)
+    log.info("config %s", dataclasses.asdict(config))
+    return build_features(config)
+
+
+if __name__ == "__main__":
+    main()

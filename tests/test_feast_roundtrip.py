@@ -1,0 +1,177 @@
+"""Publish a small dataset into a tmp copy of feature_repo and read it back with real Feast.
+
+Offline store duckdb, online store sqlite, the real `feast` CLI for apply and
+materialize (pipelines/publish.py), ranking/rows.py for retrieval.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_features import SID_VERSION, T0, publish_copy, random_events, write_dataset
+
+from pipelines import publish
+from pipelines.protocol import assign_protocol_split
+from pipelines.schema import DataError, DatasetPaths
+from ranking import spec
+from ranking.rows import load_training_rows, online_features, time_chunks
+
+N_USERS, N_ITEMS = 8, 10
+LIST_COLUMNS = (spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES, spec.ITEM_TAGS, spec.SID_CODES)
+COUNT_COLUMNS = (*spec.USER_COUNT_COLUMNS, *spec.ITEM_COUNT_COLUMNS)
+
+
+class Published(NamedTuple):
+    paths: DatasetPaths
+    repo: Path
+    events: pd.DataFrame
+    rows: pd.DataFrame
+
+
+def normalise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Missing counts -> 0 and lists -> tuples (None/NaN -> ()), so frames compare with ==."""
+    rows = rows.copy()
+    for column in COUNT_COLUMNS:
+        rows[column] = rows[column].fillna(0).astype(np.int64)
+    for column in LIST_COLUMNS:
+        lists = rows[column]
+        rows[column] = [tuple(int(v) for v in cell) if isinstance(cell, (list, np.ndarray)) else () for cell in lists]
+    return rows
+
+
+def feature_table(paths: DatasetPaths, name: str) -> pd.DataFrame:
+    return pd.read_parquet(paths.features / f"{name}.parquet")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    root = tmp_path_factory.mktemp("roundtrip")
+    frame = random_events(N_USERS, N_ITEMS, n_events=150, n_times=10, seed=1)
+    # Exact (user, item, timestamp) repeats with other labels: distinct events, one join key.
+    repeats = frame.iloc[:20].assign(label=lambda f: 1 - f["label"])
+    events = assign_protocol_split(pd.concat([frame, repeats], ignore_index=True), "roundtrip events")
+    paths = write_dataset(root / "data", events, N_USERS, N_ITEMS)
+    repo = publish_copy(paths, root / "repo", materialize=True)
+    return Published(paths, repo, events, load_training_rows(repo, events))
+
+
+def test_every_entity_row_comes_back_in_row_id_order(published: Published) -> None:
+    events, rows = published.events, published.rows
+    # The `file` offline store would collapse these: many rows share (user_id, event_timestamp).
+    assert events.duplicated(["user_id", "event_timestamp"]).sum() >= 50
+    assert events.duplicated(["user_id", "item_id", "event_timestamp"]).sum() >= 20
+    assert len(rows) == len(events)
+    assert rows["row_id"].tolist() == sorted(events["row_id"])
+    assert rows[list(spec.ENTITY_COLUMNS)].dtypes.equals(events[list(spec.ENTITY_COLUMNS)].dtypes)
+    merged = rows.merge(events, on="row_id", suffixes=("", "_event"))
+    for column in ("user_id", "item_id", "label", "event_timestamp"):
+        assert (merged[column] == merged[f"{column}_event"]).all(), column
+
+
+def test_values_equal_the_source_tables_as_of_each_row(published: Published) -> None:
+    rows = normalise(published.rows)
+    expected = rows[["row_id", "user_id", "item_id", "event_timestamp"]].sort_values("event_timestamp")
+    for name, key in (("user_behaviour", "user_id"), ("item_behaviour", "item_id"), ("user_profile", "user_id"),
+                      ("item_content", "item_id"), ("item_sids", "item_id")):
+        table = feature_table(published.paths, name).sort_values("event_timestamp")
+        table["event_timestamp"] = table["event_timestamp"].dt.as_unit("ns")
+        # Point-in-time semantics re-implemented with pandas: latest stamp <= the row's time.
+        expected = pd.merge_asof(expected, table, on="event_timestamp", by=key, allow_exact_matches=True)
+    expected = normalise(expected.sort_values("row_id", ignore_index=True))
+    for column in [c for c in rows.columns if c not in spec.ENTITY_COLUMNS]:
+        assert rows[column].tolist() == expected[column].tolist(), column
+    assert (rows[spec.TOKENIZER_VERSION] == SID_VERSION).all()
+    assert rows["age_id"].notna().all() and rows["year_bucket"].notna().all()  # 1970 stamps never expire
+
+
+def test_microsecond_stamps_are_kept(published: Published) -> None:
+    behaviour = feature_table(published.paths, "user_behaviour")
+    n = len(behaviour)
+    micro = pd.Timedelta(microseconds=1)
+    stamps = behaviour["event_timestamp"]
+    probes = pd.DataFrame(
+        {
+            "row_id": np.arange(2 * n),
+            "user_id": np.tile(behaviour["user_id"].to_numpy(), 2),
+            "item_id": 1,
+            # At the stamp the row is visible; 1 us earlier (the events' own time) it is not.
+            "event_timestamp": pd.concat([stamps, stamps - micro], ignore_index=True),
+            "label": 0,
+        }
+    )
+    rows = normalise(load_training_rows(published.repo, probes))
+    previous = behaviour.groupby("user_id")["user_count"].shift(1).fillna(0).astype(np.int64)
+    assert rows["user_count"].iloc[:n].tolist() == behaviour["user_count"].tolist()
+    assert rows["user_count"].iloc[n:].tolist() == previous.tolist()
+
+
+def test_time_chunks_return_the_same_rows(published: Published) -> None:
+    chunked = load_training_rows(published.repo, published.events.sample(frac=1, random_state=0), max_rows_per_call=40)
+    left, right = normalise(chunked), normalise(published.rows)
+    assert left.drop(columns="event_timestamp").equals(right.drop(columns="event_timestamp"))
+    assert (left["event_timestamp"] == right["event_timestamp"]).all()
+
+
+def test_tokenizer_version_and_missing_sid_are_errors(published: Published) -> None:
+    with pytest.raises(DataError, match=f"tokenizer_version \\['{SID_VERSION}'\\], expected 'other'"):
+        load_training_rows(published.repo, published.events.iloc[:5], expected_tokenizer_version="other")
+    early = published.events.iloc[:3].assign(event_timestamp=T0 - pd.Timedelta(days=1))
+    with pytest.raises(DataError, match="3 rows .* got no SID"):
+        load_training_rows(published.repo, early)
+    with pytest.raises(DataError, match="row_id"):
+        load_training_rows(published.repo, pd.concat([published.events.iloc[:2]] * 2))
+
+
+def test_online_store_serves_the_latest_values(published: Published) -> None:
+    user_id, item_ids = 1, [2, 5, 7]
+    online = online_features(published.repo, user_id, item_ids)
+    assert online["item_id"].tolist() == item_ids
+    user_last = feature_table(published.paths, "user_behaviour").groupby("user_id").last().loc[user_id]
+    assert (online["user_count"] == user_last["user_count"]).all()
+    assert [list(h) for h in online[spec.HIST_ITEMS]] == [list(user_last[spec.HIST_ITEMS])] * len(item_ids)
+    item_last = feature_table(published.paths, "item_behaviour").groupby("item_id").last()
+    assert online["item_pos_count"].tolist() == item_last.loc[item_ids, "item_pos_count"].tolist()
+    sids = feature_table(published.paths, "item_sids").set_index("item_id")
+    assert [list(c) for c in online[spec.SID_CODES]] == [list(sids.at[i, spec.SID_CODES]) for i in item_ids]
+
+
+def test_registered_views_never_expire(published: Published) -> None:
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(published.repo))
+    service = store.get_feature_service(spec.FEATURE_SERVICE)
+    names = sorted(p.name for p in service.feature_view_projections)
+    assert names == ["item_behaviour_fv", "item_content_fv", "item_sid_fv", "user_behaviour_fv", "user_profile_fv"]
+    assert all(store.get_feature_view(name).ttl == timedelta(0) for name in names)
+
+
+def test_failing_feast_command_raises_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `/bin/sh -c <repo> apply` fails like a broken CLI would, without paying Feast's start-up.
+    monkeypatch.setattr(publish, "feast_executable", lambda: "/bin/sh")
+    with pytest.raises(RuntimeError, match="exit code 127:\n.*not found"):
+        publish.run_feast(tmp_path / "no-such-repo", "apply")
+    with pytest.raises(ValueError, match="no feature_store.yaml"):
+        publish.PublishConfig(dataset=tmp_path, repo=tmp_path)
+
+
+def test_time_chunks_respect_row_and_join_bounds() -> None:
+    entity_df = pd.DataFrame(
+        {
+            "user_id": [1] * 6 + [2] * 4,
+            "item_id": [1, 2, 3, 4, 5, 6, 1, 1, 1, 1],
+            "event_timestamp": T0 + pd.to_timedelta(np.arange(10)[::-1], unit="s"),
+        }
+    )
+    chunks = time_chunks(entity_df, max_rows=3, max_joined_rows=6)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(10))
+    times = [entity_df["event_timestamp"].iloc[c] for c in chunks]
+    assert all(a.max() <= b.min() for a, b in zip(times, times[1:]))  # consecutive time ranges
+    assert max(len(c) for c in chunks) <= 3
+    # A row joins with 1 + the earlier rows of its user + those of its item: in time order
+    # costs 1, 3, 5, 7 (user 2 on item 1), then 1, 2, 3, 4, 5, 10 (user 1); cut every 6.
+    assert [len(c) for c in chunks] == [2, 1, 2, 1, 1, 1, 1, 1]
