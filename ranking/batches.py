@@ -9,7 +9,7 @@ A split is encoded once into a dense matrix, labels, row ids and one jagged
 Sparse features and their tables (all ids validated: TorchRec silently zeroes
 ids outside a table):
 
-- ``user_id`` -> ``t_user`` (n_users + 1)
+- ``user_id`` -> ``t_user`` (n_users + 1) (``use_user_id``)
 - ``item_id`` and ``hist_items`` -> one shared ``t_item`` (n_items + 1), so a
   history item and a candidate item are the same vector (``use_item_id``)
 - each user-profile column -> its own table of the vocabulary size
@@ -75,6 +75,8 @@ class FeatureConfig:
     """Which sparse features the ranker sees and how dense ones are smoothed.
 
     Args:
+        use_user_id: the user id table (under the global time split most
+            test users have no train rows, DESIGN.md section 5).
         use_item_id: item id and history item bag (one shared table).
         use_sid: SID code positions, hashed prefixes and history prefix bags.
         prefix_buckets: rows of the hashed prefix table; None means
@@ -83,6 +85,7 @@ class FeatureConfig:
         rate_prior_neg: pseudo-negatives ``b`` of the smoothed rates.
     """
 
+    use_user_id: bool = True
     use_item_id: bool = True
     use_sid: bool = True
     prefix_buckets: int | None = None
@@ -138,7 +141,7 @@ def read_feature_meta(path: str | Path) -> spec.FeatureMeta:
 
 def sparse_tables(meta: spec.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
     """The embedding tables of a feature selection, in KJT key order."""
-    tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))]
+    tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))] if cfg.use_user_id else []
     if cfg.use_item_id:
         tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", spec.HIST_ITEMS)))
     tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in meta.user_profile.items()]
@@ -217,7 +220,9 @@ def _sid_features(rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig
 def _sparse_features(rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str) -> dict:
     """Feature name -> (values [nnz], lengths [N]) for every feature of :func:`sparse_tables`."""
     ones = np.ones(len(rows), np.int64)
-    feats = {"user_id": (_int_column(rows, "user_id", meta.n_users + 1, source), ones)}
+    feats = {}
+    if cfg.use_user_id:
+        feats["user_id"] = (_int_column(rows, "user_id", meta.n_users + 1, source), ones)
     if cfg.use_item_id:
         feats["item_id"] = (_int_column(rows, "item_id", meta.n_items + 1, source), ones)
         values, lengths = _list_column(rows, spec.HIST_ITEMS, source)

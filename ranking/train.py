@@ -372,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name))
     p.add_argument("--save-checkpoint", action=argparse.BooleanOptionalAction, default=TrainConfig.save_checkpoint)
+    p.add_argument("--use-user-id", action=argparse.BooleanOptionalAction, default=FeatureConfig.use_user_id)
     p.add_argument("--use-item-id", action=argparse.BooleanOptionalAction, default=FeatureConfig.use_item_id)
     p.add_argument("--use-sid", action=argparse.BooleanOptionalAction, default=FeatureConfig.use_sid)
     p.add_argument("--prefix-buckets", type=int, default=FeatureConfig.prefix_buckets)
