@@ -35,6 +35,15 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from ranking.batches import SparseTable
 
+# The optimizers the fused CPU kernel implements (DESIGN.md section 9). Its
+# weight_decay is silently ignored on CPU, so none is offered. SGD moves a row
+# in proportion to its gradient, so rarely seen ids (most users here) drift
+# little from init; row-wise Adagrad normalises the first steps to ~lr each.
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "rowwise_adagrad": RowWiseAdagrad,
+}
+
 # Row-wise is GPU-only; column-wise splits only dims > 128 (no min_partition given).
 FUSED_SHARDING_TYPES = [
     t.value for t in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE)
@@ -138,17 +147,24 @@ def build_model(
 
 
 def shard_model(
-    model: DLRMTrain, tables: Sequence[SparseTable], *, lr_sparse: float, lr_dense: float, ddr_cap_bytes: int
+    model: DLRMTrain,
+    tables: Sequence[SparseTable],
+    *,
+    sparse_optimizer: str,
+    lr_sparse: float,
+    lr_dense: float,
+    ddr_cap_bytes: int,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
     """Plan the tables across the ranks of the default process group and wrap the model in DMP.
 
-    Every table gets the fused kernel with RowWiseAdagrad applied in backward;
+    Every table gets the fused kernel with its optimizer applied in backward;
     the MLPs are data-parallel (DDP) with Adam, as in TorchRec's DLRM example.
 
     Args:
         model: from :func:`build_model` with ``device="meta"``.
         tables: the model's tables.
-        lr_sparse: RowWiseAdagrad learning rate of the tables.
+        sparse_optimizer: a key of SPARSE_OPTIMIZERS.
+        lr_sparse: learning rate of the tables.
         lr_dense: Adam learning rate of the MLPs.
         ddr_cap_bytes: host memory per rank the planner may fill.
 
@@ -157,7 +173,8 @@ def shard_model(
         "kinds": {table: "sharding_type/kernel"}, "text": printable plan}``.
     """
     # Unset, the fused kernel would silently use SGD with lr 0.01.
-    apply_optimizer_in_backward(RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": lr_sparse})
+    optimizer = SPARSE_OPTIMIZERS[sparse_optimizer]
+    apply_optimizer_in_backward(optimizer, model.model.sparse_arch.parameters(), {"lr": lr_sparse})
     world = dist.get_world_size()
     topology = Topology(world_size=world, local_world_size=world, compute_device="cpu", ddr_cap=ddr_cap_bytes)
     # Fused kernels only: the planner would make small tables data-parallel, and

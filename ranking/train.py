@@ -43,7 +43,7 @@ from pipelines.schema import DataError, DatasetPaths, require_file, validate_eve
 from ranking import spec
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, read_feature_meta, sparse_tables
 from ranking.metrics import auc, evaluate_predictions
-from ranking.model import ModelConfig, build_model, shard_model
+from ranking.model import SPARSE_OPTIMIZERS, ModelConfig, build_model, shard_model
 
 log = logging.getLogger("ranking.train")
 
@@ -63,7 +63,8 @@ class TrainConfig:
         service: Feast feature service name.
         epochs: maximum epochs.
         batch_size: global batch (split evenly across ranks).
-        lr_sparse: RowWiseAdagrad learning rate of the embedding tables.
+        sparse_optimizer: fused optimizer of the embedding tables (model.SPARSE_OPTIMIZERS).
+        lr_sparse: its learning rate.
         lr_dense: Adam learning rate of the MLPs.
         patience: epochs without a better valid AUC before stopping.
         seed: seeds init and the per-epoch shuffle (shared by all ranks).
@@ -81,9 +82,10 @@ class TrainConfig:
     service: str = spec.FEATURE_SERVICE
     epochs: int = 10
     batch_size: int = 1024
-    lr_sparse: float = 0.05
+    sparse_optimizer: str = "sgd"
+    lr_sparse: float = 0.03
     lr_dense: float = 1e-3
-    patience: int = 2
+    patience: int = 3
     seed: int = 0
     ddr_cap_gb: float = 4.0
     save_checkpoint: bool = True
@@ -97,6 +99,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"sparse_optimizer={self.sparse_optimizer!r}: expected one of {sorted(SPARSE_OPTIMIZERS)}")
         for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -296,7 +300,7 @@ def run(cfg: TrainConfig) -> dict | None:
     with _timed(timings, "shard_s"):
         tables = sparse_tables(meta, cfg.features)
         model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta")
-        dmp, opt, plan = shard_model(model, tables, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
+        dmp, opt, plan = shard_model(model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
                                      ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30))
         log.info("sharding plan:\n%s", plan["text"])
 
@@ -369,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default=TrainConfig.service)
     for name in ("epochs", "batch_size", "patience", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TrainConfig, name))
+    p.add_argument("--sparse-optimizer", choices=sorted(SPARSE_OPTIMIZERS), default=TrainConfig.sparse_optimizer)
     for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(TrainConfig, name))
     p.add_argument("--save-checkpoint", action=argparse.BooleanOptionalAction, default=TrainConfig.save_checkpoint)
