@@ -22,6 +22,7 @@ from ranking.metrics import auc
 log = logging.getLogger(__name__)
 
 LOGREG_C_GRID = (0.01, 0.1, 1.0)
+ArrayLike = sp.csr_matrix | np.ndarray
 
 
 def feature_widths(tables: list[SparseTable]) -> dict[str, int]:
@@ -44,7 +45,7 @@ def to_sparse_matrix(split: SplitTensors, widths: dict[str, int], scaler: Standa
     return sp.hstack([sparse_part, dense], format="csr")
 
 
-def fit_logreg(train: sp.csr_matrix, y_train: np.ndarray, valid: sp.csr_matrix, y_valid: np.ndarray) -> tuple:
+def fit_logreg(train: ArrayLike, y_train: np.ndarray, valid: ArrayLike, y_valid: np.ndarray) -> tuple:
     """L2 logistic regression; C picked by valid AUC. Returns (model, chosen C, valid AUC)."""
     best = (None, None, -1.0)
     for c in LOGREG_C_GRID:
