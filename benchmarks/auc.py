@@ -40,10 +40,10 @@ from pipelines.demo import DemoConfig, run_stage, stage_commands
 from pipelines.io import read_json
 from pipelines.protocol import train_item_counts
 from pipelines.schema import DatasetPaths
-from ranking.batches import FeatureConfig, build_split, read_feature_meta, sparse_tables
+from ranking.batches import build_split, read_feature_meta, sparse_tables
 from ranking import spec
 from ranking.metrics import evaluate_predictions
-from ranking.train import TrainConfig, load_rows
+from ranking.train import config_from_args, load_rows
 
 log = logging.getLogger("benchmarks.auc")
 
@@ -102,9 +102,13 @@ def run_baselines(cfg: AucBenchConfig) -> dict[str, list[dict]]:
     data = DatasetPaths(cfg.demo.artifacts / cfg.demo.dataset)
     meta = read_feature_meta(cfg.demo.repo / "data" / spec.FEATURE_META_FILE)
     events = pd.read_parquet(data.events)
+    # The ranker's own flags give the baselines the ID+SID ranker's exact inputs.
+    ranker = config_from_args(
+        ["--dataset", str(data.root), "--repo", str(cfg.demo.repo), "--out", str(cfg.runs), *cfg.demo.ranker_args]
+    )
+    features = dataclasses.replace(ranker.features, use_item_id=True, use_sid=True)
     # The ranker runs cached the Feast rows; load_rows re-attaches splits and checks versions.
-    rows = load_rows(TrainConfig(dataset=data.root, repo=cfg.demo.repo, out=cfg.runs), events, meta)
-    features = FeatureConfig()
+    rows = load_rows(ranker, events, meta)
     splits = {s: build_split(rows[rows["split"] == s], meta, features, f"rows[{s}]") for s in ("train", "valid", "test")}
     widths = baselines.feature_widths(sparse_tables(meta, features))
     scaler = StandardScaler().fit(splits["train"].dense.numpy())
@@ -135,18 +139,20 @@ def summarise(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     """Mean +- std per model and metric, and the Markdown table."""
     summary = {model: {key: mean_std([r[key] for r in rs]) for key in REPORTED} for model, rs in runs.items()}
     header = ["model", "test AUC", "cold-item AUC", "GAUC", "log loss", "valid AUC", "runs"]
-    rows = [
-        [model, *(fmt(summary[model][k]) for k in REPORTED), str(summary[model]["test_auc"]["n"])]
-        for model in runs
-    ]
+    rows = [[model, *(fmt(summary[model][k]) for k in REPORTED), str(len(runs[model]))] for model in runs]
     return summary, markdown_table(header, rows)
 
 
 def cold_item_verdict(summary: dict) -> dict | None:
-    """Is the SID model's cold-item AUC above item-id only by more than two standard deviations?"""
+    """Is the SID model's cold-item AUC above item-id only by more than two standard deviations?
+
+    None when either side lacks two defined runs: no std, no verdict.
+    """
     if "item_id" not in summary or "item_id+sid" not in summary:
         return None
     base, sid = summary["item_id"]["test_auc_cold"], summary["item_id+sid"]["test_auc_cold"]
+    if min(base["n"], sid["n"]) < 2:
+        return None
     gap = sid["mean"] - base["mean"]
     two_std = 2 * max(base["std"], sid["std"])
     return {"cold_auc_gain": gap, "two_std": two_std, "significant": bool(gap > two_std)}

@@ -22,7 +22,9 @@ def environment() -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+        # Untracked code counts (a run may import it); results files do not.
+        status = ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results", ":!README.md"]
+        dirty = bool(subprocess.run(status, capture_output=True, text=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", True
     return {
@@ -42,18 +44,27 @@ def _version(name: str) -> str:
         return "absent"
 
 
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+def mean_std(values: list[float | None]) -> dict:
+    """Mean and sample standard deviation (ddof=1) over the defined values.
+
+    ``n`` counts the defined values, ``runs`` all of them; the std of one value
+    is undefined (NaN), never 0, so a single run cannot pass a 2-std test.
+    """
     arr = np.asarray([v for v in values if v is not None and v == v], dtype=float)
-    if len(arr) == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": int(len(arr))}
+    mean = float(arr.mean()) if len(arr) else float("nan")
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": int(len(arr)), "runs": len(values)}
 
 
 def fmt(stat: dict, digits: int = 4) -> str:
-    """``mean +- std`` for a Markdown cell."""
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    """``mean ± std`` for a Markdown cell; notes single runs and undefined values."""
+    if stat["n"] == 0:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f}"
+    text += f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else " (1 run)"
+    if stat["n"] < stat["runs"]:
+        text += f" ({stat['runs'] - stat['n']} of {stat['runs']} undefined)"
+    return text
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 EVENT_OUTPUT_COLUMNS = ("row_id", "user_id", "item_id", "label", "rating", "event_timestamp", "split")
 ITEM_BASE_COLUMNS = ("item_id", "raw_item_id", "title", "tags", "year")
-MODALITY_MANIFEST = "manifest.json"
 # Unix seconds after 2100-01-01 are almost surely milliseconds or microseconds.
 MAX_UNIX_SECONDS = 4_102_444_800
 
@@ -198,7 +197,7 @@ def write_dataset(dataset: IngestedDataset, out: str | Path) -> dict[str, Any]:
             "dims": {name: int(array.shape[1]) for name, array in dataset.modalities.items()},
             "source": dataset.source["kind"],
         }
-        write_json(manifest, paths.modalities / MODALITY_MANIFEST)
+        write_json(manifest, paths.modality_manifest)
     write_parquet(dataset.items, paths.items)
     write_parquet(dataset.users, paths.users)
     write_parquet(events, paths.events)

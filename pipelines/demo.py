@@ -22,13 +22,13 @@ from pathlib import Path
 
 from pipelines.io import read_json, write_json
 from pipelines.schema import DatasetPaths
+from tokenizer.train import METHODS
 
 # Dataset name -> `python -m pipelines.ingest` arguments that produce it.
 DATASET_COMMANDS = {
     "ml-100k": ["movielens-100k"],
     "synthetic": ["synthetic", "--items", "5000", "--events", "300000", "--users", "3000", "--seed", "0"],
 }
-METHODS = ("rqvae", "rqkmeans")
 TABLE_KEYS = (
     "test_auc",
     "test_auc_cold",

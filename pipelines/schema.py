@@ -14,8 +14,6 @@ import pandas as pd
 
 SPLITS = ("train", "valid", "test")
 EVENT_COLUMNS = ("row_id", "user_id", "item_id", "label", "event_timestamp", "split")
-ITEM_ID_COLUMNS = ("item_id",)
-USER_ID_COLUMNS = ("user_id",)
 SID_META_COLUMNS = ("item_id", "tokenizer_version", "event_timestamp", "created")
 
 
@@ -55,6 +53,10 @@ class DatasetPaths:
     @property
     def modalities(self) -> Path:
         return self.root / "modalities"
+
+    @property
+    def modality_manifest(self) -> Path:
+        return self.modalities / "manifest.json"
 
     def modality(self, name: str) -> Path:
         return self.modalities / f"{name}.npy"
@@ -109,6 +111,11 @@ def require_utc_timestamps(df: pd.DataFrame, column: str, source: str) -> None:
         raise DataError(
             f"{source}: column '{column}' holds naive timestamps (no time zone); "
             f"localise them, e.g. df['{column}'] = df['{column}'].dt.tz_localize('UTC')"
+        )
+    if str(col.dt.tz) != "UTC":
+        raise DataError(
+            f"{source}: column '{column}' is in time zone {col.dt.tz}, the contract is UTC; "
+            f"convert it, e.g. df['{column}'] = df['{column}'].dt.tz_convert('UTC')"
         )
     if col.isna().any():
         raise DataError(f"{source}: column '{column}' has missing timestamps; drop those rows")

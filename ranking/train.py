@@ -5,7 +5,8 @@
 
 ``python -m ranking.train ...`` (no torchrun) runs as world size 1. Tables are
 placed by TorchRec's planner (CPU: table-wise / column-wise, kernel ``fused``,
-RowWiseAdagrad applied in backward); dense layers are data-parallel with Adam.
+the sparse optimizer (fused SGD by default, or row-wise Adagrad) applied in
+backward); dense layers are data-parallel with Adam.
 Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet`` and
 the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``.
 """
@@ -172,6 +173,14 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
             f"{path}: {len(rows)} of its {len(cached)} rows match the {len(events)} events by row_id; "
             f"it was built from other events: delete {path} to rebuild it"
         )
+    # Rows cached (or passed with --rows) before a re-ingest would carry stale labels or ids.
+    for column in ("label", "user_id", "item_id"):
+        expected = events.set_index("row_id")[column].reindex(rows["row_id"]).to_numpy()
+        if not np.array_equal(rows[column].to_numpy(), expected):
+            raise DataError(
+                f"{path}: column '{column}' disagrees with {cfg.dataset / 'events.parquet'} for some row_id; "
+                f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
+            )
     versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()
     if cfg.features.use_sid and versions - {meta.tokenizer_version}:
         raise DataError(
@@ -300,8 +309,10 @@ def run(cfg: TrainConfig) -> dict | None:
     with _timed(timings, "shard_s"):
         tables = sparse_tables(meta, cfg.features)
         model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta")
-        dmp, opt, plan = shard_model(model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
-                                     ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30))
+        dmp, opt, plan = shard_model(
+            model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
+            ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30),
+        )
         log.info("sharding plan:\n%s", plan["text"])
 
     # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
@@ -312,7 +323,8 @@ def run(cfg: TrainConfig) -> dict | None:
         with _timed(timings, "eval_s"):
             ids, scores = score_split(dmp, splits["valid"], local)
         # Every rank holds all scores, so every rank takes the same stopping decision.
-        valid_auc = auc(by_split["valid"]["label"].to_numpy(), scores, what="valid auc")
+        assert np.array_equal(ids, splits["valid"].row_ids.numpy()), "gathered scores out of row order"
+        valid_auc = auc(splits["valid"].labels.numpy(), scores, what="valid auc")
         history.append({"epoch": epoch, "train_loss": loss, "valid_auc": valid_auc, "samples_per_s": rate})
         log.info("epoch %d: train loss %.4f, valid auc %.4f, %.0f samples/s", epoch, loss, valid_auc, rate)
         if best["epoch"] < 0 or valid_auc > best["auc"]:

@@ -99,7 +99,7 @@ def test_torchrun_two_ranks_learns_planted_signal(tmp_path: Path) -> None:
     assert metrics["world_size"] == 2
     assert metrics["test_auc"] > 0.7, metrics["history"]
     assert np.isfinite(metrics["test_auc_cold"]) and metrics["test_n_cold"] > 0
-    # Tables spread over both ranks, every one with the fused kernel (RowWiseAdagrad).
+    # Tables spread over both ranks, every one with the fused kernel.
     assert {r for ranks in metrics["plan"].values() for r in ranks} == {0, 1}
     assert all(ranks for ranks in metrics["plan"].values())
     assert all(kind.endswith("/fused") for kind in metrics["sharding"].values()), metrics["sharding"]
@@ -113,13 +113,22 @@ def test_torchrun_two_ranks_learns_planted_signal(tmp_path: Path) -> None:
         assert preds["score"].between(0, 1).all()
     test_preds = pd.read_parquet(tmp_path / "run" / "predictions_test.parquet")
     assert auc(test_preds["label"], test_preds["score"]) == pytest.approx(metrics["test_auc"])
+    # The reported epoch is the best valid epoch, and its predictions are the ones saved.
+    history = metrics["history"]
+    assert metrics["valid_auc"] == pytest.approx(max(h["valid_auc"] for h in history))
+    assert history[metrics["best_epoch"]]["valid_auc"] == pytest.approx(metrics["valid_auc"])
+    valid_preds = pd.read_parquet(tmp_path / "run" / "predictions_valid.parquet")
+    assert auc(valid_preds["label"], valid_preds["score"]) == pytest.approx(metrics["valid_auc"])
     assert (tmp_path / "run" / "checkpoint" / ".metadata").exists()
 
 
 @pytest.mark.slow
 def test_torchrun_shuffled_train_labels_give_chance_auc(tmp_path: Path) -> None:
     dataset, rows, meta = synthetic_dataset(tmp_path, shuffle_train_labels=True)
-    metrics = _torchrun(dataset, rows, meta, tmp_path / "run", "--arch", "dcn", "--no-save-checkpoint")
+    metrics = _torchrun(
+        dataset, rows, meta, tmp_path / "run", "--arch", "dcn", "--no-save-checkpoint",
+        "--sparse-optimizer", "rowwise_adagrad", "--lr-sparse", "0.05",
+    )
 
     assert abs(metrics["test_auc"] - 0.5) < 0.07, metrics["history"]
     assert not (tmp_path / "run" / "checkpoint").exists()
@@ -176,3 +185,14 @@ def test_cli_rejects_unknown_and_bad_values(tmp_path: Path) -> None:
         config_from_args([*base, "--batch-size", "0"])
     cfg = config_from_args([*base, "--dense-layers", "32", "16", "--no-use-sid"])
     assert cfg.model.dense_layers == (32, 16) and not cfg.features.use_sid
+
+
+def test_rows_with_labels_other_than_the_events_are_refused(tmp_path: Path) -> None:
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    rows = pd.read_parquet(rows_path)
+    rows.loc[rows.index[:5], "label"] = 1 - rows.loc[rows.index[:5], "label"]
+    write_parquet(rows, rows_path)
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--rows", str(rows_path), "--feature-meta", str(meta)]
+    with pytest.raises(DataError, match="column 'label' disagrees"):
+        train.main(argv)

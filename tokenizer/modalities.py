@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_DIM = 384
 YEAR_BUCKET_YEARS = 5
-MANIFEST = "manifest.json"
 ITEM_COLUMNS = ("item_id", "title", "tags", "year")
 INGEST_COMMAND = "python -m pipelines.ingest <dataset> --out <artifacts>"
 
@@ -143,7 +142,7 @@ def read_modalities(paths: DatasetPaths, names: Sequence[str] | None = None) -> 
             that disagrees with the manifest, NaN, bad padding row or norms.
     """
     n_items = int(read_json(require_file(paths.meta, INGEST_COMMAND))["n_items"])
-    manifest_path = require_file(paths.modalities / MANIFEST, f"{INGEST_COMMAND}, then python -m tokenizer.modalities")
+    manifest_path = require_file(paths.modality_manifest, f"{INGEST_COMMAND}, then python -m tokenizer.modalities")
     manifest = read_json(manifest_path)
     available, dims = list(manifest.get("names", [])), manifest.get("dims", {})
     wanted = list(names) if names else available
@@ -197,7 +196,7 @@ def build_modalities(
             "tag_vocab": vocab,
             "year_buckets": buckets,
         }
-        write_json(manifest, paths.modalities / MANIFEST)
+        write_json(manifest, paths.modality_manifest)
         logger.info("modalities: %s for %d items", manifest["dims"], n_items)
     return read_modalities(paths, names)
 

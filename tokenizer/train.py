@@ -130,10 +130,16 @@ def train_item_ids(events: pd.DataFrame, n_items: int, source: str) -> np.ndarra
     return ids
 
 
-def version_of(cfg: TokenizerConfig, modalities: dict[str, np.ndarray]) -> tuple[str, str]:
-    """``(version, full sha256)`` of the config and the exact modality contents."""
+def version_of(cfg: TokenizerConfig, modalities: dict[str, np.ndarray], fit_ids: np.ndarray) -> tuple[str, str]:
+    """``(version, full sha256)`` of the config, the exact modality contents and the items fit on.
+
+    The fit items are part of the identity: another split gives another
+    version instead of silently overwriting a published one.
+    """
     contents = {name: hashlib.sha256(np.ascontiguousarray(a).data).hexdigest() for name, a in modalities.items()}
-    digest = hashlib.sha256(json.dumps({"config": cfg.hashable(), "modalities": contents}, sort_keys=True).encode())
+    fit = hashlib.sha256(np.ascontiguousarray(fit_ids, dtype=np.int64).data).hexdigest()
+    identity = {"config": cfg.hashable(), "modalities": contents, "fit_items": fit}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     return f"{cfg.method}-{digest.hexdigest()[:10]}", digest.hexdigest()
 
 
@@ -211,8 +217,12 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
         require_file(paths.events, INGEST_COMMAND), columns=["item_id", "split", "event_timestamp"]
     )
     fit_ids = train_item_ids(events, n_items, str(paths.events))
-    version, digest = version_of(cfg, modalities)
+    version, digest = version_of(cfg, modalities, fit_ids)
     logger.info("%s: fitting on %d of %d items, input width %d", version, len(fit_ids), n_items, x.shape[1])
+    no_content = int((x[1:].abs().sum(dim=1) == 0).sum())
+    if no_content:
+        # All-zero inputs encode to one and the same SID: those items are indistinguishable to SID features.
+        logger.warning("%d items have no content in any modality and share one SID", no_content)
     # fit on train items, encode every item
     start = time.perf_counter()
     model, history = fit_tokenizer(cfg, x[torch.from_numpy(fit_ids)])
