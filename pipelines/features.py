@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipelines.dataset import file_sha256
 from pipelines.io import atomic_path, read_json, write_json
 from pipelines.schema import (
     DataError,
@@ -448,6 +449,7 @@ def build_features(config: FeaturesConfig) -> spec.FeatureMeta:
         sid_codebook_size=sids.codebook_size,
         tokenizer_version=str(sids.frame["tokenizer_version"].iloc[0]),
         user_profile={name: len(vocab) + 1 for name, vocab in profile_vocab.items()},
+        events_sha256=file_sha256(paths.events),
     )
     write_json(
         {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": spec.HISTORY_LENGTH,

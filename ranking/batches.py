@@ -133,7 +133,9 @@ def read_feature_meta(path: str | Path) -> spec.FeatureMeta:
         raise DataError(f"{path}: feature meta not found; run the feature pipeline or pass --feature-meta")
     raw = json.loads(path.read_text())
     names = [f.name for f in dataclasses.fields(spec.FeatureMeta)]
-    missing = [n for n in names if n not in raw and n != "user_profile"]
+    optional = {f.name for f in dataclasses.fields(spec.FeatureMeta) if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING}
+    missing = [n for n in names if n not in raw and n not in optional]
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}; regenerate it with the feature pipeline")
     return spec.FeatureMeta(**{n: raw[n] for n in names if n in raw})

@@ -61,7 +61,10 @@ class FeatureMeta:
         sid_levels: number of code positions L.
         sid_codebook_size: codes per position K.
         tokenizer_version: the SID version the features were built from.
-        user_profile: profile column name -> vocabulary size (ids 0..V-1, 0 unknown).
+        user_profile: feature column (``<profile column>_id``) -> vocabulary
+            size (ids 0..V-1, 0 unknown).
+        events_sha256: sha256 of the events.parquet the features were built
+            from, so a ranker pointed at another dataset's events refuses to train.
     """
 
     n_users: int
@@ -72,3 +75,4 @@ class FeatureMeta:
     sid_codebook_size: int
     tokenizer_version: str
     user_profile: dict[str, int] = field(default_factory=dict)
+    events_sha256: str = ""

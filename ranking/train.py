@@ -38,6 +38,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
+from pipelines.dataset import file_sha256
 from pipelines.io import write_json, write_parquet
 from pipelines.protocol import train_item_counts
 from pipelines.schema import DataError, DatasetPaths, require_file, validate_events
@@ -163,6 +164,13 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
         write_parquet(rows, path)
         log.info("wrote %d training rows to %s", len(rows), path)
 
+    events_file = cfg.dataset / "events.parquet"
+    if meta.events_sha256 and meta.events_sha256 != file_sha256(events_file):
+        raise DataError(
+            f"{cfg.feature_meta_path}: the feature store was published from other events than {events_file} "
+            f"(sha256 {meta.events_sha256[:12]} vs {file_sha256(events_file)[:12]}); publish this dataset with "
+            f"`python -m pipelines.features --dataset {cfg.dataset}` and `python -m pipelines.publish`"
+        )
     # Rank 0 alone decides: a rank checking the file itself could see it half-way through the rebuild.
     _on_rank0(build_if_stale)
     cached = pd.read_parquet(path)
@@ -178,7 +186,7 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
         expected = events.set_index("row_id")[column].reindex(rows["row_id"]).to_numpy()
         if not np.array_equal(rows[column].to_numpy(), expected):
             raise DataError(
-                f"{path}: column '{column}' disagrees with {cfg.dataset / 'events.parquet'} for some row_id; "
+                f"{path}: column '{column}' disagrees with {events_file} for some row_id; "
                 f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
             )
     versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()

@@ -196,3 +196,12 @@ def test_rows_with_labels_other_than_the_events_are_refused(tmp_path: Path) -> N
             "--rows", str(rows_path), "--feature-meta", str(meta)]
     with pytest.raises(DataError, match="column 'label' disagrees"):
         train.main(argv)
+
+
+def test_feature_store_of_other_events_is_refused(tmp_path: Path) -> None:
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    write_json({**dataclasses.asdict(META), "events_sha256": "0" * 64}, meta)
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--rows", str(rows_path), "--feature-meta", str(meta)]
+    with pytest.raises(DataError, match="published from other events"):
+        train.main(argv)

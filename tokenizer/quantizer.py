@@ -233,7 +233,9 @@ class ResidualQuantizer(nn.Module):
         reset_due = track and self.dead_code_window > 0 and (self._steps + 1) % self.dead_code_window == 0
         for level in range(self.levels):
             codebook = self.codebooks[level].detach()
-            if self.sinkhorn_last and level == self.levels - 1:
+            # Balanced assignment only while training: encoding stays per item, so an
+            # item's SID never depends on which other items are encoded with it.
+            if self.sinkhorn_last and track and level == self.levels - 1:
                 dists = sq_distances(residual, codebook)
                 code = sinkhorn_codes(dists, eps=self.sinkhorn_eps, iters=self.sinkhorn_iters)
             else:
