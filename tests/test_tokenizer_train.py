@@ -22,6 +22,8 @@ from tokenizer.metrics import (
     reconstruction_metrics,
     tokenizer_metrics,
 )
+from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig
+from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.rqkmeans import RQKMeans
 from tokenizer.rqvae import RQVAE
 from tokenizer.train import TokenizerConfig, main
@@ -221,3 +223,104 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
         TokenizerConfig(dataset=paths.root, codebook_size=0)
     with pytest.raises(SystemExit):
         main(["--dataset", str(paths.root), "--no-such-flag", "1"])
+
+
+# the multimodal methods through the CLI
+
+SMALL = ("--epochs", "3", "--hidden-dims", "16", "--latent-dim", "8", "--batch-size", "32")
+
+
+def test_cli_mm_rqvae_gets_modalities_separately_and_writes_a_rebuildable_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, views = write_dataset(tmp_path / "d")
+    seen = {}
+
+    def spy(cfg: TokenizerConfig, x_fit):
+        seen["x_fit"] = x_fit
+        return fit_tokenizer(cfg, x_fit)
+
+    fit_tokenizer = train.fit_tokenizer
+    monkeypatch.setattr(train, "fit_tokenizer", spy)
+    metrics = run_cli(paths, "--method", "mm_rqvae", "--levels", "4", *SMALL)
+    version = metrics["version"]
+    assert version.startswith("mm_rqvae-")
+    # fit on the train items' rows only, one tensor per modality (not concatenated)
+    train_ids = np.unique(pd.read_parquet(paths.events).query("split == 'train'")["item_id"])
+    assert sorted(seen["x_fit"]) == ["tags", "text"]
+    for name in ("tags", "text"):
+        torch.testing.assert_close(seen["x_fit"][name], torch.from_numpy(views[name][train_ids]))
+
+    out = paths.sid_dir(version)
+    sids = pd.read_parquet(out / "sids.parquet")
+    assert validate_sids(sids, 8, "sids.parquet") == ["sid_0", "sid_1", "sid_2", "sid_3"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["levels"], config["codebook_size"], config["codebook_dim"]) == (4, 8, 8)
+    assert config["position_names"] == ["tags/0", "tags/1", "text/0", "text/1"]
+    saved = torch.load(out / "codebooks.pt")
+    assert [tuple(c.shape) for c in saved["codebooks"]] == [(8, 8)] * 4
+    # the saved config and state rebuild the tokenizer, which reproduces the published SIDs
+    model = MMRQVAE(MMRQVAEConfig.from_dict(config["mm_rqvae"]))
+    model.load_state_dict(saved["state_dict"])
+    codes = model.encode({name: torch.from_numpy(view[1:]) for name, view in views.items()})
+    np.testing.assert_array_equal(codes.numpy(), sids[["sid_0", "sid_1", "sid_2", "sid_3"]].to_numpy())
+    torch.testing.assert_close(torch.stack(model.codebooks), torch.stack(saved["codebooks"]))
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["per_modality"]["tags"]["n_present"] == 120 and "recon_cosine" in written["per_modality"]["text"]
+    assert {"recon_mmd", "recon_mse", "quant_loss", "align_loss"} <= set(written["final_loss_terms"])
+
+    # versions: another method's knob keeps it, one of its own changes it; rqkmeans ignores MM-RQ-VAE knobs
+    mm_args = ("--method", "mm_rqvae", "--levels", "4", *SMALL)
+    assert run_cli(paths, *mm_args, "--ortho-weight", "3")["version"] == version
+    assert run_cli(paths, *mm_args, "--align", "infonce")["version"] != version
+    kmeans_version = run_cli(paths, "--method", "rqkmeans")["version"]
+    assert run_cli(paths, "--method", "rqkmeans", "--mse-weight", "0", "--align", "none")["version"] == kmeans_version
+    with pytest.raises(ValueError, match="multiple of 2"):
+        run_cli(paths, "--method", "mm_rqvae", "--levels", "3", *SMALL)
+
+
+def test_cli_mmq_same_contract_and_code_budget_checks(tmp_path: Path) -> None:
+    paths, views = write_dataset(tmp_path / "d")
+    # 1 shared expert x 2 levels + 2 modalities x 1 specific expert x 1 level = 4 positions
+    metrics = run_cli(paths, "--method", "mmq", "--levels", "4", *SMALL, "--shared-levels", "2")
+    out = paths.sid_dir(metrics["version"])
+    sids = pd.read_parquet(out / "sids.parquet")
+    assert validate_sids(sids, 8, "sids.parquet") == ["sid_0", "sid_1", "sid_2", "sid_3"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "mmq" and config["levels"] == 4
+    assert config["position_names"] == ["shared0/0", "shared0/1", "tags.spec0/0", "text.spec0/0"]
+    saved = torch.load(out / "codebooks.pt")
+    model = MMQ(MMQConfig.from_dict(config))  # what tokenizer.finetune does
+    model.load_state_dict(saved["state_dict"])
+    codes = model.encode({name: torch.from_numpy(view[1:]) for name, view in views.items()})
+    np.testing.assert_array_equal(codes.numpy(), sids[["sid_0", "sid_1", "sid_2", "sid_3"]].to_numpy())
+    assert [tuple(c.shape) for c in saved["codebooks"]] == [(8, 8)] * 4
+    assert set(metrics["per_modality"]) == {"tags", "text"} and "ortho_loss" in metrics["final_loss_terms"]
+    with pytest.raises(ValueError, match="= 4 code positions; pass --levels 4"):
+        run_cli(paths, "--method", "mmq", "--levels", "3", *SMALL)
+    with pytest.raises(ValueError, match="no Sinkhorn"):
+        run_cli(paths, "--method", "mmq", "--levels", "4", "--sinkhorn-last")
+
+
+def test_cli_multimodal_modality_absent_entirely(tmp_path: Path) -> None:
+    paths, views = write_dataset(tmp_path / "d")
+    np.save(paths.modality("tags"), np.zeros_like(views["tags"]))  # valid file, but no item has tags
+    for method in ("mm_rqvae", "mmq"):
+        with pytest.raises(DataError, match="'tags' is all zeros for every fit item"):
+            run_cli(paths, "--method", method, "--levels", "4", *SMALL)
+
+
+def test_benchmark_variants_share_one_code_budget_and_nmi_on_hand_example() -> None:
+    from benchmarks.tokenizers import VARIANTS, TokenizerBenchConfig, nmi_figures, variant_config
+
+    bench = TokenizerBenchConfig(levels=4, codebook_size=16)
+    base = TokenizerConfig(dataset=Path("."), modalities=("tags", "text"))
+    for variant in VARIANTS:
+        cfg = variant_config(bench, base, variant, seed=1)
+        assert (cfg.levels, cfg.codebook_size, cfg.seed) == (4, 16, 1)
+        if cfg.method in train.MULTIMODAL:
+            assert cfg.model_config({"tags": 8, "text": 32}).n_positions == 4, variant
+    codes = np.array([[0, 5], [0, 6], [1, 7], [1, 7]])
+    figures = nmi_figures(codes, np.array([3, 3, 4, 4]))
+    assert figures["nmi_first_level"] == pytest.approx(1.0) and figures["nmi_best_position"] == pytest.approx(1.0)
+    assert figures["nmi_full_sid"] < 1.0  # three SIDs for two clusters

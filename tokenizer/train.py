@@ -2,18 +2,32 @@
 
     python -m tokenizer.train --dataset artifacts/ml-100k --method rqvae
     python -m tokenizer.train --dataset artifacts/ml-100k --method rqkmeans --codebook-size 64 --seed 1
+    python -m tokenizer.train --dataset artifacts/ml-100k --method mm_rqvae --levels 4 --align infonce
+    python -m tokenizer.train --dataset artifacts/ml-100k --method mmq --levels 4 \
+        --n-shared-experts 1 --shared-levels 2 --n-specific-experts 1 --specific-levels 1
 
-Phases: load (or build) the modalities and concatenate them; fit on the items
+``--levels`` is P, the number of code positions of a SID, for every method:
+RQ-KMeans and RQ-VAE use P residual levels on the concatenated modalities;
+MM-RQ-VAE (:mod:`tokenizer.mm_rqvae`) gives each of the M modalities P / M
+levels; MMQ (:mod:`tokenizer.mmq`) needs n_shared_experts x shared_levels +
+M x n_specific_experts x specific_levels = P. The multimodal methods get the
+modalities separately (all-zero rows = modality missing, masked out of their
+losses), the others concatenated in sorted name order.
+
+Phases: load (or build) the modalities; fit on the items
 of TRAIN rows only (nothing from valid/test rows: leakage); encode ALL items
 1..n_items, so cold items get SIDs from their content; write
 ``D/sids/<version>/`` and point ``D/sids/LATEST`` at it. The version is
 ``<method>-<sha256(config, modality contents)[:10]>``, so the same inputs give
 the same version and any change gives a new one.
 
-Files in ``D/sids/<version>/``: ``sids.parquet`` (item_id, sid_0..sid_{L-1},
+Files in ``D/sids/<version>/``: ``sids.parquet`` (item_id, sid_0..sid_{P-1},
 tokenizer_version, event_timestamp = earliest event, so a static version serves
-every row, created), ``codebooks.pt`` ({"codebooks": [K x dim per level],
-"config", "state_dict"}), ``config.json`` and ``metrics.json``.
+every row, created), ``codebooks.pt`` ({"codebooks": [K x dim per position, in
+SID order], "config", "state_dict"}), ``config.json`` ("levels" = P,
+"codebook_size" = K, "position_names", and for multimodal methods the model
+config under the method's name) and ``metrics.json`` (also per-modality
+reconstruction on the items that have the modality).
 """
 
 from __future__ import annotations
@@ -23,8 +37,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,15 +57,30 @@ from pipelines.schema import (
     require_utc_timestamps,
     validate_sids,
 )
-from tokenizer.metrics import summary_line, tokenizer_metrics
+from tokenizer.metrics import reconstruction_metrics, summary_line, tokenizer_metrics
+from tokenizer.mm_rqvae import ALIGN_KINDS, MMRQVAE, MMRQVAEConfig, present_rows
+from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.modalities import INGEST_COMMAND, build_modalities
 from tokenizer.rqkmeans import RQKMeans
 from tokenizer.rqvae import RQVAE
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rqvae", "rqkmeans")
-RQVAE_ONLY = ("latent_dim", "hidden_dims", "epochs", "batch_size", "lr", "beta", "dead_code_window")
+METHODS = ("rqvae", "rqkmeans", "mm_rqvae", "mmq")
+MULTIMODAL = ("mm_rqvae", "mmq")  # get the modalities separately, not concatenated
+# Settings only some methods read: the others leave them out of their version
+# hash, so changing them keeps those versions (and the published rqvae ones).
+LEARNED = ("latent_dim", "hidden_dims", "epochs", "batch_size", "lr", "beta", "dead_code_window")
+MM_RQVAE_ONLY = ("recon_weight", "mse_weight", "align", "align_weight", "temperature", "mmd_bandwidth")
+MMQ_COUNTS = ("n_shared_experts", "n_specific_experts", "shared_levels", "specific_levels")
+MMQ_ONLY = (*MMQ_COUNTS, "ortho_weight")
+UNUSED = {
+    "rqkmeans": (*LEARNED, *MM_RQVAE_ONLY, *MMQ_ONLY),
+    "rqvae": (*MM_RQVAE_ONLY, *MMQ_ONLY),
+    "mm_rqvae": MMQ_ONLY,
+    "mmq": MM_RQVAE_ONLY,
+}
+Model = RQKMeans | RQVAE | MMRQVAE | MMQ
 
 
 @dataclass
@@ -58,23 +89,35 @@ class TokenizerConfig:
 
     Args:
         dataset: dataset folder (pipelines.schema.DatasetPaths root).
-        method: ``rqvae`` or ``rqkmeans``.
-        modalities: modality names, concatenated in sorted order; empty = all in the manifest.
-        levels: L, codes per SID.
+        method: ``rqvae``, ``rqkmeans``, ``mm_rqvae`` or ``mmq``.
+        modalities: modality names, used in sorted order; empty = all in the manifest.
+        levels: P, code positions per SID (see the module docstring per method).
         codebook_size: K, codes per level. 64 on MovieLens-100K keeps every
             level fully used and the full-code collision rate near 4% (K=32
             collides ~20% of the 1682 items).
-        latent_dim: RQ-VAE latent and codeword width (RQ-KMeans codewords live
-            in the input space).
-        hidden_dims: RQ-VAE encoder hidden widths (decoder mirrored).
-        epochs: RQ-VAE passes over the fit items.
-        batch_size: RQ-VAE batch size.
-        lr: RQ-VAE Adam learning rate.
+        latent_dim: latent and codeword width of the learned tokenizers
+            (RQ-KMeans codewords live in the input space).
+        hidden_dims: encoder hidden widths of the learned tokenizers (decoders mirrored).
+        epochs: passes over the fit items (learned tokenizers).
+        batch_size: batch size (learned tokenizers).
+        lr: Adam learning rate (learned tokenizers).
         beta: commitment weight.
-        kmeans_iters: Lloyd iterations per level (RQ-KMeans fit, RQ-VAE init).
-        dead_code_window: RQ-VAE steps between dead-code resets (0 = never).
-        sinkhorn_last: balanced Sinkhorn assignment on the last level.
+        kmeans_iters: Lloyd iterations per level (RQ-KMeans fit, codebook init of the others).
+        dead_code_window: training steps between dead-code resets (0 = never).
+        sinkhorn_last: balanced Sinkhorn assignment on the last level (per
+            modality for MM-RQ-VAE; MMQ has none).
         seed: seed of initialisation and batch order.
+        recon_weight: MM-RQ-VAE weight of the MMD reconstruction loss.
+        mse_weight: MM-RQ-VAE weight of the per-item squared error (0 = MMD only, as the paper).
+        align: MM-RQ-VAE cross-modal alignment, ``mmd``, ``infonce`` or ``none``.
+        align_weight: MM-RQ-VAE weight of the alignment loss.
+        temperature: MM-RQ-VAE InfoNCE temperature.
+        mmd_bandwidth: MM-RQ-VAE fixed MMD bandwidth; None = mean pairwise squared distance.
+        n_shared_experts: MMQ experts over all modalities.
+        n_specific_experts: MMQ experts per modality.
+        shared_levels: MMQ levels per shared expert.
+        specific_levels: MMQ levels per specific expert.
+        ortho_weight: MMQ weight of the shared/specific orthogonality loss.
     """
 
     dataset: Path
@@ -92,14 +135,25 @@ class TokenizerConfig:
     dead_code_window: int = 50
     sinkhorn_last: bool = False
     seed: int = 0
+    # defaults of the multimodal methods are their model configs' defaults (one place)
+    recon_weight: float = MMRQVAEConfig.recon_weight
+    mse_weight: float = MMRQVAEConfig.mse_weight
+    align: str = MMRQVAEConfig.align
+    align_weight: float = MMRQVAEConfig.align_weight
+    temperature: float = MMRQVAEConfig.temperature
+    mmd_bandwidth: float | None = MMRQVAEConfig.mmd_bandwidth
+    n_shared_experts: int = MMQConfig.n_shared_experts
+    n_specific_experts: int = MMQConfig.n_specific_experts
+    shared_levels: int = MMQConfig.shared_levels
+    specific_levels: int = MMQConfig.specific_levels
+    ortho_weight: float = MMQConfig.ortho_weight
 
     def __post_init__(self) -> None:
         self.dataset = Path(self.dataset)
         self.modalities, self.hidden_dims = tuple(self.modalities), tuple(self.hidden_dims)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
-        positive = ("levels", "codebook_size", "latent_dim", "epochs", "batch_size", "kmeans_iters")
-        for name in positive:
+        for name in (*("levels", "codebook_size", "latent_dim", "epochs", "batch_size", "kmeans_iters"), *MMQ_COUNTS):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         if any(h < 1 for h in self.hidden_dims):
@@ -109,12 +163,46 @@ class TokenizerConfig:
                 f"lr={self.lr}, beta={self.beta}, dead_code_window={self.dead_code_window}: "
                 f"expected lr > 0, beta >= 0, dead_code_window >= 0"
             )
+        for name in ("recon_weight", "mse_weight", "align_weight", "ortho_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.align not in ALIGN_KINDS:
+            raise ValueError(f"align={self.align!r}: expected one of {ALIGN_KINDS}")
+        if self.temperature <= 0 or (self.mmd_bandwidth is not None and self.mmd_bandwidth <= 0):
+            raise ValueError(f"temperature={self.temperature}, mmd_bandwidth={self.mmd_bandwidth}: expected > 0")
+        if self.method == "mmq" and self.sinkhorn_last:
+            raise ValueError("sinkhorn_last=True: method 'mmq' has no Sinkhorn assignment; drop --sinkhorn-last")
 
     def hashable(self) -> dict:
-        """The settings that determine the result: not where the dataset lies, and for
-        RQ-KMeans not the RQ-VAE settings, so changing those keeps its version."""
-        ignored = {"dataset", *(RQVAE_ONLY if self.method == "rqkmeans" else ())}
+        """The settings that determine the result: not where the dataset lies, nor the
+        settings of other methods, so changing those keeps this method's version."""
+        ignored = {"dataset", *UNUSED[self.method]}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in ignored}
+
+    def model_config(self, dims: Mapping[str, int]) -> MMRQVAEConfig | MMQConfig:
+        """The multimodal model config for modality widths ``dims``; ValueError unless its
+        number of code positions equals ``levels`` (P, the same budget for every method)."""
+        if self.method not in MULTIMODAL:
+            raise ValueError(f"method={self.method!r} has no multimodal model config")
+        common = {name: getattr(self, name) for name in ("latent_dim", "hidden_dims", "codebook_size", "beta")}
+        common.update(modality_dims=dict(dims), kmeans_iters=self.kmeans_iters, dead_code_window=self.dead_code_window)
+        if self.method == "mm_rqvae":
+            if self.levels % len(dims):
+                raise ValueError(
+                    f"levels={self.levels}: mm_rqvae splits the P={self.levels} code positions evenly over "
+                    f"{len(dims)} modalities {sorted(dims)}; pass --levels a multiple of {len(dims)}"
+                )
+            extra = {name: getattr(self, name) for name in MM_RQVAE_ONLY}
+            return MMRQVAEConfig(**common, **extra, levels=self.levels // len(dims), sinkhorn_last=self.sinkhorn_last)
+        mmq = MMQConfig(**common, **{name: getattr(self, name) for name in MMQ_ONLY})
+        if mmq.n_positions != self.levels:
+            raise ValueError(
+                f"levels={self.levels}: mmq with these experts has n_shared_experts x shared_levels + "
+                f"{len(dims)} modalities x n_specific_experts x specific_levels = {self.n_shared_experts}x"
+                f"{self.shared_levels} + {len(dims)}x{self.n_specific_experts}x{self.specific_levels} = "
+                f"{mmq.n_positions} code positions; pass --levels {mmq.n_positions} or change the experts"
+            )
+        return mmq
 
 
 def train_item_ids(events: pd.DataFrame, n_items: int, source: str) -> np.ndarray:
@@ -143,9 +231,23 @@ def version_of(cfg: TokenizerConfig, modalities: dict[str, np.ndarray], fit_ids:
     return f"{cfg.method}-{digest.hexdigest()[:10]}", digest.hexdigest()
 
 
-def fit_tokenizer(cfg: TokenizerConfig, x_fit: torch.Tensor) -> tuple[RQKMeans | RQVAE, list[float]]:
-    """Build the configured tokenizer and fit it on ``x_fit`` [N, D]; returns it and its loss history."""
+def fit_tokenizer(cfg: TokenizerConfig, x_fit: torch.Tensor | dict[str, torch.Tensor]) -> tuple[Model, list[float]]:
+    """Build the configured tokenizer and fit it; returns it and its loss history.
+
+    Args:
+        cfg: the run's config (modalities resolved).
+        x_fit: the fit items' concatenated modalities [N, D] for ``rqkmeans`` /
+            ``rqvae``, the modalities separately (name -> [N, D_m]) for the
+            multimodal methods.
+    """
     torch.manual_seed(cfg.seed)
+    schedule: dict[str, Any] = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed}
+    if (cfg.method in MULTIMODAL) != isinstance(x_fit, dict):
+        raise TypeError(f"method {cfg.method!r} takes {'a modality dict' if cfg.method in MULTIMODAL else 'one tensor'}")
+    if isinstance(x_fit, dict):
+        model_cfg = cfg.model_config({name: x.shape[1] for name, x in x_fit.items()})
+        model = MMRQVAE(model_cfg) if isinstance(model_cfg, MMRQVAEConfig) else MMQ(model_cfg)
+        return model, model.fit(x_fit, **schedule)
     if cfg.method == "rqkmeans":
         kmeans_model = RQKMeans(
             x_fit.shape[1],
@@ -166,7 +268,46 @@ def fit_tokenizer(cfg: TokenizerConfig, x_fit: torch.Tensor) -> tuple[RQKMeans |
         dead_code_window=cfg.dead_code_window,
         sinkhorn_last=cfg.sinkhorn_last,
     )
-    return vae, vae.fit(x_fit, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    return vae, vae.fit(x_fit, **schedule)
+
+
+def position_codebooks(model: Model) -> list[torch.Tensor]:
+    """One [K, d] codebook per SID position, in SID order (copies)."""
+    books = model.codebooks if isinstance(model, (MMRQVAE, MMQ)) else list(model.rq.codebooks)
+    return [c.detach().clone() for c in books]
+
+
+def position_names(model: Model) -> list[str]:
+    """Human name of each SID position (``level0``.. for single-input tokenizers)."""
+    if isinstance(model, (MMRQVAE, MMQ)):
+        return model.cfg.position_names()
+    return [f"level{level}" for level in range(model.rq.levels)]
+
+
+@torch.no_grad()
+def loss_terms(model: MMRQVAE | MMQ, xs: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    """Mean over the items of ``xs`` of every scalar loss field of the model's forward output,
+    in eval mode and batches of ``batch_size`` (so MMD terms see training-sized batches)."""
+    n = len(next(iter(xs.values())))
+    sums: dict[str, float] = {}
+    for batch in torch.arange(n).split(batch_size):
+        out = model({name: x[batch] for name, x in xs.items()})
+        for key, value in out._asdict().items():
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                sums[key] = sums.get(key, 0.0) + value.item() * len(batch)
+    return {key: value / n for key, value in sums.items()}
+
+
+def modality_metrics(items: dict[str, torch.Tensor], recon: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Reconstruction error and cosine per modality over the items that HAVE it (non-zero rows)."""
+    result = {}
+    for name, x in items.items():
+        present = present_rows(x)
+        figures: dict[str, float] = {"n_present": int(present.sum())}
+        if figures["n_present"]:
+            figures.update(reconstruction_metrics(x[present].numpy(), recon[name][present].numpy()))
+        result[name] = figures
+    return result
 
 
 def sid_table(codes: np.ndarray, version: str, valid_from: pd.Timestamp) -> pd.DataFrame:
@@ -189,71 +330,134 @@ def ground_truth_clusters(paths: DatasetPaths) -> np.ndarray | None:
 
 
 def write_version(
-    paths: DatasetPaths, version: str, *, table: pd.DataFrame, model: RQKMeans | RQVAE, config: dict, metrics: dict
+    paths: DatasetPaths, version: str, *, table: pd.DataFrame, model: Model, config: dict, metrics: dict
 ) -> Path:
     """Write the version folder, then move ``D/sids/LATEST`` onto it (all atomic)."""
     out = paths.sid_dir(version)
     write_parquet(table, out / "sids.parquet")
-    codebooks = [c.detach().clone() for c in model.rq.codebooks]
     with atomic_path(out / "codebooks.pt") as tmp:
-        torch.save({"codebooks": codebooks, "config": config, "state_dict": model.state_dict()}, tmp)
+        payload = {"codebooks": position_codebooks(model), "config": config, "state_dict": model.state_dict()}
+        torch.save(payload, tmp)
     write_json(config, out / "config.json")
     write_json(metrics, out / "metrics.json")
     write_text(version + "\n", paths.root / "sids" / "LATEST")
     return out
 
 
-def train_tokenizer(cfg: TokenizerConfig) -> dict:
-    """Run the whole stage for ``cfg``; returns the metrics (with ``version``)."""
+class TokenizerInputs(NamedTuple):
+    """What a tokenizer run reads, validated.
+
+    Attributes:
+        cfg: the config with ``modalities`` resolved to the sorted names used.
+        modalities: name -> float32 [n_items + 1, D_m] (row 0 padding).
+        fit_ids: [F] sorted ids of the items of train rows.
+        valid_from: earliest event timestamp (SID rows are stamped with it).
+        clusters: [n_items] planted cluster per item (synthetic data), else None.
+    """
+
+    cfg: TokenizerConfig
+    modalities: dict[str, np.ndarray]
+    fit_ids: np.ndarray
+    valid_from: pd.Timestamp
+    clusters: np.ndarray | None
+
+
+class FittedTokenizer(NamedTuple):
+    """A fitted tokenizer, the SIDs of items 1..n_items ([n_items, P]) and its metrics."""
+
+    model: Model
+    codes: np.ndarray
+    metrics: dict
+
+
+def load_inputs(cfg: TokenizerConfig) -> TokenizerInputs:
+    """Modalities (built if needed) and the train items of ``cfg.dataset``."""
     paths = DatasetPaths(cfg.dataset)
-    # inputs: modalities (validated) and the train items
     meta = read_json(require_file(paths.meta, INGEST_COMMAND))
-    n_items = int(meta["n_items"])
     modalities = build_modalities(paths, names=cfg.modalities or None)
     cfg = replace(cfg, modalities=tuple(sorted(modalities)))  # resolve "all" to the names used
-    logger.info("config %s", json.dumps({**cfg.hashable(), "dataset": str(cfg.dataset)}))
-    x = torch.from_numpy(np.concatenate([modalities[name] for name in cfg.modalities], axis=1))
     events = pd.read_parquet(
         require_file(paths.events, INGEST_COMMAND), columns=["item_id", "split", "event_timestamp"]
     )
-    fit_ids = train_item_ids(events, n_items, str(paths.events))
-    version, digest = version_of(cfg, modalities, fit_ids)
-    logger.info("%s: fitting on %d of %d items, input width %d", version, len(fit_ids), n_items, x.shape[1])
-    no_content = int((x[1:].abs().sum(dim=1) == 0).sum())
-    if no_content:
-        # All-zero inputs encode to one and the same SID: those items are indistinguishable to SID features.
-        logger.warning("%d items have no content in any modality and share one SID", no_content)
+    fit_ids = train_item_ids(events, int(meta["n_items"]), str(paths.events))
+    return TokenizerInputs(cfg, modalities, fit_ids, events["event_timestamp"].min(), ground_truth_clusters(paths))
+
+
+def fit_and_measure(inputs: TokenizerInputs) -> FittedTokenizer:
+    """Fit on the train items only, encode every item, compute the metrics (writes nothing)."""
+    cfg = inputs.cfg
+    xs = {name: torch.from_numpy(inputs.modalities[name]) for name in cfg.modalities}  # [n_items + 1, D_m]
+    items = {name: x[1:] for name, x in xs.items()}
+    x_all = torch.cat([items[name] for name in cfg.modalities], dim=1)
+    rows = torch.from_numpy(inputs.fit_ids)
+    multimodal = cfg.method in MULTIMODAL
+    x_fit = {name: x[rows] for name, x in xs.items()} if multimodal else torch.cat(list(xs.values()), dim=1)[rows]
     # fit on train items, encode every item
     start = time.perf_counter()
-    model, history = fit_tokenizer(cfg, x[torch.from_numpy(fit_ids)])
+    model, history = fit_tokenizer(cfg, x_fit)
     train_seconds = time.perf_counter() - start
     model.eval()
-    codes = model.encode(x[1:])
-    recon = model.decode(codes)
-    # metrics and artifacts
+    if isinstance(model, (MMRQVAE, MMQ)):
+        codes, recon = model.encode(items), model.reconstruct(items)
+    else:
+        codes = model.encode(x_all)
+        parts = model.decode(codes).split([x.shape[1] for x in items.values()], dim=1)
+        recon = dict(zip(items, parts, strict=True))
+    # metrics: overall on the concatenation (as for every method), then per modality on present rows
+    recon_all = torch.cat([recon[name] for name in cfg.modalities], dim=1)
     metrics = tokenizer_metrics(
-        codes.numpy(), cfg.codebook_size, x=x[1:].numpy(), recon=recon.numpy(), clusters=ground_truth_clusters(paths)
+        codes.numpy(), cfg.codebook_size, x=x_all.numpy(), recon=recon_all.numpy(), clusters=inputs.clusters
     )
     metrics.update(
-        version=version,
-        n_fit_items=len(fit_ids),
+        per_modality=modality_metrics(items, recon),
+        position_names=position_names(model),
+        n_fit_items=len(inputs.fit_ids),
         train_seconds=train_seconds,
         final_loss=history[-1],
         loss_history=history,
     )
+    if isinstance(model, (MMRQVAE, MMQ)) and isinstance(x_fit, dict):
+        metrics["final_loss_terms"] = loss_terms(model, x_fit, cfg.batch_size)
+    return FittedTokenizer(model, codes.numpy(), metrics)
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> dict:
+    """Run the whole stage for ``cfg``; returns the metrics (with ``version``)."""
+    # inputs: modalities (validated) and the train items
+    inputs = load_inputs(cfg)
+    cfg, paths = inputs.cfg, DatasetPaths(cfg.dataset)
+    logger.info("config %s", json.dumps({**cfg.hashable(), "dataset": str(cfg.dataset)}))
+    dims = {name: int(a.shape[1]) for name, a in inputs.modalities.items()}
+    if cfg.method in MULTIMODAL:
+        cfg.model_config(dims)  # a code budget that does not fit the modalities fails before any work
+    version, digest = version_of(cfg, inputs.modalities, inputs.fit_ids)
+    x_all = np.concatenate([inputs.modalities[name] for name in cfg.modalities], axis=1)[1:]
+    logger.info("%s: fitting on %d of %d items, widths %s", version, len(inputs.fit_ids), len(x_all), dims)
+    no_content = int((~(x_all != 0).any(axis=1)).sum())
+    if no_content:
+        # All-zero inputs encode to one and the same SID: those items are indistinguishable to SID features.
+        logger.warning("%d items have no content in any modality and share one SID", no_content)
+    fitted = fit_and_measure(inputs)
+    metrics = {**fitted.metrics, "version": version}
+    # artifacts
+    codebooks = position_codebooks(fitted.model)
     config = {
         **cfg.hashable(),
         "dataset": str(cfg.dataset),
         "version": version,
         "config_hash": digest,
-        "modality_dims": {name: int(a.shape[1]) for name, a in modalities.items()},
-        "input_dim": int(x.shape[1]),
-        "codebook_dim": int(model.rq.codebooks.shape[-1]),
+        "modality_dims": dims,
+        "input_dim": sum(dims.values()),
+        "codebook_dim": int(codebooks[0].shape[1]),
+        "position_names": metrics["position_names"],
     }
-    table = sid_table(codes.numpy(), version, events["event_timestamp"].min())
+    if isinstance(fitted.model, (MMRQVAE, MMQ)):
+        config[cfg.method] = fitted.model.cfg.to_dict()  # rebuilds the model from codebooks.pt
+    table = sid_table(fitted.codes, version, inputs.valid_from)
     validate_sids(table, cfg.codebook_size, f"{paths.sid_dir(version)}/sids.parquet")
-    out = write_version(paths, version, table=table, model=model, config=config, metrics=metrics)
-    print(f"{version} -> {out} ({train_seconds:.1f}s, final loss {history[-1]:.4f})\n  {summary_line(metrics)}")
+    out = write_version(paths, version, table=table, model=fitted.model, config=config, metrics=metrics)
+    seconds, final = metrics["train_seconds"], metrics["final_loss"]
+    print(f"{version} -> {out} ({seconds:.1f}s, final loss {final:.4f})\n  {summary_line(metrics)}")
     return metrics
 
 
@@ -265,19 +469,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
     parser.add_argument("--modalities", nargs="+", default=list(defaults.modalities))
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=list(defaults.hidden_dims))
-    for name in (
-        "levels",
-        "codebook_size",
-        "latent_dim",
-        "epochs",
-        "batch_size",
-        "kmeans_iters",
-        "dead_code_window",
-        "seed",
-    ):
+    ints = ("levels", "codebook_size", "latent_dim", "epochs", "batch_size", "kmeans_iters", "dead_code_window", "seed")
+    for name in (*ints, "n_shared_experts", "n_specific_experts", "shared_levels", "specific_levels"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "beta"):
-        parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
+    floats = ("lr", "beta", "recon_weight", "mse_weight", "align_weight", "temperature", "ortho_weight")
+    for name in (*floats, "mmd_bandwidth"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--align", choices=ALIGN_KINDS, default=defaults.align)
     parser.add_argument("--sinkhorn-last", action="store_true", default=defaults.sinkhorn_last)
     return train_tokenizer(TokenizerConfig(**vars(parser.parse_args(argv))))
 
