@@ -2,6 +2,7 @@
 
     python -m pipelines.demo                      # what `make demo` runs
     python -m pipelines.demo --method rqkmeans --nproc 1
+    python -m pipelines.demo --sid-init codebook --fusion freq   # unknown flags go to ranking.train
 
 Stages (each reads files and writes files, so each can be rerun alone):
 ingest -> embed + tokenize -> behaviour features -> feast apply/materialize
@@ -50,7 +51,7 @@ class DemoConfig:
 
     Args:
         dataset: dataset name (a key of DATASET_COMMANDS).
-        method: tokenizer method.
+        method: tokenizer method, one of ``tokenizer.train.METHODS``.
         artifacts: root folder of dataset artifacts.
         repo: the Feast repository.
         out: run folder for the ranker's metrics and predictions.
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = DemoConfig()
     parser.add_argument("--dataset", default=defaults.dataset)
-    parser.add_argument("--method", default=defaults.method)
+    parser.add_argument("--method", choices=METHODS, default=defaults.method, help="tokenizer method (tokenizer.train)")
     parser.add_argument("--artifacts", type=Path, default=defaults.artifacts)
     parser.add_argument("--repo", type=Path, default=defaults.repo)
     parser.add_argument("--out", type=Path, default=defaults.out)

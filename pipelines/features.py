@@ -6,11 +6,13 @@ Reads the dataset folder (events, items, users, meta.json and one SID version)
 and writes ``<dataset>/features/``:
 
 - ``user_behaviour.parquet``: user_id, event_timestamp, user_count,
-  user_pos_count, hist_items, hist_sid_p1, hist_sid_p2.
+  user_pos_count, hist_items.
 - ``item_behaviour.parquet``: item_id, event_timestamp, item_count, item_pos_count.
 - ``user_profile.parquet``: user_id, event_timestamp, one ``<col>_id`` per profile column.
 - ``item_content.parquet``: item_id, event_timestamp, tag_ids, year_bucket.
 - ``item_sids.parquet``: item_id, event_timestamp, sid_codes, tokenizer_version.
+- ``user_sid_history.parquet``: user_id, event_timestamp (the stamps of
+  user_behaviour), hist_sid_p1, hist_sid_p2: the SID prefixes of hist_items.
 - ``feature_meta.json``: :class:`ranking.spec.FeatureMeta` plus ``vocabularies``
   (feature column -> values; the value at index i has id i + 1).
 
@@ -19,6 +21,10 @@ before time t and is stamped t + 1 microsecond. Feast's point-in-time join is
 inclusive (feature time <= event time), so an event at time t sees only events
 strictly before t: never its own label, never a same-timestamp sibling
 (../shared/DESIGN.md sections 4 and 5). Events of every split are used.
+
+The last two tables depend on the SID version; ``pipelines.publish`` stores
+them per version (``ranking.spec.SID_VERSION_TABLES``) so publishing a new
+version keeps the older ones retrievable. The other four are shared.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ AGE_BUCKET_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's age groups
 AGE_BUCKET_NAMES = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 YEAR_BUCKET_WIDTH = 5
 ZIP_PREFIX_CHARS = 3
-TABLES = ("user_behaviour", "item_behaviour", "user_profile", "item_content", "item_sids")
+SHARED_TABLES = ("user_behaviour", "item_behaviour", "user_profile", "item_content")
+TABLES = SHARED_TABLES + spec.SID_VERSION_TABLES
 _EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -204,17 +211,26 @@ def sid_prefix_lookups(
     return lookups
 
 
-def user_behaviour(events: pd.DataFrame, prefix_lookups: dict[str, np.ndarray], n_items: int) -> pd.DataFrame:
-    """Causal user counts and recent positive history, one row per (user, distinct timestamp)."""
+def user_behaviour(
+    events: pd.DataFrame, prefix_lookups: dict[str, np.ndarray], n_items: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Causal user state, one row per (user, distinct timestamp), in two tables with equal keys and stamps.
+
+    Returns:
+        (``user_behaviour``: counts and the recent positive items,
+        ``user_sid_history``: the SID prefixes of those items, per SID version).
+    """
     counts, groups = behaviour_counts(events, "user_id")
     items_sorted = events["item_id"].to_numpy()[groups.order]
     labels_sorted = events["label"].to_numpy(dtype=np.int64)[groups.order]
     lookups = {spec.HIST_ITEMS: np.arange(n_items + 1, dtype=np.int64), **prefix_lookups}
     lists = recent_positive_lists(items_sorted, labels_sorted, groups, lookups)
     frame = counts.rename(columns={"count": "user_count", "pos_count": "user_pos_count"})
-    for name in (spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES):
-        frame[name] = lists[name]
-    return frame
+    frame[spec.HIST_ITEMS] = lists[spec.HIST_ITEMS]
+    history = counts[["user_id", "event_timestamp"]].copy()
+    for name in spec.HIST_SID_PREFIXES:
+        history[name] = lists[name]
+    return frame, history
 
 
 def item_behaviour(events: pd.DataFrame) -> pd.DataFrame:
@@ -429,13 +445,16 @@ def build_features(config: FeaturesConfig) -> spec.FeatureMeta:
     lookups = sid_prefix_lookups(sids.frame, sids.code_columns, n_items, sids.codebook_size)
     profile, profile_vocab = user_profile(users, list(meta["user_profile_columns"]))
     content, content_vocab = item_content(items)
+    behaviour, sid_history = user_behaviour(events, lookups, n_items)
     tables = {
-        "user_behaviour": user_behaviour(events, lookups, n_items),
+        "user_behaviour": behaviour,
         "item_behaviour": item_behaviour(events),
         "user_profile": profile,
         "item_content": content,
         "item_sids": item_sids(sids.frame, sids.code_columns),
+        "user_sid_history": sid_history,
     }
+    assert set(tables) == set(TABLES)
     for name, frame in tables.items():
         write_table(frame, paths.features / f"{name}.parquet")
         log.info("%s: %d rows", name, len(frame))

@@ -5,7 +5,9 @@ event_timestamp), the latest feature row of every view of the feature service
 stamped at or before the event. Behaviour rows are stamped 1 us after the
 events they count, so a row never sees its own label (pipelines/features.py).
 
-    rows = load_training_rows(Path("feature_repo"), events)
+    rows = load_training_rows(Path("feature_repo"), events)                      # default SID version
+    rows = load_training_rows(Path("feature_repo"), events, service=spec.sid_service(version),
+                              expected_tokenizer_version=version)             # any published version
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def _feature_store(repo: Path):
     return FeatureStore(repo_path=str(repo))
 
 
+def _feature_service(store, repo: Path, service: str):
+    """The named service, or a DataError listing the services (one per published SID version)."""
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        return store.get_feature_service(service)
+    except FeatureServiceNotFoundException:
+        known = sorted(s.name for s in store.list_feature_services())
+        raise DataError(
+            f"{repo}: no feature service '{service}' (published: {known}); publish its SID version with "
+            f"`python -m pipelines.features --sid-version V` and `python -m pipelines.publish`"
+        ) from None
+
+
 def _bound_duckdb_spill() -> None:
     import ibis
 
@@ -70,20 +86,21 @@ def time_chunks(
     return np.split(order, cuts)
 
 
-def _check_versions(rows: pd.DataFrame, repo: Path, expected: str | None) -> None:
+def _check_versions(rows: pd.DataFrame, repo: Path, service: str, expected: str | None) -> None:
     versions = rows[spec.TOKENIZER_VERSION]
     if versions.isna().any():
         missing = rows.loc[versions.isna(), "row_id"]
         raise DataError(
-            f"{repo}: {len(missing)} rows (e.g. row_id {missing.iloc[0]}) got no SID from item_sid_fv: their "
+            f"{repo}: {len(missing)} rows (e.g. row_id {missing.iloc[0]}) got no SID from the item SID view: their "
             f"event_timestamp precedes the SID table's stamp; stamp the SID version at or before the first event "
             f"and re-run `python -m pipelines.features` and `python -m pipelines.publish`"
         )
     found = sorted(versions.unique())
     if expected is not None and found != [expected]:
         raise DataError(
-            f"{repo}: the feature store serves SIDs of tokenizer_version {found}, expected '{expected}'; "
-            f"re-run `python -m pipelines.features --sid-version {expected}` and `python -m pipelines.publish`"
+            f"{repo}: feature service '{service}' serves SIDs of tokenizer_version {found}, expected '{expected}'; "
+            f"ask for service '{spec.sid_service(expected)}', or publish that version with "
+            f"`python -m pipelines.features --sid-version {expected}` and `python -m pipelines.publish`"
         )
 
 
@@ -124,7 +141,7 @@ def load_training_rows(
     # timestamps with a sub-us part; the features were grouped floored too.
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
     store = _feature_store(repo)
-    features = store.get_feature_service(service)
+    features = _feature_service(store, repo, service)
     _bound_duckdb_spill()
     chunks = time_chunks(entity_df, max_rows_per_call, max_joined_rows_per_call)
     parts = []
@@ -141,7 +158,7 @@ def load_training_rows(
         )
     # Hand back the caller's timestamps, not the floored ones.
     rows["event_timestamp"] = events.set_index("row_id")["event_timestamp"].loc[rows["row_id"]].reset_index(drop=True)
-    _check_versions(rows, repo, expected_tokenizer_version)
+    _check_versions(rows, repo, service, expected_tokenizer_version)
     log.info("%d training rows from service %s (%d calls)", len(rows), service, len(chunks))
     return rows
 
@@ -157,4 +174,4 @@ def online_features(
     """
     store = _feature_store(repo)
     entity_rows = [{"user_id": int(user_id), "item_id": int(item)} for item in item_ids]
-    return store.get_online_features(features=store.get_feature_service(service), entity_rows=entity_rows).to_df()
+    return store.get_online_features(features=_feature_service(store, repo, service), entity_rows=entity_rows).to_df()

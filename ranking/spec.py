@@ -5,6 +5,13 @@ service (one row per labelled event, re-sorted by ``row_id``). The feature
 pipeline writes ``features/feature_meta.json`` (table sizes); the ranker reads
 it and never imports ``feature_repo``.
 
+SID versions (../shared/DESIGN.md section 8): every published tokenizer
+version keeps its own feature views and service ``ranker_<name>`` (see
+:func:`sid_version_name`), so rows of an older version stay retrievable;
+``ranker_v1`` serves the default version. The SID codes and the users'
+history prefixes (``hist_sid_p1`` / ``hist_sid_p2``, which depend on the
+codes) live in the per-version views; counts, profile and content are shared.
+
 Missing values after the point-in-time join are legitimate (a user or item
 with no earlier events has no behaviour row yet): counts read as 0 and lists
 as empty. A missing SID is an error (every item has one).
@@ -12,10 +19,19 @@ as empty. A missing SID is an error (every item has one).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+# The default service: the SID version published last (or with --set-default).
 FEATURE_SERVICE = "ranker_v1"
+# The default version's table sizes; every published version also has FEATURE_META_DIR/<name>.json.
 FEATURE_META_FILE = "feature_meta.json"
+FEATURE_META_DIR = "feature_meta"
+# Published SID versions (see sid_registry_entry), read by feature_repo/definitions.py.
+SID_VERSIONS_FILE = "sid_versions.json"
+# Per-version tables: <repo>/data/<table>/<name>.parquet, one Feast source and view each.
+SID_VERSION_TABLES = ("item_sids", "user_sid_history")
 
 # Columns carried from the entity dataframe.
 ENTITY_COLUMNS = ("row_id", "user_id", "item_id", "event_timestamp", "label")
@@ -35,6 +51,35 @@ HIST_SID_PREFIXES = ("hist_sid_p1", "hist_sid_p2")  # encoded SID prefixes of hi
 HISTORY_LENGTH = 20
 
 TOKENIZER_VERSION = "tokenizer_version"
+
+
+def sid_version_name(version: str) -> str:
+    """Feast-safe name of a tokenizer version: ``rqvae-822439f417`` -> ``rqvae_822439f417``.
+
+    Used in the per-version source, view and service names
+    (``item_sid_<name>_fv``, ``user_sid_history_<name>_fv``, ``ranker_<name>``)
+    and file names, so two versions that differ only in punctuation would
+    collide; the publish step refuses that.
+    """
+    name = re.sub(r"[^0-9A-Za-z_]", "_", version.strip())
+    if not name:
+        raise ValueError(f"version={version!r}: expected a non-empty tokenizer version")
+    return name
+
+
+def sid_service(version: str) -> str:
+    """The feature service that serves SID version ``version`` (shared views plus its SID views)."""
+    return f"ranker_{sid_version_name(version)}"
+
+
+def rows_cache_path(dataset: Path, version: str, service: str | None = None) -> Path:
+    """Where ``ranking.train`` caches the Feast rows of SID ``version`` read through ``service``.
+
+    ``<dataset>/rows/<version name>/<service>.parquet``, the service defaulting
+    to the version's own (:func:`sid_service`); rows of different versions
+    never share a file.
+    """
+    return Path(dataset) / "rows" / sid_version_name(version) / f"{service or sid_service(version)}.parquet"
 
 
 def encode_prefix(codes: "list[int] | tuple[int, ...]", codebook_size: int) -> int:

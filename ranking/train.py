@@ -9,6 +9,14 @@ the sparse optimizer (fused SGD by default, or row-wise Adagrad) applied in
 backward); dense layers are data-parallel with Adam.
 Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet`` and
 the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``.
+
+SID versions: ``--sid-version V`` trains on any published version (its
+feature meta ``<repo>/data/feature_meta/<name>.json`` and service
+``ranker_<name>``); the default is the repository's default version. Rows
+are cached per version and service. MME-SID options: ``--sid-init codebook``
+starts the SID tables from ``<dataset>/sids/<V>/codebooks.pt``
+(ranking/sid_init.py), ``--fusion freq`` gates item-id and SID embeddings by
+item frequency (ranking/model.py).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from pipelines.schema import DataError, DatasetPaths, require_file, validate_eve
 from ranking import spec
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, read_feature_meta, sparse_tables
 from ranking.metrics import auc, evaluate_predictions
-from ranking.model import SPARSE_OPTIMIZERS, ModelConfig, build_model, shard_model
+from ranking.model import FUSIONS, SID_INITS, SPARSE_OPTIMIZERS, ModelConfig, build_model, shard_model
+from ranking.sid_init import init_sid_tables
 
 log = logging.getLogger("ranking.train")
 
@@ -59,10 +68,13 @@ class TrainConfig:
         repo: Feast repository the training rows come from.
         out: run folder for metrics, predictions and the checkpoint.
         rows: training rows parquet, read as given. None means the cache
-            ``<dataset>/rows/<service>.parquet``, (re)built from Feast by rank 0
-            when missing or older than the feature meta.
-        feature_meta: None means ``<repo>/data/feature_meta.json``.
-        service: Feast feature service name.
+            ``<dataset>/rows/<version name>/<service>.parquet``, (re)built from
+            Feast by rank 0 when missing or older than the feature meta or the
+            repository's SID version registry.
+        feature_meta: None means ``<repo>/data/feature_meta/<version name>.json``
+            with ``sid_version``, else ``<repo>/data/feature_meta.json`` (the default version).
+        sid_version: tokenizer version to train on; None means the feature meta's.
+        service: Feast feature service name; None means ``ranker_<version name>``.
         epochs: maximum epochs.
         batch_size: global batch (split evenly across ranks).
         sparse_optimizer: fused optimizer of the embedding tables (model.SPARSE_OPTIMIZERS).
@@ -81,7 +93,8 @@ class TrainConfig:
     out: Path
     rows: Path | None = None
     feature_meta: Path | None = None
-    service: str = spec.FEATURE_SERVICE
+    sid_version: str | None = None
+    service: str | None = None
     epochs: int = 10
     batch_size: int = 1024
     sparse_optimizer: str = "sgd"
@@ -106,14 +119,48 @@ class TrainConfig:
         for name in ("lr_sparse", "lr_dense", "ddr_cap_gb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def rows_path(self) -> Path:
-        return self.rows or self.dataset / "rows" / f"{self.service}.parquet"
+        if self.sid_version is not None:
+            spec.sid_version_name(self.sid_version)  # raises on an empty name
+        if self.model.fusion == "freq" and not (self.features.use_item_id and self.features.use_sid):
+            raise ValueError("fusion='freq' fuses the item-id and SID embeddings: it needs use_item_id and use_sid")
+        if self.model.sid_init == "codebook" and not self.features.use_sid:
+            raise ValueError("sid_init='codebook' initialises the SID tables: it needs use_sid")
 
     @property
     def feature_meta_path(self) -> Path:
-        return self.feature_meta or self.repo / "data" / spec.FEATURE_META_FILE
+        if self.feature_meta is not None:
+            return self.feature_meta
+        if self.sid_version is not None:
+            return self.repo / "data" / spec.FEATURE_META_DIR / f"{spec.sid_version_name(self.sid_version)}.json"
+        return self.repo / "data" / spec.FEATURE_META_FILE
+
+    def service_for(self, meta: spec.FeatureMeta) -> str:
+        """The feature service of the rows: ``service`` or the one of the meta's SID version."""
+        return self.service or spec.sid_service(meta.tokenizer_version)
+
+    def rows_path_for(self, meta: spec.FeatureMeta) -> Path:
+        """``rows`` or the per-version, per-service cache (``spec.rows_cache_path``)."""
+        return self.rows or spec.rows_cache_path(self.dataset, meta.tokenizer_version, self.service_for(meta))
+
+
+def read_meta(cfg: TrainConfig) -> spec.FeatureMeta:
+    """The feature meta of the configured SID version; a DataError names both versions when they differ."""
+    path = cfg.feature_meta_path
+    if cfg.sid_version is not None and cfg.feature_meta is None and not path.exists():
+        registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
+        published = sorted(json.loads(registry.read_text())["versions"]) if registry.exists() else []
+        raise DataError(
+            f"{path}: SID version '{cfg.sid_version}' is not published in {cfg.repo} (published: {published}); run "
+            f"`python -m pipelines.features --dataset {cfg.dataset} --sid-version {cfg.sid_version}` and "
+            f"`python -m pipelines.publish --dataset {cfg.dataset} --repo {cfg.repo} --no-set-default`"
+        )
+    meta = read_feature_meta(path)
+    if cfg.sid_version is not None and meta.tokenizer_version != cfg.sid_version:
+        raise DataError(
+            f"{path}: column 'tokenizer_version' is '{meta.tokenizer_version}' but the ranker is configured with "
+            f"--sid-version '{cfg.sid_version}'; pass the feature meta of '{cfg.sid_version}' or drop --feature-meta"
+        )
+    return meta
 
 
 def _init_distributed() -> bool:
@@ -149,17 +196,20 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
     """Training rows with the protocol ``split`` from events, sorted by ``row_id``.
 
     ``--rows`` is read as given. The default cache is (re)built from Feast by
-    rank 0 when missing or older than the feature meta, which every publish rewrites.
+    rank 0 when missing or older than the feature meta or the SID version
+    registry, which every publish rewrites.
     """
-    path = cfg.rows_path
+    path = cfg.rows_path_for(meta)
+    registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
+    sources = [cfg.feature_meta_path, *([registry] if registry.exists() else [])]
 
     def build_if_stale() -> None:
-        if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= cfg.feature_meta_path.stat().st_mtime):
+        if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= max(p.stat().st_mtime for p in sources)):
             return
         from ranking.rows import load_training_rows  # Feast is heavy: import only on a cache miss
 
         rows = load_training_rows(
-            cfg.repo, events, service=cfg.service, expected_tokenizer_version=meta.tokenizer_version
+            cfg.repo, events, service=cfg.service_for(meta), expected_tokenizer_version=meta.tokenizer_version
         )
         write_parquet(rows, path)
         log.info("wrote %d training rows to %s", len(rows), path)
@@ -301,16 +351,17 @@ def run(cfg: TrainConfig) -> dict | None:
         paths = DatasetPaths(cfg.dataset)
         events = pd.read_parquet(require_file(paths.events, "python -m pipelines.ingest"))
         events = validate_events(events, str(paths.events))
-        meta = read_feature_meta(cfg.feature_meta_path)
+        meta = read_meta(cfg)
         rows = load_rows(cfg, events, meta)
+        rows_path = cfg.rows_path_for(meta)
 
     # 3. tensors per split, encoded once
     with _timed(timings, "batches_s"):
         by_split = {s: rows[rows["split"] == s] for s in ("train", "valid", "test")}
-        splits = {s: build_split(r, meta, cfg.features, f"{cfg.rows_path}[{s}]") for s, r in by_split.items()}
+        splits = {s: build_split(r, meta, cfg.features, f"{rows_path}[{s}]") for s, r in by_split.items()}
     if len(splits["train"]) < cfg.batch_size:
         raise DataError(
-            f"{cfg.rows_path}: {len(splits['train'])} train rows < batch_size {cfg.batch_size}; lower --batch-size"
+            f"{rows_path}: {len(splits['train'])} train rows < batch_size {cfg.batch_size}; lower --batch-size"
         )
 
     # 4. model, sharding plan, optimizers
@@ -322,6 +373,9 @@ def run(cfg: TrainConfig) -> dict | None:
             ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30),
         )
         log.info("sharding plan:\n%s", plan["text"])
+        if cfg.model.sid_init == "codebook":
+            codebooks = DatasetPaths(cfg.dataset).sid_dir(meta.tokenizer_version) / "codebooks.pt"
+            init_sid_tables(dmp, tables, codebooks, meta, cfg.model.emb_dim, seed=cfg.seed)
 
     # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
     local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
@@ -367,6 +421,7 @@ def run(cfg: TrainConfig) -> dict | None:
         **{f"{s}_rows": len(splits[s]) for s in splits},
         "world_size": world,
         "tokenizer": meta.tokenizer_version,
+        "service": cfg.service_for(meta),
         "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
         "history": history,
         "config": config,
@@ -390,7 +445,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--rows", type=Path, default=TrainConfig.rows, help="cached training rows parquet")
     p.add_argument("--feature-meta", type=Path, default=TrainConfig.feature_meta)
-    p.add_argument("--service", default=TrainConfig.service)
+    p.add_argument("--sid-version", default=TrainConfig.sid_version, help="published SID version (default: the repo's)")
+    p.add_argument("--service", default=TrainConfig.service, help="feature service (default: the SID version's)")
     for name in ("epochs", "batch_size", "patience", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TrainConfig, name))
     p.add_argument("--sparse-optimizer", choices=sorted(SPARSE_OPTIMIZERS), default=TrainConfig.sparse_optimizer)
@@ -409,6 +465,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--over-layers", type=int, nargs="+", default=ModelConfig.over_layers)
     p.add_argument("--dcn-layers", type=int, default=ModelConfig.dcn_layers)
     p.add_argument("--dcn-low-rank", type=int, default=ModelConfig.dcn_low_rank)
+    p.add_argument("--sid-init", choices=SID_INITS, default=ModelConfig.sid_init, help="SID tables: random or codebook")
+    p.add_argument("--fusion", choices=FUSIONS, default=ModelConfig.fusion, help="item-id / SID fusion: none or freq")
     return p
 
 

@@ -70,3 +70,14 @@ def test_planted_structure_is_learned_across_two_ranks(run: tuple[demo.DemoConfi
     oracle = favourite_oracle_auc(cfg)
     assert metrics["test_auc"] > 0.58, metrics["history"]
     assert metrics["test_auc"] > oracle - 0.03, (metrics["test_auc"], oracle)
+
+
+def test_demo_offers_every_tokenizer_method(capsys: pytest.CaptureFixture) -> None:
+    from tokenizer.train import METHODS
+
+    for method in METHODS:
+        tokenize = dict(demo.stage_commands(demo.DemoConfig(method=method)))["tokenize"]
+        assert tokenize[tokenize.index("--method") + 1] == method
+    with pytest.raises(SystemExit):
+        demo.main(["--method", "no-such-method"])
+    assert "invalid choice: 'no-such-method'" in capsys.readouterr().err

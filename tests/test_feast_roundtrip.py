@@ -1,11 +1,14 @@
 """Publish a small dataset into a tmp copy of feature_repo and read it back with real Feast.
 
 Offline store duckdb, online store sqlite, the real `feast` CLI for apply and
-materialize (pipelines/publish.py), ranking/rows.py for retrieval.
+materialize (pipelines/publish.py), ranking/rows.py for retrieval. Two SID
+versions with different code lengths are published into the same repository:
+the first stays the default (``ranker_v1``), both stay retrievable.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -13,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pytest
-from test_features import SID_VERSION, T0, publish_copy, random_events, write_dataset
+from test_features import SID_VERSION, T0, build, publish_copy, random_events, write_dataset, write_sid_version
 
 from pipelines import publish
 from pipelines.protocol import assign_protocol_split
@@ -22,6 +25,8 @@ from ranking import spec
 from ranking.rows import load_training_rows, online_features, time_chunks
 
 N_USERS, N_ITEMS = 8, 10
+# The second version: other codes, other length (P) and codebook size (K).
+SID_VERSION_2, LEVELS_2, CODES_2 = "test-v2", 2, 6
 LIST_COLUMNS = (spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES, spec.ITEM_TAGS, spec.SID_CODES)
 COUNT_COLUMNS = (*spec.USER_COUNT_COLUMNS, *spec.ITEM_COUNT_COLUMNS)
 
@@ -30,7 +35,8 @@ class Published(NamedTuple):
     paths: DatasetPaths
     repo: Path
     events: pd.DataFrame
-    rows: pd.DataFrame
+    rows: pd.DataFrame  # ranker_v1: the default version, SID_VERSION
+    rows_2: pd.DataFrame  # ranker_test_v2
 
 
 def normalise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -44,8 +50,12 @@ def normalise(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def feature_table(paths: DatasetPaths, name: str) -> pd.DataFrame:
-    return pd.read_parquet(paths.features / f"{name}.parquet")
+def feature_table(repo: Path, name: str, version: str = SID_VERSION) -> pd.DataFrame:
+    """A published table: shared ones in data/, per-version ones in data/<table>/<version name>.parquet."""
+    data = repo / "data"
+    if name in spec.SID_VERSION_TABLES:
+        return pd.read_parquet(data / name / f"{spec.sid_version_name(version)}.parquet")
+    return pd.read_parquet(data / f"{name}.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,13 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     events = assign_protocol_split(pd.concat([frame, repeats], ignore_index=True), "roundtrip events")
     paths = write_dataset(root / "data", events, N_USERS, N_ITEMS)
     repo = publish_copy(paths, root / "repo", materialize=True)
-    return Published(paths, repo, events, load_training_rows(repo, events))
+    write_sid_version(paths, SID_VERSION_2, levels=LEVELS_2, codebook_size=CODES_2, rng=np.random.default_rng(7))
+    build(paths)
+    publish.main(["--dataset", str(paths.root), "--repo", str(repo), "--no-set-default", "--no-materialize"])
+    rows_2 = load_training_rows(
+        repo, events, service=spec.sid_service(SID_VERSION_2), expected_tokenizer_version=SID_VERSION_2
+    )
+    return Published(paths, repo, events, load_training_rows(repo, events), rows_2)
 
 
 def test_every_entity_row_comes_back_in_row_id_order(published: Published) -> None:
@@ -73,24 +89,63 @@ def test_every_entity_row_comes_back_in_row_id_order(published: Published) -> No
         assert (merged[column] == merged[f"{column}_event"]).all(), column
 
 
-def test_values_equal_the_source_tables_as_of_each_row(published: Published) -> None:
-    rows = normalise(published.rows)
+@pytest.mark.parametrize("version", [SID_VERSION, SID_VERSION_2])
+def test_values_equal_the_source_tables_as_of_each_row(published: Published, version: str) -> None:
+    rows = normalise(published.rows if version == SID_VERSION else published.rows_2)
     expected = rows[["row_id", "user_id", "item_id", "event_timestamp"]].sort_values("event_timestamp")
     for name, key in (("user_behaviour", "user_id"), ("item_behaviour", "item_id"), ("user_profile", "user_id"),
-                      ("item_content", "item_id"), ("item_sids", "item_id")):
-        table = feature_table(published.paths, name).sort_values("event_timestamp")
+                      ("item_content", "item_id"), ("item_sids", "item_id"), ("user_sid_history", "user_id")):
+        table = feature_table(published.repo, name, version).sort_values("event_timestamp")
         table["event_timestamp"] = table["event_timestamp"].dt.as_unit("ns")
         # Point-in-time semantics re-implemented with pandas: latest stamp <= the row's time.
         expected = pd.merge_asof(expected, table, on="event_timestamp", by=key, allow_exact_matches=True)
     expected = normalise(expected.sort_values("row_id", ignore_index=True))
     for column in [c for c in rows.columns if c not in spec.ENTITY_COLUMNS]:
         assert rows[column].tolist() == expected[column].tolist(), column
-    assert (rows[spec.TOKENIZER_VERSION] == SID_VERSION).all()
+    assert (rows[spec.TOKENIZER_VERSION] == version).all()
     assert rows["age_id"].notna().all() and rows["year_bucket"].notna().all()  # 1970 stamps never expire
 
 
+def test_two_sid_versions_come_back_intact_and_different(published: Published) -> None:
+    v1, v2 = normalise(published.rows), normalise(published.rows_2)
+    assert v1["row_id"].tolist() == v2["row_id"].tolist() == sorted(published.events["row_id"])
+    assert {len(c) for c in v1[spec.SID_CODES]} == {3} and {len(c) for c in v2[spec.SID_CODES]} == {LEVELS_2}
+    assert max(max(c) for c in v2[spec.SID_CODES]) >= 4  # K = 6: codes beyond the first version's K = 4
+    assert (v1[spec.HIST_SID_PREFIXES[0]] != v2[spec.HIST_SID_PREFIXES[0]]).any()
+    shared = [c for c in v1.columns if c not in (spec.SID_CODES, spec.TOKENIZER_VERSION, *spec.HIST_SID_PREFIXES)]
+    assert v1[shared].equals(v2[shared])
+    data = published.repo / "data"
+    registry = json.loads((data / spec.SID_VERSIONS_FILE).read_text())
+    assert registry["default"] == SID_VERSION and sorted(registry["versions"]) == [SID_VERSION, SID_VERSION_2]
+    metas = {v: json.loads((data / spec.FEATURE_META_DIR / f"{spec.sid_version_name(v)}.json").read_text())
+             for v in (SID_VERSION, SID_VERSION_2)}
+    assert [(m["sid_levels"], m["sid_codebook_size"]) for m in metas.values()] == [(3, 4), (LEVELS_2, CODES_2)]
+    assert json.loads((data / spec.FEATURE_META_FILE).read_text()) == metas[SID_VERSION]  # --no-set-default
+    # Asking a version's service for another version's SIDs names both.
+    with pytest.raises(DataError, match=f"serves SIDs of tokenizer_version \\['{SID_VERSION_2}'\\], expected "
+                                        f"'{SID_VERSION}'; ask for service 'ranker_test_v1'"):
+        load_training_rows(published.repo, published.events.iloc[:5], service=spec.sid_service(SID_VERSION_2),
+                           expected_tokenizer_version=SID_VERSION)
+    with pytest.raises(DataError, match="no feature service 'ranker_test_v3'.*'ranker_test_v2', 'ranker_v1'"):
+        load_training_rows(published.repo, published.events.iloc[:5], service="ranker_test_v3")
+
+
+def test_registry_adds_versions_drops_other_events_and_refuses_name_clashes(tmp_path: Path) -> None:
+    meta = {"tokenizer_version": "a-1", "sid_levels": 3, "sid_codebook_size": 8, "events_sha256": "e1"}
+    registry = publish.updated_registry(publish.read_registry(tmp_path), meta, tmp_path, set_default=False)
+    assert registry["default"] == "a-1" and registry["versions"]["a-1"]["service"] == "ranker_a_1"
+    registry = publish.updated_registry(registry, {**meta, "tokenizer_version": "b"}, tmp_path, set_default=False)
+    assert registry["default"] == "a-1" and sorted(registry["versions"]) == ["a-1", "b"]
+    registry = publish.updated_registry(registry, {**meta, "tokenizer_version": "c"}, tmp_path, set_default=True)
+    assert registry["default"] == "c" and sorted(registry["versions"]) == ["a-1", "b", "c"]
+    with pytest.raises(DataError, match="'a.1' has the Feast name 'a_1' of the published version 'a-1'"):
+        publish.updated_registry(registry, {**meta, "tokenizer_version": "a.1"}, tmp_path, set_default=True)
+    other_events = publish.updated_registry(registry, {**meta, "events_sha256": "e2"}, tmp_path, set_default=False)
+    assert other_events == {"default": "a-1", "versions": {"a-1": other_events["versions"]["a-1"]}}
+
+
 def test_microsecond_stamps_are_kept(published: Published) -> None:
-    behaviour = feature_table(published.paths, "user_behaviour")
+    behaviour = feature_table(published.repo, "user_behaviour")
     n = len(behaviour)
     micro = pd.Timedelta(microseconds=1)
     stamps = behaviour["event_timestamp"]
@@ -131,12 +186,12 @@ def test_online_store_serves_the_latest_values(published: Published) -> None:
     user_id, item_ids = 1, [2, 5, 7]
     online = online_features(published.repo, user_id, item_ids)
     assert online["item_id"].tolist() == item_ids
-    user_last = feature_table(published.paths, "user_behaviour").groupby("user_id").last().loc[user_id]
+    user_last = feature_table(published.repo, "user_behaviour").groupby("user_id").last().loc[user_id]
     assert (online["user_count"] == user_last["user_count"]).all()
     assert [list(h) for h in online[spec.HIST_ITEMS]] == [list(user_last[spec.HIST_ITEMS])] * len(item_ids)
-    item_last = feature_table(published.paths, "item_behaviour").groupby("item_id").last()
+    item_last = feature_table(published.repo, "item_behaviour").groupby("item_id").last()
     assert online["item_pos_count"].tolist() == item_last.loc[item_ids, "item_pos_count"].tolist()
-    sids = feature_table(published.paths, "item_sids").set_index("item_id")
+    sids = feature_table(published.repo, "item_sids").set_index("item_id")
     assert [list(c) for c in online[spec.SID_CODES]] == [list(sids.at[i, spec.SID_CODES]) for i in item_ids]
 
 
@@ -144,10 +199,14 @@ def test_registered_views_never_expire(published: Published) -> None:
     from feast import FeatureStore
 
     store = FeatureStore(repo_path=str(published.repo))
-    service = store.get_feature_service(spec.FEATURE_SERVICE)
-    names = sorted(p.name for p in service.feature_view_projections)
-    assert names == ["item_behaviour_fv", "item_content_fv", "item_sid_fv", "user_behaviour_fv", "user_profile_fv"]
-    assert all(store.get_feature_view(name).ttl == timedelta(0) for name in names)
+    shared = ["item_behaviour_fv", "item_content_fv", "user_behaviour_fv", "user_profile_fv"]
+    services = (("ranker_v1", "test_v1"), ("ranker_test_v1", "test_v1"), ("ranker_test_v2", "test_v2"))
+    for service_name, version in services:
+        service = store.get_feature_service(service_name)
+        names = sorted(p.name for p in service.feature_view_projections)
+        assert names == sorted([*shared, f"item_sid_{version}_fv", f"user_sid_history_{version}_fv"]), service_name
+    views = [view.name for view in store.list_feature_views()]
+    assert len(views) == len(shared) + 4 and all(store.get_feature_view(name).ttl == timedelta(0) for name in views)
 
 
 def test_failing_feast_command_raises_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

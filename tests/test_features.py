@@ -76,16 +76,25 @@ def write_dataset(
     write_parquet(items, paths.items)
     write_parquet(users[["user_id", "raw_user_id", *profile_columns]], paths.users)
     write_json({"n_users": n_users, "n_items": n_items, "user_profile_columns": list(profile_columns)}, paths.meta)
+    write_sid_version(paths, SID_VERSION, levels=levels, codebook_size=codebook_size, rng=rng)
+    return paths
+
+
+def write_sid_version(
+    paths: DatasetPaths, version: str, *, levels: int, codebook_size: int, rng: np.random.Generator
+) -> pd.DataFrame:
+    """Random SIDs of every item of ``paths`` as ``sids/<version>/``, valid from the first event; LATEST -> it."""
+    n_items = int(json.loads(paths.meta.read_text())["n_items"])
     sids = pd.DataFrame({"item_id": np.arange(1, n_items + 1)})
     for level in range(levels):
         sids[f"sid_{level}"] = rng.integers(0, codebook_size, n_items)
-    sids["tokenizer_version"] = SID_VERSION
-    sids["event_timestamp"] = events["event_timestamp"].min()
+    sids["tokenizer_version"] = version
+    sids["event_timestamp"] = pd.read_parquet(paths.events, columns=["event_timestamp"]).iloc[:, 0].min()
     sids["created"] = pd.Timestamp.now(tz="UTC")
-    write_parquet(sids, paths.sid_dir(SID_VERSION) / "sids.parquet")
-    write_json({"levels": levels, "codebook_size": codebook_size}, paths.sid_dir(SID_VERSION) / "config.json")
-    (paths.root / "sids" / "LATEST").write_text(SID_VERSION + "\n")
-    return paths
+    write_parquet(sids, paths.sid_dir(version) / "sids.parquet")
+    write_json({"levels": levels, "codebook_size": codebook_size}, paths.sid_dir(version) / "config.json")
+    (paths.root / "sids" / "LATEST").write_text(version + "\n")
+    return sids
 
 
 def build(paths: DatasetPaths) -> spec.FeatureMeta:
@@ -143,10 +152,14 @@ def test_counts_are_stamped_one_microsecond_after_all_events_at_t(hand_dataset: 
 def test_history_is_most_recent_first_with_prefix_codes(hand_dataset: DatasetPaths) -> None:
     meta = build(hand_dataset)
     user = pd.read_parquet(hand_dataset.features / "user_behaviour.parquet")
+    assert not set(spec.HIST_SID_PREFIXES) & set(user.columns)  # they depend on the SID version
     one = user[user["user_id"] == 1].reset_index(drop=True)
     # Same-timestamp positives follow row_id order (item_id within a user), newest last.
     assert [list(h) for h in one[spec.HIST_ITEMS]] == [[3, 2], [4, 3, 2], [5, 4, 3, 2]]
     assert list(user.loc[user["user_id"] == 3, spec.HIST_ITEMS].iloc[0]) == []
+    history = pd.read_parquet(hand_dataset.features / "user_sid_history.parquet")
+    assert history[["user_id", "event_timestamp"]].equals(user[["user_id", "event_timestamp"]])
+    one = one.join(history.loc[user["user_id"] == 1, list(spec.HIST_SID_PREFIXES)].reset_index(drop=True))
     sids = pd.read_parquet(hand_dataset.sid_dir(SID_VERSION) / "sids.parquet").set_index("item_id")
     k = meta.sid_codebook_size
     for items, p1, p2 in zip(one[spec.HIST_ITEMS], one["hist_sid_p1"], one["hist_sid_p2"]):

@@ -76,7 +76,8 @@ def copy_of(stage1: tuple[DatasetPaths, str], dest: Path) -> DatasetPaths:
 
 
 def run(paths: DatasetPaths, version: str, *extra: str) -> dict:
-    return finetune.main(["--dataset", str(paths.root), "--sid-version", version, *FT_ARGS, *extra])
+    rows = paths.root / "rows" / "ranker_v1.parquet"  # the fixture's Feast-like rows, passed explicitly
+    return finetune.main(["--dataset", str(paths.root), "--sid-version", version, "--rows", str(rows), *FT_ARGS, *extra])
 
 
 def codes_of(paths: DatasetPaths, version: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipelines.io import write_json, write_parquet
 from pipelines.protocol import assign_protocol_split
@@ -34,6 +35,9 @@ META = spec.FeatureMeta(
 
 def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: int = 0) -> tuple[Path, Path, Path]:
     """events.parquet, rows parquet and feature_meta.json whose label follows sid_0 and age.
+
+    Also the SID version's codebooks.pt: codeword c of position 0 sits at +1 (c < CODES / 2, the
+    codes of liked items) or -1 on its first axis, so a codebook-initialised table starts separated.
 
     Returns:
         (dataset folder, rows path, feature meta path).
@@ -73,6 +77,11 @@ def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: i
         gender_id=rng.integers(0, 3, N_ROWS),
     )
     dataset = root / "data"
+    codebooks = [torch.randn(CODES, 6, generator=torch.Generator().manual_seed(level)) for level in range(LEVELS)]
+    codebooks[0][:, 0] = torch.where(torch.arange(CODES) < CODES // 2, 1.0, -1.0) * 4
+    sid_dir = dataset / "sids" / META.tokenizer_version
+    sid_dir.mkdir(parents=True)
+    torch.save({"codebooks": codebooks, "config": {"levels": LEVELS}}, sid_dir / "codebooks.pt")
     write_parquet(events, dataset / "events.parquet")
     write_parquet(rows, dataset / "rows.parquet")
     write_json({**dataclasses.asdict(META), "extra": 1}, root / "feature_meta.json")
@@ -125,11 +134,13 @@ def test_torchrun_two_ranks_learns_planted_signal(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_shuffled_train_labels_give_chance_auc(tmp_path: Path) -> None:
     dataset, rows, meta = synthetic_dataset(tmp_path, shuffle_train_labels=True)
+    # The MME-SID options under 2 ranks too: no path around the shuffled labels.
     metrics = _torchrun(
         dataset, rows, meta, tmp_path / "run", "--arch", "dcn", "--no-save-checkpoint",
-        "--sparse-optimizer", "rowwise_adagrad", "--lr-sparse", "0.05",
+        "--sparse-optimizer", "rowwise_adagrad", "--lr-sparse", "0.05", "--sid-init", "codebook", "--fusion", "freq",
     )
 
+    assert metrics["config"]["model"]["sid_init"] == "codebook" and metrics["config"]["model"]["fusion"] == "freq"
     assert abs(metrics["test_auc"] - 0.5) < 0.07, metrics["history"]
     assert not (tmp_path / "run" / "checkpoint").exists()
 
@@ -149,8 +160,10 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
             "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--no-use-item-id", "--no-save-checkpoint"]
     metrics = train.main(argv)
 
-    assert calls == [(tmp_path, N_ROWS, spec.FEATURE_SERVICE, META.tokenizer_version)]
-    assert (dataset / "rows" / f"{spec.FEATURE_SERVICE}.parquet").exists()
+    # The service and the cache of the feature meta's SID version.
+    assert calls == [(tmp_path, N_ROWS, "ranker_rq_test", META.tokenizer_version)]
+    assert (dataset / "rows" / "rq_test" / "ranker_rq_test.parquet").exists()
+    assert metrics["service"] == "ranker_rq_test"
     assert metrics["world_size"] == 1 and set(map(tuple, metrics["plan"].values())) == {(0,)}
     assert "t_item" not in metrics["plan"] and "t_sid_0" in metrics["plan"]
     assert metrics["test_auc"] > 0.7
@@ -183,6 +196,13 @@ def test_cli_rejects_unknown_and_bad_values(tmp_path: Path) -> None:
         config_from_args([*base, "--emb-dim", "10"])
     with pytest.raises(ValueError, match="batch_size"):
         config_from_args([*base, "--batch-size", "0"])
+    with pytest.raises(ValueError, match="fusion='freq' .* needs use_item_id and use_sid"):
+        config_from_args([*base, "--fusion", "freq", "--no-use-sid"])
+    with pytest.raises(ValueError, match="sid_init='codebook' .* needs use_sid"):
+        config_from_args([*base, "--sid-init", "codebook", "--no-use-sid"])
+    for flag, value in (("--sid-init", "pca"), ("--fusion", "sum")):
+        with pytest.raises(SystemExit):
+            config_from_args([*base, flag, value])
     cfg = config_from_args([*base, "--dense-layers", "32", "16", "--no-use-sid"])
     assert cfg.model.dense_layers == (32, 16) and not cfg.features.use_sid
 
@@ -204,4 +224,35 @@ def test_feature_store_of_other_events_is_refused(tmp_path: Path) -> None:
     argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path / "run"),
             "--rows", str(rows_path), "--feature-meta", str(meta)]
     with pytest.raises(DataError, match="published from other events"):
+        train.main(argv)
+
+
+def test_sid_version_selects_meta_service_and_cache_and_names_both_versions(tmp_path: Path) -> None:
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    repo = tmp_path / "repo"
+    base = ["--dataset", str(dataset), "--repo", str(repo), "--out", str(tmp_path / "run")]
+    cfg = config_from_args([*base, "--sid-version", "rq-test"])
+    assert cfg.feature_meta_path == repo / "data" / "feature_meta" / "rq_test.json"
+    assert cfg.service_for(META) == "ranker_rq_test"
+    assert cfg.rows_path_for(META) == dataset / "rows" / "rq_test" / "ranker_rq_test.parquet"
+    assert config_from_args(base).feature_meta_path == repo / "data" / spec.FEATURE_META_FILE  # the default version
+    # A version the repository never published: the error lists what is published.
+    registry = {"default": "rq-test", "versions": {"rq-test": {"name": "rq_test"}}}
+    write_json(registry, repo / "data" / spec.SID_VERSIONS_FILE)
+    with pytest.raises(DataError, match=r"SID version 'rq-other' is not published .*\['rq-test'\]"):
+        train.main([*base, "--sid-version", "rq-other"])
+    # A feature meta of another version than configured: both named.
+    with pytest.raises(DataError, match="'rq-test' but the ranker is configured with --sid-version 'rq-other'"):
+        train.main([*base, "--sid-version", "rq-other", "--feature-meta", str(meta), "--rows", str(rows_path)])
+
+
+def test_world_size_one_trains_with_codebook_init_and_frequency_fusion(tmp_path: Path) -> None:
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--feature-meta", str(meta), "--rows", str(rows_path),
+            "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--no-save-checkpoint", "--sid-init", "codebook",
+            "--fusion", "freq"]
+    metrics = train.main(argv)
+    assert metrics["test_auc"] > 0.7 and metrics["config"]["model"]["sid_init"] == "codebook"
+    (dataset / "sids" / META.tokenizer_version / "codebooks.pt").unlink()
+    with pytest.raises(DataError, match="codebooks.pt: not found; --sid-init codebook needs"):
         train.main(argv)

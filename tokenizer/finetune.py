@@ -54,7 +54,7 @@ from tqdm import tqdm
 from pipelines.io import read_json
 from pipelines.schema import DataError, DatasetPaths, check_ids_in_range, require_columns, require_file, validate_sids
 from ranking.metrics import auc, logloss
-from ranking.spec import FEATURE_SERVICE, ITEM_COUNT_COLUMNS, USER_COUNT_COLUMNS
+from ranking.spec import ITEM_COUNT_COLUMNS, USER_COUNT_COLUMNS, rows_cache_path
 from tokenizer.metrics import summary_line, tokenizer_metrics
 from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.modalities import INGEST_COMMAND, read_modalities
@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 COUNT_COLUMNS = (*USER_COUNT_COLUMNS, *ITEM_COUNT_COLUMNS)
 ROW_COLUMNS = ("row_id", "user_id", "item_id", "label", *COUNT_COLUMNS)
-ROWS_COMMAND = "python -m ranking.train --dataset <D> --repo feature_repo --out <run> (it caches D/rows/)"
+ROWS_COMMAND = "python -m ranking.train --dataset <D> --repo feature_repo --out <run> --sid-version <V> (it caches D/rows/<V>/)"
 TRAIN_COMMAND = "python -m tokenizer.train --dataset <D> --method mmq"
 
 
@@ -75,7 +75,7 @@ class FinetuneConfig:
     Args:
         dataset: dataset folder (pipelines.schema.DatasetPaths root).
         sid_version: stage-1 (or earlier fine-tuned) MMQ version, or ``LATEST``.
-        rows: training rows parquet; None = ``D/rows/ranker_v1.parquet``.
+        rows: training rows parquet; None = the parent version's Feast rows cache (``ranking.spec.rows_cache_path``).
         epochs: fixed number of passes over the train rows (no early stopping).
         batch_size: rows per step.
         lr: Adam learning rate of tokenizer and click model.
@@ -109,10 +109,6 @@ class FinetuneConfig:
                 f"lr={self.lr}, tau={self.tau}, recon_weight={self.recon_weight}, quant_weight={self.quant_weight}: "
                 f"expected lr > 0, tau > 0, recon_weight >= 0, quant_weight >= 0"
             )
-
-    @property
-    def rows_path(self) -> Path:
-        return self.rows or self.dataset / "rows" / f"{FEATURE_SERVICE}.parquet"
 
     def hashable(self) -> dict:
         """The settings that determine the result (not where files lie)."""
@@ -367,6 +363,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     meta = read_json(require_file(paths.meta, INGEST_COMMAND))
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
     parent = load_stage1(paths, resolve_version(paths, cfg.sid_version))
+    # Only behaviour columns and labels are read, so the parent version's own Feast rows serve.
+    rows_path = cfg.rows or rows_cache_path(paths.root, parent.version)
     mmq = parent.model
     modalities = read_modalities(paths, list(mmq.cfg.modalities))
     xs = mmq.check_inputs({m: torch.from_numpy(a) for m, a in modalities.items()})  # [n_items + 1, d_m]
@@ -374,8 +372,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise DataError(
             f"{paths.sid_dir(parent.version)}/sids.parquet: {len(parent.codes)} items, meta.json says {n_items}"
         )
-    frames = load_split_rows(paths, cfg.rows_path)
-    splits = {s: row_tensors(f, n_users, n_items, f"{cfg.rows_path}[{s}]") for s, f in frames.items()}
+    frames = load_split_rows(paths, rows_path)
+    splits = {s: row_tensors(f, n_users, n_items, f"{rows_path}[{s}]") for s, f in frames.items()}
     version, digest = version_of(cfg, parent.version, modalities, frames["train"])
     logger.info("config %s", json.dumps({**cfg.hashable(), "parent": parent.version, "version": version}))
     items_xs = {m: x[1:] for m, x in xs.items()}  # items 1..n_items, no padding row
