@@ -1,6 +1,6 @@
 """Offline AUC benchmark on the protocol of DESIGN.md section 5 (3 seeds, mean +- std).
 
-    python -m benchmarks.auc                       # MovieLens-100K, RQ-VAE SIDs, 2 ranks
+    python -m benchmarks.auc                       # MovieLens-100K, the demo's tokenizer, 2 ranks
     python -m benchmarks.auc --seeds 0 1 2 --epochs 20 --no-prepare
 
 Rankers (TorchRec DLRM under torchrun, same rows from Feast):

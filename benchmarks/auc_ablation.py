@@ -24,11 +24,10 @@ from pathlib import Path
 
 from benchmarks.auc import REPORTED
 from benchmarks.report import fmt, markdown_table, mean_std, write_results
-from pipelines.demo import DemoConfig, run_stage, stage_commands
+from pipelines.demo import CODE_BUDGET, DemoConfig, run_stage, stage_commands
 from pipelines.io import read_json
 from pipelines.schema import DatasetPaths
 
-CODE_BUDGET = ["--levels", "4", "--codebook-size", "64"]
 TOKENIZERS = ("rqkmeans", "rqvae", "mm_rqvae", "mmq", "mmq_ft")
 SID_INITS = ("random", "codebook")
 

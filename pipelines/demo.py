@@ -25,6 +25,10 @@ from pipelines.io import read_json, write_json
 from pipelines.schema import DatasetPaths
 from tokenizer.train import METHODS
 
+# P code positions x K codes: every tokenizer method fits this budget, and the
+# ablation (benchmarks/auc_ablation.py) compares them at it.
+CODE_BUDGET = ("--levels", "4", "--codebook-size", "64")
+
 # Dataset name -> `python -m pipelines.ingest` arguments that produce it.
 DATASET_COMMANDS = {
     "ml-100k": ["movielens-100k"],
@@ -61,7 +65,7 @@ class DemoConfig:
     """
 
     dataset: str = "ml-100k"
-    method: str = "rqvae"
+    method: str = "mm_rqvae"
     artifacts: Path = Path("artifacts")
     repo: Path = Path("feature_repo")
     out: Path = Path("artifacts/demo")
@@ -98,7 +102,8 @@ def stage_commands(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
     data = str(cfg.artifacts / cfg.dataset)
     return [
         ("ingest", [py, "-m", "pipelines.ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts)]),
-        ("tokenize", [py, "-m", "tokenizer.train", "--dataset", data, "--method", cfg.method, "--seed", str(cfg.seed)]),
+        ("tokenize", [py, "-m", "tokenizer.train", "--dataset", data, "--method", cfg.method, "--seed", str(cfg.seed),
+                      *CODE_BUDGET]),
         ("features", [py, "-m", "pipelines.features", "--dataset", data, "--sid-version", "LATEST"]),
         ("feast", [py, "-m", "pipelines.publish", "--dataset", data, "--repo", str(cfg.repo)]),
         (
