@@ -10,7 +10,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from pipelines.schema import DataError
 from tokenizer.losses import gaussian_mmd, info_nce
 from tokenizer.metrics import level_usage
-from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig, present_rows
+from tokenizer.losses import present_rows
+from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig
 from tokenizer.quantizer import sum_sq_error
 
 CLUSTERS = 8

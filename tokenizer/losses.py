@@ -134,3 +134,8 @@ def orthogonality_loss(shared: Tensor, specific: Tensor) -> Tensor:
         return shared.new_zeros(())
     cos = F.cosine_similarity(shared, specific, dim=1, eps=1e-8)
     return cos.pow(2).mean()
+
+
+def present_rows(x: Tensor) -> Tensor:
+    """Bool [N]: rows of ``x`` [N, D] that are not all zeros (the modality is there for that item)."""
+    return (x != 0).any(dim=1)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.schema import DataError
-from tokenizer.losses import gaussian_mmd, info_nce
+from tokenizer.losses import gaussian_mmd, info_nce, present_rows
 from tokenizer.metrics import level_usage
 from tokenizer.quantizer import ResidualQuantizer, sum_sq_error
 from tokenizer.rqvae import mlp
@@ -57,11 +57,6 @@ ALIGN_KINDS = ("mmd", "infonce", "none")
 
 
 # helpers
-
-
-def present_rows(x: Tensor) -> Tensor:
-    """Bool [N]: rows of ``x`` [N, D] that are not all zeros (the modality is there)."""
-    return (x != 0).any(dim=1)
 
 
 def check_inputs(xs: Mapping[str, Tensor], dims: Mapping[str, int]) -> int:

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipelines.schema import DataError
-from tokenizer.losses import orthogonality_loss
+from tokenizer.losses import orthogonality_loss, present_rows
 from tokenizer.metrics import level_usage
 from tokenizer.quantizer import ResidualQuantizer, sq_distances
 from tokenizer.rqvae import mlp
@@ -72,11 +72,6 @@ from tokenizer.rqvae import mlp
 logger = logging.getLogger(__name__)
 
 # helpers
-
-
-def present_rows(x: Tensor) -> Tensor:
-    """[N] bool: rows of ``x`` [N, d] that are not all zeros (the modality is present)."""
-    return x.abs().sum(1) > 0
 
 
 def masked_sq_error(x: Tensor, recon: Tensor, mask: Tensor) -> Tensor:

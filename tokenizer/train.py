@@ -58,7 +58,8 @@ from pipelines.schema import (
     validate_sids,
 )
 from tokenizer.metrics import reconstruction_metrics, summary_line, tokenizer_metrics
-from tokenizer.mm_rqvae import ALIGN_KINDS, MMRQVAE, MMRQVAEConfig, present_rows
+from tokenizer.losses import present_rows
+from tokenizer.mm_rqvae import ALIGN_KINDS, MMRQVAE, MMRQVAEConfig
 from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.modalities import INGEST_COMMAND, build_modalities
 from tokenizer.rqkmeans import RQKMeans
