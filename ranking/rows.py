@@ -13,7 +13,6 @@ events they count, so a row never sees its own label (pipelines/features.py).
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,9 @@ from ranking import spec
 
 log = logging.getLogger(__name__)
 
-# Bounds per get_historical_features call. The duckdb point-in-time join pairs
-# each entity row with every earlier feature row of its user and of its item
-# (an inequality join, then a window), so memory follows the joined rows, not
-# the entity rows: a user with n events costs ~n^2/2.
+# Entity rows per get_historical_features call: bounds the memory of one
+# answer (the as-of join itself grows like n log n, pipelines/offline_store.py).
 MAX_ENTITY_ROWS = 2_000_000
-MAX_JOINED_ROWS = 5_000_000
-# DuckDB spills that join to "<cwd>/.tmp" and by default may fill 90% of the free disk.
-DUCKDB_SPILL_LIMIT = "8GB"
 
 
 def _feature_store(repo: Path):
@@ -59,31 +53,10 @@ def _feature_service(store, repo: Path, service: str):
         ) from None
 
 
-def _bound_duckdb_spill() -> None:
-    import ibis
-
-    # Feast's duckdb offline store runs on ibis' default backend.
-    backend = ibis.get_backend()
-    if backend.name == "duckdb":
-        backend.raw_sql(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'sidrank-duckdb'}'")
-        backend.raw_sql(f"SET max_temp_directory_size = '{DUCKDB_SPILL_LIMIT}'")
-
-
-def time_chunks(
-    entity_df: pd.DataFrame, max_rows: int = MAX_ENTITY_ROWS, max_joined_rows: int = MAX_JOINED_ROWS
-) -> list[np.ndarray]:
-    """Row positions in time order, cut into consecutive ranges within both bounds.
-
-    A row's join size is estimated as 1 + the earlier rows of its user + those
-    of its item in ``entity_df`` itself.
-    """
+def time_chunks(entity_df: pd.DataFrame, max_rows: int = MAX_ENTITY_ROWS) -> list[np.ndarray]:
+    """Row positions in time order, cut into consecutive ranges of at most ``max_rows``."""
     order = np.argsort(entity_df["event_timestamp"].to_numpy(), kind="stable")
-    ordered = entity_df.iloc[order]
-    joined = ordered.groupby("user_id").cumcount().to_numpy() + ordered.groupby("item_id").cumcount().to_numpy() + 1
-    by_join = (np.cumsum(joined) - 1) // max_joined_rows
-    by_rows = np.arange(len(order)) // max_rows
-    cuts = np.flatnonzero((np.diff(by_join) != 0) | (np.diff(by_rows) != 0)) + 1
-    return np.split(order, cuts)
+    return np.split(order, np.arange(max_rows, len(order), max_rows))
 
 
 def _check_versions(rows: pd.DataFrame, repo: Path, service: str, expected: str | None) -> None:
@@ -111,7 +84,6 @@ def load_training_rows(
     service: str = spec.FEATURE_SERVICE,
     expected_tokenizer_version: str | None = None,
     max_rows_per_call: int = MAX_ENTITY_ROWS,
-    max_joined_rows_per_call: int = MAX_JOINED_ROWS,
 ) -> pd.DataFrame:
     """Join the feature service onto labelled events, one row per event, sorted by ``row_id``.
 
@@ -122,7 +94,6 @@ def load_training_rows(
         service: feature service name.
         expected_tokenizer_version: if given, every row's SID must come from it.
         max_rows_per_call: entity rows per retrieval; larger inputs go in time chunks.
-        max_joined_rows_per_call: estimated joined rows per retrieval (see :func:`time_chunks`).
 
     Returns:
         ``spec.ENTITY_COLUMNS`` plus the service's features. Rows without an
@@ -142,8 +113,7 @@ def load_training_rows(
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
     store = _feature_store(repo)
     features = _feature_service(store, repo, service)
-    _bound_duckdb_spill()
-    chunks = time_chunks(entity_df, max_rows_per_call, max_joined_rows_per_call)
+    chunks = time_chunks(entity_df, max_rows_per_call)
     parts = []
     for positions in tqdm(chunks, desc="feast rows", unit="chunk", disable=len(chunks) == 1):
         part = entity_df.iloc[np.sort(positions)]

@@ -218,19 +218,10 @@ def test_failing_feast_command_raises_with_its_stderr(tmp_path: Path, monkeypatc
         publish.PublishConfig(dataset=tmp_path, repo=tmp_path)
 
 
-def test_time_chunks_respect_row_and_join_bounds() -> None:
-    entity_df = pd.DataFrame(
-        {
-            "user_id": [1] * 6 + [2] * 4,
-            "item_id": [1, 2, 3, 4, 5, 6, 1, 1, 1, 1],
-            "event_timestamp": T0 + pd.to_timedelta(np.arange(10)[::-1], unit="s"),
-        }
-    )
-    chunks = time_chunks(entity_df, max_rows=3, max_joined_rows=6)
+def test_time_chunks_are_consecutive_time_ranges_within_the_row_bound() -> None:
+    entity_df = pd.DataFrame({"event_timestamp": T0 + pd.to_timedelta(np.arange(10)[::-1], unit="s")})
+    chunks = time_chunks(entity_df, max_rows=3)
     assert sorted(np.concatenate(chunks).tolist()) == list(range(10))
     times = [entity_df["event_timestamp"].iloc[c] for c in chunks]
-    assert all(a.max() <= b.min() for a, b in zip(times, times[1:]))  # consecutive time ranges
-    assert max(len(c) for c in chunks) <= 3
-    # A row joins with 1 + the earlier rows of its user + those of its item: in time order
-    # costs 1, 3, 5, 7 (user 2 on item 1), then 1, 2, 3, 4, 5, 10 (user 1); cut every 6.
-    assert [len(c) for c in chunks] == [2, 1, 2, 1, 1, 1, 1, 1]
+    assert all(a.max() <= b.min() for a, b in zip(times, times[1:]))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1]
