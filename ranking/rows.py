@@ -8,18 +8,24 @@ events they count, so a row never sees its own label (pipelines/features.py).
     rows = load_training_rows(Path("feature_repo"), events)                      # default SID version
     rows = load_training_rows(Path("feature_repo"), events, service=spec.sid_service(version),
                               expected_tokenizer_version=version)             # any published version
+    write_training_rows(Path("feature_repo"), events, Path("rows.parquet"))      # streamed, for 10M+ events
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.features import from_micros, to_micros
+from pipelines.io import atomic_path
 from pipelines.schema import DataError, require_columns
 from ranking import spec
 
@@ -53,22 +59,25 @@ def _feature_service(store, repo: Path, service: str):
         ) from None
 
 
-def time_chunks(entity_df: pd.DataFrame, max_rows: int = MAX_ENTITY_ROWS) -> list[np.ndarray]:
-    """Row positions in time order, cut into consecutive ranges of at most ``max_rows``."""
-    order = np.argsort(entity_df["event_timestamp"].to_numpy(), kind="stable")
+def row_chunks(row_ids: np.ndarray, max_rows: int = MAX_ENTITY_ROWS) -> list[np.ndarray]:
+    """Positions of ``row_ids`` in ascending row id order, cut into consecutive ranges of at most ``max_rows``.
+
+    Row ids ascend with time (pipelines/protocol.py), so a chunk is a time range too.
+    """
+    order = np.argsort(row_ids, kind="stable")
     return np.split(order, np.arange(max_rows, len(order), max_rows))
 
 
-def _check_versions(rows: pd.DataFrame, repo: Path, service: str, expected: str | None) -> None:
-    versions = rows[spec.TOKENIZER_VERSION]
-    if versions.isna().any():
-        missing = rows.loc[versions.isna(), "row_id"]
+def _check_versions(rows: pa.Table, repo: Path, service: str, expected: str | None) -> None:
+    versions = rows.column(spec.TOKENIZER_VERSION)
+    if versions.null_count:
+        missing = rows.filter(versions.is_null()).column("row_id")
         raise DataError(
-            f"{repo}: {len(missing)} rows (e.g. row_id {missing.iloc[0]}) got no SID from the item SID view: their "
+            f"{repo}: {len(missing)} rows (e.g. row_id {missing[0]}) got no SID from the item SID view: their "
             f"event_timestamp precedes the SID table's stamp; stamp the SID version at or before the first event "
             f"and re-run `python -m pipelines.features` and `python -m pipelines.publish`"
         )
-    found = sorted(versions.unique())
+    found = sorted(pc.unique(versions).to_pylist())
     if expected is not None and found != [expected]:
         raise DataError(
             f"{repo}: feature service '{service}' serves SIDs of tokenizer_version {found}, expected '{expected}'; "
@@ -77,15 +86,15 @@ def _check_versions(rows: pd.DataFrame, repo: Path, service: str, expected: str 
         )
 
 
-def load_training_rows(
+def retrieve_rows(
     repo: Path,
     events: pd.DataFrame,
     *,
     service: str = spec.FEATURE_SERVICE,
     expected_tokenizer_version: str | None = None,
     max_rows_per_call: int = MAX_ENTITY_ROWS,
-) -> pd.DataFrame:
-    """Join the feature service onto labelled events, one row per event, sorted by ``row_id``.
+) -> Iterator[pa.Table]:
+    """Join the feature service onto labelled events: checked Arrow chunks in ascending ``row_id``.
 
     Args:
         repo: the Feast repository, already published (``pipelines.publish``).
@@ -93,17 +102,21 @@ def load_training_rows(
             event_timestamp, label); other columns are ignored.
         service: feature service name.
         expected_tokenizer_version: if given, every row's SID must come from it.
-        max_rows_per_call: entity rows per retrieval; larger inputs go in time chunks.
+        max_rows_per_call: entity rows per ``get_historical_features`` call
+            and per chunk; Arrow keeps the list features compact.
 
-    Returns:
-        ``spec.ENTITY_COLUMNS`` plus the service's features. Rows without an
-        earlier behaviour row hold NaN counts and None lists.
+    Yields:
+        ``spec.ENTITY_COLUMNS`` plus the service's features, the caller's
+        timestamps. Rows without an earlier behaviour row hold null counts
+        and lists.
 
     Raises:
         DataError: missing columns, rows lost or duplicated by the store, a
             row without SID, or a tokenizer version other than the expected one.
     """
     require_columns(events, spec.ENTITY_COLUMNS, "events")
+    if events.empty:
+        raise DataError("events: no rows to retrieve features for; check the events file and its split")
     if events["row_id"].duplicated().any():
         repeated = events.loc[events["row_id"].duplicated(), "row_id"].iloc[0]
         raise DataError(f"events: column 'row_id' repeats {repeated}; row ids must be unique")
@@ -113,35 +126,77 @@ def load_training_rows(
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
     store = _feature_store(repo)
     features = _feature_service(store, repo, service)
-    chunks = time_chunks(entity_df, max_rows_per_call)
-    parts = []
+    chunks = row_chunks(entity_df["row_id"].to_numpy(), max_rows_per_call)
     for positions in tqdm(chunks, desc="feast rows", unit="chunk", disable=len(chunks) == 1):
-        part = entity_df.iloc[np.sort(positions)]
-        parts.append(store.get_historical_features(entity_df=part, features=features).to_df())
-    rows = pd.concat(parts, ignore_index=True).sort_values("row_id", ignore_index=True)
-    # The `file` offline store silently collapses rows sharing (key, timestamp): never trust the count.
-    expected_ids = np.sort(entity_df["row_id"].to_numpy())
-    if len(rows) != len(entity_df) or not np.array_equal(rows["row_id"].to_numpy(), expected_ids):
-        raise DataError(
-            f"{repo}: the offline store returned {len(rows)} rows for {len(entity_df)} events; use the duckdb "
-            f"offline store (feature_store.yaml) and unique row_id values"
-        )
-    # Hand back the caller's timestamps, not the floored ones.
-    rows["event_timestamp"] = events.set_index("row_id")["event_timestamp"].loc[rows["row_id"]].reset_index(drop=True)
-    _check_versions(rows, repo, service, expected_tokenizer_version)
-    log.info("%d training rows from service %s (%d calls)", len(rows), service, len(chunks))
-    return rows
+        part = entity_df.iloc[positions]
+        rows = store.get_historical_features(entity_df=part, features=features).to_arrow().sort_by("row_id")
+        # The `file` offline store silently collapses rows sharing (key, timestamp): never trust the count.
+        if len(rows) != len(part) or not np.array_equal(rows.column("row_id").to_numpy(), part["row_id"].to_numpy()):
+            raise DataError(
+                f"{repo}: the offline store returned {len(rows)} rows for {len(part)} events; use the as-of duckdb "
+                f"offline store (feature_store.yaml) and unique row_id values"
+            )
+        _check_versions(rows, repo, service, expected_tokenizer_version)
+        # Hand back the caller's timestamps, not the floored ones.
+        stamps = pa.array(events["event_timestamp"].iloc[positions], from_pandas=True)
+        yield rows.set_column(rows.schema.get_field_index("event_timestamp"), "event_timestamp", stamps)
+    log.info("%d training rows from service %s (%d calls)", len(entity_df), service, len(chunks))
+
+
+def arrow_to_frame(rows: pa.Table) -> pd.DataFrame:
+    """Arrow rows -> pandas, list columns kept as Arrow lists (a Python object per list costs ~10x)."""
+    return rows.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
+
+
+def load_training_rows(repo: Path, events: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    """All rows of :func:`retrieve_rows` (same arguments) in one DataFrame, sorted by ``row_id``."""
+    return arrow_to_frame(pa.concat_tables(retrieve_rows(repo, events, **kwargs)))
+
+
+def write_training_rows(repo: Path, events: pd.DataFrame, path: Path, **kwargs) -> int:
+    """Stream :func:`retrieve_rows` (same arguments) into one parquet file, atomically; returns the row count."""
+    n_rows, writer = 0, None
+    with atomic_path(path) as tmp:
+        try:
+            for rows in retrieve_rows(repo, events, **kwargs):
+                writer = writer or pq.ParquetWriter(tmp, rows.schema)
+                writer.write_table(rows)
+                n_rows += len(rows)
+        finally:
+            if writer is not None:
+                writer.close()
+    return n_rows
+
+
+class OnlineFeatures:
+    """The serving read, with one FeatureStore and feature service for the process lifetime.
+
+    Building a FeatureStore parses the repository and registry (seconds), so
+    a server builds this once and calls it per request.
+
+    Args:
+        repo: the Feast repository, published and materialized.
+        service: feature service name.
+    """
+
+    def __init__(self, repo: Path, service: str = spec.FEATURE_SERVICE) -> None:
+        self.store = _feature_store(repo)
+        self.service = _feature_service(self.store, repo, service)
+
+    def __call__(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
+        """Latest materialized features of one user against candidate items.
+
+        Returns:
+            One row per item id, in the given order, with ``user_id``,
+            ``item_id`` and the service's features (None where the store has
+            no row for the user or item).
+        """
+        entity_rows = [{"user_id": int(user_id), "item_id": int(item)} for item in item_ids]
+        return self.store.get_online_features(features=self.service, entity_rows=entity_rows).to_df()
 
 
 def online_features(
     repo: Path, user_id: int, item_ids: list[int], *, service: str = spec.FEATURE_SERVICE
 ) -> pd.DataFrame:
-    """Latest materialized features of one user against candidate items (serving path).
-
-    Returns:
-        One row per item id, in the given order, with ``user_id``, ``item_id``
-        and the service's features.
-    """
-    store = _feature_store(repo)
-    entity_rows = [{"user_id": int(user_id), "item_id": int(item)} for item in item_ids]
-    return store.get_online_features(features=_feature_service(store, repo, service), entity_rows=entity_rows).to_df()
+    """One read through a fresh :class:`OnlineFeatures` (a server keeps one instead)."""
+    return OnlineFeatures(repo, service)(user_id, item_ids)

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -54,6 +56,7 @@ from ranking import spec
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, read_feature_meta, sparse_tables
 from ranking.metrics import auc, evaluate_predictions
 from ranking.model import FUSIONS, SID_INITS, SPARSE_OPTIMIZERS, ModelConfig, build_model, shard_model
+from ranking.rows import arrow_to_frame, write_training_rows
 from ranking.sid_init import init_sid_tables
 
 log = logging.getLogger("ranking.train")
@@ -192,12 +195,28 @@ def _on_rank0(fn: Callable[[], None]) -> None:
         raise RuntimeError(f"rank 0 failed: {error[0]}")
 
 
-def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) -> pd.DataFrame:
-    """Training rows with the protocol ``split`` from events, sorted by ``row_id``.
+def rank_share(row_ids: np.ndarray, split: str, rank: int, world: int) -> np.ndarray:
+    """The row ids of one split (ascending) that this rank encodes.
+
+    Train: every world-th row from ``rank`` (each rank trains on its own
+    shard, so no rank holds all rows). Valid/test: one contiguous part of
+    ``ceil(n / world)`` rows, the part :func:`score_split` scores.
+    """
+    if split == "train":
+        return row_ids[rank::world]
+    part = math.ceil(len(row_ids) / world)
+    return row_ids[rank * part : (rank + 1) * part]
+
+
+def load_rows(
+    cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta, rank: int = 0, world: int = 1
+) -> pd.DataFrame:
+    """This rank's training rows (:func:`rank_share` of every split) with the protocol ``split``, by ``row_id``.
 
     ``--rows`` is read as given. The default cache is (re)built from Feast by
     rank 0 when missing or older than the feature meta or the SID version
-    registry, which every publish rewrites.
+    registry, which every publish rewrites; it is streamed to parquet in
+    chunks, and each rank reads only its rows of it.
     """
     path = cfg.rows_path_for(meta)
     registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
@@ -206,13 +225,10 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
     def build_if_stale() -> None:
         if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= max(p.stat().st_mtime for p in sources)):
             return
-        from ranking.rows import load_training_rows  # Feast is heavy: import only on a cache miss
-
-        rows = load_training_rows(
-            cfg.repo, events, service=cfg.service_for(meta), expected_tokenizer_version=meta.tokenizer_version
+        n_rows = write_training_rows(
+            cfg.repo, events, path, service=cfg.service_for(meta), expected_tokenizer_version=meta.tokenizer_version
         )
-        write_parquet(rows, path)
-        log.info("wrote %d training rows to %s", len(rows), path)
+        log.info("wrote %d training rows to %s", n_rows, path)
 
     events_file = cfg.dataset / "events.parquet"
     if meta.events_sha256 and meta.events_sha256 != file_sha256(events_file):
@@ -223,18 +239,24 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
         )
     # Rank 0 alone decides: a rank checking the file itself could see it half-way through the rebuild.
     _on_rank0(build_if_stale)
-    cached = pd.read_parquet(path)
-    rows = cached.drop(columns=["split"], errors="ignore")
-    rows = rows.merge(events[["row_id", "split"]], on="row_id", how="inner", validate="one_to_one")
-    if not len(cached) == len(rows) == len(events):
+    by_id = events.set_index("row_id").sort_index()
+    wanted = np.concatenate([
+        rank_share(by_id.index[by_id["split"] == s].to_numpy(), s, rank, world) for s in ("train", "valid", "test")
+    ])
+    n_cached = pq.ParquetFile(path).metadata.num_rows
+    rows = arrow_to_frame(pq.read_table(path, filters=pc.field("row_id").isin(wanted))).sort_values(
+        "row_id", kind="stable", ignore_index=True
+    )
+    if not n_cached == len(events) or not np.array_equal(rows["row_id"].to_numpy(), np.sort(wanted)):
         raise DataError(
-            f"{path}: {len(rows)} of its {len(cached)} rows match the {len(events)} events by row_id; "
+            f"{path}: its {n_cached} rows do not match the {len(events)} events by row_id; "
             f"it was built from other events: delete {path} to rebuild it"
         )
+    expected = by_id.loc[rows["row_id"]]
+    rows["split"] = expected["split"].to_numpy()
     # Rows cached (or passed with --rows) before a re-ingest would carry stale labels or ids.
     for column in ("label", "user_id", "item_id"):
-        expected = events.set_index("row_id")[column].reindex(rows["row_id"]).to_numpy()
-        if not np.array_equal(rows[column].to_numpy(), expected):
+        if not np.array_equal(rows[column].to_numpy(), expected[column].to_numpy()):
             raise DataError(
                 f"{path}: column '{column}' disagrees with {events_file} for some row_id; "
                 f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
@@ -245,25 +267,29 @@ def load_rows(cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta) ->
             f"{path}: column '{spec.TOKENIZER_VERSION}' has {sorted(versions)} but feature meta says "
             f"'{meta.tokenizer_version}'; delete {path} to rebuild the rows"
         )
-    return rows.sort_values("row_id", kind="stable").reset_index(drop=True)
+    return rows
 
 
 def train_epoch(
-    dmp: DistributedModelParallel, opt: CombinedOptimizer, train: SplitTensors, cfg: TrainConfig, epoch: int
+    dmp: DistributedModelParallel, opt: CombinedOptimizer, train: SplitTensors, n_train: int, cfg: TrainConfig,
+    epoch: int,
 ) -> tuple[float, float]:
-    """One pass over train in global batches; returns (mean loss over ranks, global samples/s)."""
+    """One pass over train in global batches, each rank over its shard; (mean loss over ranks, global samples/s).
+
+    ``train`` is this rank's shard of the ``n_train`` train rows.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     local = cfg.batch_size // world
-    # Same permutation on every rank, and the last partial batch dropped: every
-    # rank must run the same number of steps or the collectives hang.
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-    n_steps = len(train) // cfg.batch_size
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * world + rank)
+    order = torch.randperm(len(train), generator=generator)
+    # Every rank runs the same number of steps or the collectives hang; a shard
+    # holds at least n_train // world rows, so the last partial batch is dropped.
+    n_steps = n_train // cfg.batch_size
     dmp.train()
     loss_sum, start = torch.zeros(()), time.perf_counter()
     bar = tqdm(range(n_steps), desc=f"epoch {epoch}", disable=rank != 0, mininterval=1.0)
     for step in bar:
-        first = step * cfg.batch_size + rank * local
-        loss, _ = dmp(train.batch(order[first : first + local]))
+        loss, _ = dmp(train.batch(order[step * local : (step + 1) * local]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -276,26 +302,28 @@ def train_epoch(
     return float(loss_sum) / (n_steps * world), rate
 
 
-def score_split(dmp: DistributedModelParallel, split: SplitTensors, local: int) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of every row, (row_ids, scores) sorted by row_id, on every rank.
+def score_split(
+    dmp: DistributedModelParallel, part: SplitTensors, n_rows: int, local: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of all ``n_rows`` rows of a split, (row_ids, scores) sorted by row_id, on every rank.
 
-    Each rank scores an equal contiguous part padded to the same number of
-    batches (padding rows carry row_id -1 and are dropped after the gather).
+    ``part`` is this rank's contiguous part (:func:`rank_share`); every rank
+    runs the same number of batches, padded (padding rows carry row_id -1
+    and are dropped after the gather).
     """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    part = math.ceil(len(split) / world)
-    n_batches = math.ceil(part / local)
-    index = torch.arange(n_batches * local) + rank * part
-    real = index < min((rank + 1) * part, len(split))
+    world = dist.get_world_size()
+    n_batches = math.ceil(math.ceil(n_rows / world) / local)
+    index = torch.arange(n_batches * local)
+    real = index < len(part)
     index = torch.where(real, index, 0)
     dmp.eval()
     scores = []
     # no_grad, not inference_mode: inference tensors break TorchRec's sharded modules (DESIGN section 9).
     with torch.no_grad():
         for b in range(n_batches):
-            _, (_, logits, _) = dmp(split.batch(index[b * local : (b + 1) * local]))
+            _, (_, logits, _) = dmp(part.batch(index[b * local : (b + 1) * local]))
             scores.append(torch.sigmoid(logits))
-    local_ids = torch.where(real, split.row_ids[index], -1)
+    local_ids = torch.where(real, part.row_ids[index], -1)
     gathered_ids = [torch.empty_like(local_ids) for _ in range(world)]
     gathered_scores = [torch.empty(len(local_ids)) for _ in range(world)]
     dist.all_gather(gathered_ids, local_ids)
@@ -306,8 +334,9 @@ def score_split(dmp: DistributedModelParallel, split: SplitTensors, local: int) 
     return ids[keep][order], probs[keep][order].astype(np.float64)
 
 
-def _predictions(rows: pd.DataFrame, row_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    frame = rows.loc[rows["row_id"].isin(row_ids), ["row_id", "user_id", "item_id", "label"]]
+def _predictions(events: pd.DataFrame, row_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """One split's events (sorted by row_id) with the gathered scores."""
+    frame = events[["row_id", "user_id", "item_id", "label"]]
     assert np.array_equal(frame["row_id"].to_numpy(), row_ids), "scored rows differ from the split"
     return frame.assign(score=scores).reset_index(drop=True)
 
@@ -352,17 +381,19 @@ def run(cfg: TrainConfig) -> dict | None:
         events = pd.read_parquet(require_file(paths.events, "python -m pipelines.ingest"))
         events = validate_events(events, str(paths.events))
         meta = read_meta(cfg)
-        rows = load_rows(cfg, events, meta)
+        rows = load_rows(cfg, events, meta, rank, world)
         rows_path = cfg.rows_path_for(meta)
+        split_events = {s: events[events["split"] == s].sort_values("row_id") for s in ("train", "valid", "test")}
 
     # 3. tensors per split, encoded once
     with _timed(timings, "batches_s"):
-        by_split = {s: rows[rows["split"] == s] for s in ("train", "valid", "test")}
-        splits = {s: build_split(r, meta, cfg.features, f"{rows_path}[{s}]") for s, r in by_split.items()}
-    if len(splits["train"]) < cfg.batch_size:
-        raise DataError(
-            f"{rows_path}: {len(splits['train'])} train rows < batch_size {cfg.batch_size}; lower --batch-size"
-        )
+        splits = {
+            s: build_split(rows[rows["split"] == s], meta, cfg.features, f"{rows_path}[{s}]") for s in split_events
+        }
+        del rows
+    n_rows = {s: len(e) for s, e in split_events.items()}
+    if n_rows["train"] < cfg.batch_size:
+        raise DataError(f"{rows_path}: {n_rows['train']} train rows < batch_size {cfg.batch_size}; lower --batch-size")
 
     # 4. model, sharding plan, optimizers
     with _timed(timings, "shard_s"):
@@ -381,12 +412,12 @@ def run(cfg: TrainConfig) -> dict | None:
     local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
     for epoch in range(cfg.epochs):
         with _timed(timings, "train_s"):
-            loss, rate = train_epoch(dmp, opt, splits["train"], cfg, epoch)
+            loss, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch)
         with _timed(timings, "eval_s"):
-            ids, scores = score_split(dmp, splits["valid"], local)
+            ids, scores = score_split(dmp, splits["valid"], n_rows["valid"], local)
         # Every rank holds all scores, so every rank takes the same stopping decision.
-        assert np.array_equal(ids, splits["valid"].row_ids.numpy()), "gathered scores out of row order"
-        valid_auc = auc(splits["valid"].labels.numpy(), scores, what="valid auc")
+        assert np.array_equal(ids, split_events["valid"]["row_id"].to_numpy()), "gathered scores out of row order"
+        valid_auc = auc(split_events["valid"]["label"].to_numpy(), scores, what="valid auc")
         history.append({"epoch": epoch, "train_loss": loss, "valid_auc": valid_auc, "samples_per_s": rate})
         log.info("epoch %d: train loss %.4f, valid auc %.4f, %.0f samples/s", epoch, loss, valid_auc, rate)
         if best["epoch"] < 0 or valid_auc > best["auc"]:
@@ -396,7 +427,7 @@ def run(cfg: TrainConfig) -> dict | None:
             break
     dmp.load_state_dict(best["state"])
     with _timed(timings, "eval_s"):
-        test_ids, test_scores = score_split(dmp, splits["test"], local)
+        test_ids, test_scores = score_split(dmp, splits["test"], n_rows["test"], local)
     if cfg.save_checkpoint:
         save_checkpoint({**best["state"], "config": json.dumps(config), "best_epoch": best["epoch"]}, cfg.out)
     timings["total_s"] = time.perf_counter() - start
@@ -405,8 +436,8 @@ def run(cfg: TrainConfig) -> dict | None:
 
     # 8. metrics and predictions (rank 0)
     preds = {
-        "valid": _predictions(by_split["valid"], *best["valid"]),
-        "test": _predictions(by_split["test"], test_ids, test_scores),
+        "valid": _predictions(split_events["valid"], *best["valid"]),
+        "test": _predictions(split_events["test"], test_ids, test_scores),
     }
     counts = train_item_counts(events, meta.n_items)
     test, valid = (evaluate_predictions(preds[s], counts, source=f"predictions_{s}") for s in ("test", "valid"))
@@ -418,7 +449,7 @@ def run(cfg: TrainConfig) -> dict | None:
         "valid_logloss": valid["logloss"],
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
-        **{f"{s}_rows": len(splits[s]) for s in splits},
+        **{f"{s}_rows": n for s, n in n_rows.items()},
         "world_size": world,
         "tokenizer": meta.tokenizer_version,
         "service": cfg.service_for(meta),

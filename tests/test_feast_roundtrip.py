@@ -22,7 +22,7 @@ from pipelines import publish
 from pipelines.protocol import assign_protocol_split
 from pipelines.schema import DataError, DatasetPaths
 from ranking import spec
-from ranking.rows import load_training_rows, online_features, time_chunks
+from ranking.rows import load_training_rows, online_features, row_chunks
 
 N_USERS, N_ITEMS = 8, 10
 # The second version: other codes, other length (P) and codebook size (K).
@@ -165,7 +165,7 @@ def test_microsecond_stamps_are_kept(published: Published) -> None:
     assert rows["user_count"].iloc[n:].tolist() == previous.tolist()
 
 
-def test_time_chunks_return_the_same_rows(published: Published) -> None:
+def test_chunked_retrieval_returns_the_same_rows(published: Published) -> None:
     chunked = load_training_rows(published.repo, published.events.sample(frac=1, random_state=0), max_rows_per_call=40)
     left, right = normalise(chunked), normalise(published.rows)
     assert left.drop(columns="event_timestamp").equals(right.drop(columns="event_timestamp"))
@@ -218,10 +218,7 @@ def test_failing_feast_command_raises_with_its_stderr(tmp_path: Path, monkeypatc
         publish.PublishConfig(dataset=tmp_path, repo=tmp_path)
 
 
-def test_time_chunks_are_consecutive_time_ranges_within_the_row_bound() -> None:
-    entity_df = pd.DataFrame({"event_timestamp": T0 + pd.to_timedelta(np.arange(10)[::-1], unit="s")})
-    chunks = time_chunks(entity_df, max_rows=3)
-    assert sorted(np.concatenate(chunks).tolist()) == list(range(10))
-    times = [entity_df["event_timestamp"].iloc[c] for c in chunks]
-    assert all(a.max() <= b.min() for a, b in zip(times, times[1:]))
-    assert [len(c) for c in chunks] == [3, 3, 3, 1]
+def test_row_chunks_are_consecutive_row_id_ranges_within_the_row_bound() -> None:
+    row_ids = np.array([9, 3, 7, 0, 1, 8, 2, 6, 5, 4])
+    chunks = row_chunks(row_ids, max_rows=3)
+    assert [row_ids[c].tolist() for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -151,11 +150,12 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
     rows = pd.read_parquet(rows_path)
     calls = []
 
-    def fake_load_training_rows(repo, events, *, service, expected_tokenizer_version):
+    def fake_write_training_rows(repo, events, path, *, service, expected_tokenizer_version):
         calls.append((Path(repo), len(events), service, expected_tokenizer_version))
-        return rows.sample(frac=1.0, random_state=0)  # Feast's own order
+        write_parquet(rows, path)
+        return len(rows)
 
-    monkeypatch.setitem(sys.modules, "ranking.rows", types.SimpleNamespace(load_training_rows=fake_load_training_rows))
+    monkeypatch.setattr(train, "write_training_rows", fake_write_training_rows)
     argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--feature-meta", str(meta),
             "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--no-use-item-id", "--no-save-checkpoint"]
     metrics = train.main(argv)
@@ -183,7 +183,7 @@ def test_cached_rows_of_another_tokenizer_are_rejected(tmp_path: Path) -> None:
     assert load_rows(cfg, events, META)["split"].tolist() == events.sort_values("row_id")["split"].tolist()
     with pytest.raises(DataError, match="tokenizer_version"):
         load_rows(cfg, events, dataclasses.replace(META, tokenizer_version="rq-other"))
-    with pytest.raises(DataError, match="rows match the"):
+    with pytest.raises(DataError, match="rows do not match the"):
         load_rows(cfg, events.iloc[:-1], META)
 
 
@@ -256,3 +256,12 @@ def test_world_size_one_trains_with_codebook_init_and_frequency_fusion(tmp_path:
     (dataset / "sids" / META.tokenizer_version / "codebooks.pt").unlink()
     with pytest.raises(DataError, match="codebooks.pt: not found; --sid-init codebook needs"):
         train.main(argv)
+
+
+def test_rank_shares_cover_every_row_once() -> None:
+    ids = np.arange(100, 111)
+    for split in ("train", "valid", "test"):
+        shares = [train.rank_share(ids, split, rank, 3) for rank in range(3)]
+        assert np.array_equal(np.sort(np.concatenate(shares)), ids), split
+    assert [len(train.rank_share(ids, "test", rank, 3)) for rank in range(3)] == [4, 4, 3]  # contiguous parts
+    assert train.rank_share(ids, "train", 1, 3).tolist() == [101, 104, 107, 110]  # a stride: shards mix all times
