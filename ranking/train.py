@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -208,15 +209,45 @@ def rank_share(row_ids: np.ndarray, split: str, rank: int, world: int) -> np.nda
     return row_ids[rank * part : (rank + 1) * part]
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def read_row_ids(path: Path, wanted: np.ndarray) -> pd.DataFrame:
+    """The rows of a parquet file whose ``row_id`` is in ``wanted`` (ascending), sorted by row_id.
+
+    Row groups outside ``wanted``'s range are skipped by their statistics
+    and the rest are filtered batch by batch, so only the wanted rows are
+    ever held at once.
+    """
+    parquet = pq.ParquetFile(path)
+    column = parquet.schema_arrow.get_field_index("row_id")
+    lo, hi = (int(wanted[0]), int(wanted[-1])) if len(wanted) else (0, -1)
+    groups = []
+    for g in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max or (stats.min <= hi and stats.max >= lo):
+            groups.append(g)
+    value_set = pa.array(wanted)
+    batches = [
+        batch.filter(pc.is_in(batch.column("row_id"), value_set=value_set))
+        for batch in parquet.iter_batches(batch_size=1 << 18, row_groups=groups)
+    ]
+    rows = arrow_to_frame(pa.Table.from_batches(batches, schema=parquet.schema_arrow))
+    del batches
+    # Arrow's allocator keeps the decoded, filtered-out batches otherwise.
+    pa.default_memory_pool().release_unused()
+    return rows.sort_values("row_id", kind="stable", ignore_index=True)
+
+
 def load_rows(
     cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta, rank: int = 0, world: int = 1
-) -> pd.DataFrame:
-    """This rank's training rows (:func:`rank_share` of every split) with the protocol ``split``, by ``row_id``.
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """This rank's training rows, split by split: (split, its :func:`rank_share` rows sorted by ``row_id``).
 
     ``--rows`` is read as given. The default cache is (re)built from Feast by
     rank 0 when missing or older than the feature meta or the SID version
     registry, which every publish rewrites; it is streamed to parquet in
-    chunks, and each rank reads only its rows of it.
+    chunks, and each rank reads only its rows of it, one split at a time.
     """
     path = cfg.rows_path_for(meta)
     registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
@@ -239,35 +270,36 @@ def load_rows(
         )
     # Rank 0 alone decides: a rank checking the file itself could see it half-way through the rebuild.
     _on_rank0(build_if_stale)
-    by_id = events.set_index("row_id").sort_index()
-    wanted = np.concatenate([
-        rank_share(by_id.index[by_id["split"] == s].to_numpy(), s, rank, world) for s in ("train", "valid", "test")
-    ])
     n_cached = pq.ParquetFile(path).metadata.num_rows
-    rows = arrow_to_frame(pq.read_table(path, filters=pc.field("row_id").isin(wanted))).sort_values(
-        "row_id", kind="stable", ignore_index=True
-    )
-    if not n_cached == len(events) or not np.array_equal(rows["row_id"].to_numpy(), np.sort(wanted)):
+    if n_cached != len(events):
         raise DataError(
             f"{path}: its {n_cached} rows do not match the {len(events)} events by row_id; "
             f"it was built from other events: delete {path} to rebuild it"
         )
-    expected = by_id.loc[rows["row_id"]]
-    rows["split"] = expected["split"].to_numpy()
-    # Rows cached (or passed with --rows) before a re-ingest would carry stale labels or ids.
-    for column in ("label", "user_id", "item_id"):
-        if not np.array_equal(rows[column].to_numpy(), expected[column].to_numpy()):
+    by_id = events.set_index("row_id").sort_index()
+    for split in SPLITS:
+        wanted = rank_share(by_id.index[by_id["split"] == split].to_numpy(), split, rank, world)
+        rows = read_row_ids(path, wanted)
+        if not np.array_equal(rows["row_id"].to_numpy(), wanted):
             raise DataError(
-                f"{path}: column '{column}' disagrees with {events_file} for some row_id; "
-                f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
+                f"{path}: {len(rows)} of the {len(wanted)} {split} row ids of {events_file} are in it; "
+                f"it was built from other events: delete {path} to rebuild it"
             )
-    versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()
-    if cfg.features.use_sid and versions - {meta.tokenizer_version}:
-        raise DataError(
-            f"{path}: column '{spec.TOKENIZER_VERSION}' has {sorted(versions)} but feature meta says "
-            f"'{meta.tokenizer_version}'; delete {path} to rebuild the rows"
-        )
-    return rows
+        expected = by_id.loc[wanted]
+        # Rows cached (or passed with --rows) before a re-ingest would carry stale labels or ids.
+        for column in ("label", "user_id", "item_id"):
+            if not np.array_equal(rows[column].to_numpy(), expected[column].to_numpy()):
+                raise DataError(
+                    f"{path}: column '{column}' disagrees with {events_file} for some row_id; "
+                    f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
+                )
+        versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()
+        if cfg.features.use_sid and versions - {meta.tokenizer_version}:
+            raise DataError(
+                f"{path}: column '{spec.TOKENIZER_VERSION}' has {sorted(versions)} but feature meta says "
+                f"'{meta.tokenizer_version}'; delete {path} to rebuild the rows"
+            )
+        yield split, rows
 
 
 def train_epoch(
@@ -381,16 +413,20 @@ def run(cfg: TrainConfig) -> dict | None:
         events = pd.read_parquet(require_file(paths.events, "python -m pipelines.ingest"))
         events = validate_events(events, str(paths.events))
         meta = read_meta(cfg)
-        rows = load_rows(cfg, events, meta, rank, world)
         rows_path = cfg.rows_path_for(meta)
-        split_events = {s: events[events["split"] == s].sort_values("row_id") for s in ("train", "valid", "test")}
+        columns = ["row_id", "user_id", "item_id", "label"]
+        split_events = {s: events.loc[events["split"] == s, columns].sort_values("row_id") for s in SPLITS}
+        shares = load_rows(cfg, events, meta, rank, world)
 
-    # 3. tensors per split, encoded once
-    with _timed(timings, "batches_s"):
-        splits = {
-            s: build_split(rows[rows["split"] == s], meta, cfg.features, f"{rows_path}[{s}]") for s in split_events
-        }
-        del rows
+    # 3. tensors per split, encoded once; a split's rows are dropped once encoded
+    splits = {}
+    for _ in SPLITS:
+        with _timed(timings, "rows_s"):
+            split, rows = next(shares)
+        with _timed(timings, "batches_s"):
+            splits[split] = build_split(rows, meta, cfg.features, f"{rows_path}[{split}]")
+            del rows
+            pa.default_memory_pool().release_unused()
     n_rows = {s: len(e) for s, e in split_events.items()}
     if n_rows["train"] < cfg.batch_size:
         raise DataError(f"{rows_path}: {n_rows['train']} train rows < batch_size {cfg.batch_size}; lower --batch-size")

@@ -180,11 +180,13 @@ def test_cached_rows_of_another_tokenizer_are_rejected(tmp_path: Path) -> None:
     argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path), "--rows", str(rows)]
     cfg = config_from_args(argv)
     events = pd.read_parquet(dataset / "events.parquet")
-    assert load_rows(cfg, events, META)["split"].tolist() == events.sort_values("row_id")["split"].tolist()
+    shares = dict(load_rows(cfg, events, META))
+    for split, rows in shares.items():
+        assert rows["row_id"].tolist() == sorted(events.loc[events["split"] == split, "row_id"]), split
     with pytest.raises(DataError, match="tokenizer_version"):
-        load_rows(cfg, events, dataclasses.replace(META, tokenizer_version="rq-other"))
+        dict(load_rows(cfg, events, dataclasses.replace(META, tokenizer_version="rq-other")))
     with pytest.raises(DataError, match="rows do not match the"):
-        load_rows(cfg, events.iloc[:-1], META)
+        dict(load_rows(cfg, events.iloc[:-1], META))
 
 
 def test_cli_rejects_unknown_and_bad_values(tmp_path: Path) -> None:

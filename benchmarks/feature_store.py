@@ -1,0 +1,307 @@
+"""Feast against the limits of its own stores, measured in one run.
+
+    python -m benchmarks.feature_store                    # 1M synthetic events
+    python -m benchmarks.feature_store --events 100000
+
+On a synthetic dataset (items = events / 10, users = events / 100) published
+by the pipeline's own commands into its own Feast repository
+(``artifacts/bench_feature_store``):
+
+- **materialize**: ``FeatureStore.materialize`` over every stamp (what
+  ``feast materialize`` runs) into the sqlite online store, rows/s, against
+  writing the very rows it wrote straight into an empty sqlite table of the
+  same schema (one ``executemany`` per table, one transaction): the store's limit.
+- **historical retrieval**: ``get_historical_features`` of the ranker's
+  feature service for every event through the project's as-of offline store
+  (pipelines/offline_store.py), against the same point-in-time join done
+  directly with pandas ``merge_asof`` per view, and (on a random sample of
+  events, because it grows with the square of a key's events) Feast's stock
+  duckdb store against the as-of store on that sample. Rows in = rows out
+  is checked for every method, and the as-of rows are compared value for
+  value with ``merge_asof``'s.
+- **online**: ``get_online_features`` latency for one user and 100 candidate
+  items, p50/p99 over many requests, against reading the same entity keys'
+  rows straight from the sqlite tables (no protobuf decoding).
+
+Writes ``benchmarks/results/feature_store.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from benchmarks.report import markdown_table, write_results
+from benchmarks.scale import ScaleConfig, size_commands
+from pipelines import demo, publish
+from pipelines.features import from_micros, to_micros
+from ranking import spec
+
+
+@dataclass
+class FeatureStoreBenchConfig:
+    """What the feature store benchmark runs.
+
+    Args:
+        events: synthetic dataset size.
+        stock_sample: events retrieved through Feast's stock duckdb store (and the as-of store, for the ratio).
+        requests: online requests timed (after 10 warm-up requests).
+        candidates: items per online request.
+        root: where the dataset and its Feast repository go (rebuilt when missing).
+        name: results file name.
+        seed: dataset and sampling seed.
+    """
+
+    events: int = 1_000_000
+    stock_sample: int = 50_000
+    requests: int = 300
+    candidates: int = 100
+    root: Path = Path("artifacts/bench_feature_store")
+    name: str = "feature_store"
+    seed: int = 0
+
+
+def prepare(cfg: FeatureStoreBenchConfig) -> tuple[Path, Path]:
+    """(dataset folder, Feast repository): ingest, tokenize, features and ``feast apply``, no materialize."""
+    scale = ScaleConfig(events=(cfg.events,), root=cfg.root, seed=cfg.seed)
+    folder = cfg.root / f"events_{cfg.events}"
+    dataset, repo = folder / "artifacts" / "synthetic", folder / "feature_repo"
+    if (repo / "data" / "registry.db").exists():
+        return dataset, repo
+    stages, _ = size_commands(scale, cfg.events)
+    for name, argv in stages[:4]:
+        demo.run_stage(name, [*argv, "--no-materialize"] if name == "feast" else argv)
+    return dataset, repo
+
+
+def feature_store(repo: Path, offline_type: str | None = None):
+    """The repository's FeatureStore, optionally with another offline store type."""
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    repo = repo.resolve()
+    raw = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    # Relative paths in the yaml are the repository's; Feast would take them from the cwd here.
+    raw["registry"] = str(repo / raw["registry"])
+    raw["online_store"]["path"] = str(repo / raw["online_store"]["path"])
+    if offline_type is not None:
+        raw["offline_store"] = {"type": offline_type}
+    return FeatureStore(config=RepoConfig(**raw, repo_path=repo))
+
+
+def online_tables(path: Path) -> dict[str, str]:
+    with sqlite3.connect(path) as con:
+        return dict(con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+
+
+def bench_materialize(repo: Path) -> dict:
+    store = feature_store(repo)
+    start, end = publish.stamp_range(repo / "data")
+    began = time.perf_counter()
+    store.materialize(start.to_pydatetime(), end.to_pydatetime())
+    feast_s = time.perf_counter() - began
+    online = repo / "data" / "online_store.db"
+    tables = online_tables(online)
+    with sqlite3.connect(online) as con:
+        rows = {t: con.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables}
+        entities = sum(con.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{t}"').fetchone()[0] for t in tables)
+    direct = online.with_name("direct_write.db")
+    direct.unlink(missing_ok=True)
+    with sqlite3.connect(direct) as con:
+        for sql in tables.values():
+            con.execute(sql)
+        began = time.perf_counter()
+        with con:
+            for table, values in rows.items():
+                marks = ", ".join("?" * len(values[0]))
+                con.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
+        direct_s = time.perf_counter() - began
+    direct.unlink()
+    n = sum(len(v) for v in rows.values())
+    return {
+        "sqlite_rows": n, "entity_rows": entities, "views": len(tables),
+        "feast_s": feast_s, "direct_s": direct_s,
+        "feast_rows_per_s": n / feast_s, "direct_rows_per_s": n / direct_s,
+        "feast_entity_rows_per_s": entities / feast_s,
+    }
+
+
+def entity_frame(dataset: Path) -> pd.DataFrame:
+    events = pd.read_parquet(dataset / "events.parquet", columns=list(spec.ENTITY_COLUMNS))
+    events["event_timestamp"] = from_micros(to_micros(events["event_timestamp"]))
+    return events
+
+
+def service_views(store, service: str) -> list[tuple[str, list[str], str, list[str]]]:
+    """(parquet path, join keys, timestamp column, features) of every view of a feature service."""
+    views = []
+    for projection in store.get_feature_service(service).feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        keys = [e.name for e in view.entity_columns]
+        views.append((view.batch_source.path, keys, view.batch_source.timestamp_field,
+                      [f.name for f in projection.features]))
+    return views
+
+
+def merge_asof_join(entity: pd.DataFrame, views: list[tuple[str, list[str], str, list[str]]]) -> pd.DataFrame:
+    """The point-in-time join with pandas: one ``merge_asof`` per view, on time, by join key."""
+    joined = entity.sort_values("event_timestamp", kind="stable")
+    for path, keys, ts, features in views:
+        table = pd.read_parquet(path, columns=[*keys, ts, *features]).rename(columns={ts: "__ts"})
+        table["__ts"] = table["__ts"].astype(joined["event_timestamp"].dtype)
+        table = table.sort_values("__ts", kind="stable")
+        joined = pd.merge_asof(joined, table, left_on="event_timestamp", right_on="__ts", by=keys,
+                               direction="backward", allow_exact_matches=True).drop(columns="__ts")
+    return joined.sort_values("row_id", ignore_index=True)
+
+
+def _timed_retrieval(store, entity: pd.DataFrame, service) -> tuple[float, pa.Table]:
+    began = time.perf_counter()
+    rows = store.get_historical_features(entity_df=entity, features=service).to_arrow()
+    return time.perf_counter() - began, rows.sort_by("row_id")
+
+
+def _same_values(asof: pa.Table, pandas_rows: pd.DataFrame, features: list[str]) -> bool:
+    """Every feature value of the as-of rows equals merge_asof's (nulls and NaN alike)."""
+    for column in features:
+        left = asof.column(column).to_pylist()
+        right = pandas_rows[column].tolist()
+        norm = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                (list(v) if isinstance(v, (list, np.ndarray)) else v) for v in right]
+        if left != norm:
+            return False
+    return True
+
+
+def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) -> dict:
+    from pipelines.offline_store import STORE_TYPE
+
+    entity = entity_frame(dataset)
+    asof_store = feature_store(repo)
+    service = asof_store.get_feature_service(spec.FEATURE_SERVICE)
+    views = service_views(asof_store, spec.FEATURE_SERVICE)
+    features = [f for *_, fs in views for f in fs]
+    asof_s, asof_rows = _timed_retrieval(asof_store, entity, service)
+    began = time.perf_counter()
+    pandas_rows = merge_asof_join(entity, views)
+    pandas_s = time.perf_counter() - began
+    equal = len(asof_rows) == len(pandas_rows) == len(entity) and _same_values(asof_rows, pandas_rows, features)
+    sample = entity.sample(n=min(cfg.stock_sample, len(entity)), random_state=cfg.seed)
+    sample_asof_s, sample_asof = _timed_retrieval(asof_store, sample, service)
+    stock_s, stock_rows = _timed_retrieval(feature_store(repo, "duckdb"), sample, service)
+    return {
+        "entity_rows": len(entity), "features": len(features),
+        "asof_s": asof_s, "asof_rows_out": len(asof_rows), "pandas_s": pandas_s, "pandas_rows_out": len(pandas_rows),
+        "asof_equals_merge_asof": bool(equal),
+        "sample_rows": len(sample), "sample_asof_s": sample_asof_s, "stock_s": stock_s,
+        "stock_rows_out": len(stock_rows), "sample_asof_rows_out": len(sample_asof),
+    }
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    store = feature_store(repo)
+    service = store.get_feature_service(spec.FEATURE_SERVICE)
+    meta = store.config.entity_key_serialization_version
+    rng = np.random.default_rng(cfg.seed)
+    n_users, n_items = cfg.events // 100, cfg.events // 10
+    requests = [(int(rng.integers(1, n_users + 1)), rng.integers(1, n_items + 1, cfg.candidates).tolist())
+                for _ in range(cfg.requests + 10)]
+    feast_s = []
+    for user, items in requests:
+        began = time.perf_counter()
+        frame = store.get_online_features(features=service, entity_rows=[{"user_id": user, "item_id": i}
+                                                                          for i in items]).to_df()
+        feast_s.append(time.perf_counter() - began)
+        assert len(frame) == len(items)
+
+    def key(name: str, value: int) -> bytes:
+        return serialize_entity_key(EntityKey(join_keys=[name], entity_values=[Value(int64_val=value)]),
+                                    entity_key_serialization_version=meta)
+
+    tables = online_tables(repo / "data" / "online_store.db")
+    user_tables = [t for t in tables if "user" in t]
+    item_tables = [t for t in tables if t not in user_tables]
+    direct_s = []
+    with sqlite3.connect(repo / "data" / "online_store.db") as con:
+        for user, items in requests:
+            began = time.perf_counter()
+            item_keys = [key("item_id", i) for i in items]
+            for table in user_tables:
+                con.execute(f'SELECT feature_name, value FROM "{table}" WHERE entity_key = ?',
+                            [key("user_id", user)]).fetchall()
+            for table in item_tables:
+                con.execute(f'SELECT entity_key, feature_name, value FROM "{table}" WHERE entity_key IN '
+                            f'({",".join("?" * len(item_keys))})', item_keys).fetchall()
+            direct_s.append(time.perf_counter() - began)
+    return {"requests": cfg.requests, "candidates": cfg.candidates,
+            "feast": _percentiles(feast_s[10:]), "direct_sqlite": _percentiles(direct_s[10:])}
+
+
+def table(result: dict) -> str:
+    m, h, o = result["materialize"], result["historical"], result["online"]
+    rows = [
+        ["materialize (sqlite online store)", f"{m['feast_rows_per_s']:,.0f} rows/s ({m['feast_s']:.1f} s)",
+         "direct sqlite executemany, same rows", f"{m['direct_rows_per_s']:,.0f} rows/s ({m['direct_s']:.1f} s)",
+         f"{m['feast_rows_per_s'] / m['direct_rows_per_s']:.3f}x",
+         f"{m['sqlite_rows']:,} feature rows of {m['entity_rows']:,} entity rows, {m['views']} views"],
+        ["get_historical_features, as-of store", f"{h['entity_rows'] / h['asof_s']:,.0f} rows/s ({h['asof_s']:.1f} s)",
+         "pandas merge_asof per view", f"{h['entity_rows'] / h['pandas_s']:,.0f} rows/s ({h['pandas_s']:.1f} s)",
+         f"{h['pandas_s'] / h['asof_s']:.2f}x",
+         f"{h['entity_rows']:,} rows in, {h['asof_rows_out']:,} / {h['pandas_rows_out']:,} out; "
+         f"values equal: {h['asof_equals_merge_asof']}"],
+        ["get_historical_features, Feast's stock duckdb store",
+         f"{h['sample_rows'] / h['stock_s']:,.0f} rows/s ({h['stock_s']:.1f} s)",
+         "as-of store, same sample", f"{h['sample_rows'] / h['sample_asof_s']:,.0f} rows/s ({h['sample_asof_s']:.1f} s)",
+         f"{h['sample_asof_s'] / h['stock_s']:.3f}x",
+         f"random sample of {h['sample_rows']:,} events; {h['stock_rows_out']:,} / {h['sample_asof_rows_out']:,} out"],
+        ["get_online_features, 1 user x {0} items".format(o["candidates"]),
+         f"p50 {o['feast']['p50_ms']:.1f} ms, p99 {o['feast']['p99_ms']:.1f} ms",
+         "direct sqlite SELECT of the same keys",
+         f"p50 {o['direct_sqlite']['p50_ms']:.2f} ms, p99 {o['direct_sqlite']['p99_ms']:.2f} ms",
+         f"{o['feast']['p50_ms'] / o['direct_sqlite']['p50_ms']:.1f}x slower (p50)",
+         f"{o['requests']} requests"],
+    ]
+    header = ["operation", "Feast", "baseline (same run)", "baseline", "Feast / baseline speed", "rows"]
+    return markdown_table(header, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = FeatureStoreBenchConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("events", "stock_sample", "requests", "candidates", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--root", type=Path, default=defaults.root)
+    parser.add_argument("--name", default=defaults.name)
+    cfg = FeatureStoreBenchConfig(**vars(parser.parse_args(argv)))
+    dataset, repo = prepare(cfg)
+    result = {"events": cfg.events, "materialize": bench_materialize(repo)}
+    result["historical"] = bench_historical(cfg, dataset, repo)
+    result["online"] = bench_online(cfg, repo)
+    text = table(result)
+    command = shlex.join(["python", "-m", "benchmarks.feature_store", *(sys.argv[1:] if argv is None else argv)])
+    write_results(cfg.name, {**result, "config": {k: str(v) for k, v in vars(cfg).items()}}, text, command)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
