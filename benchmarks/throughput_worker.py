@@ -168,13 +168,14 @@ def probe_input_dist(dmp: nn.Module, clock: list[float]) -> None:
             module.input_dist = input_dist
 
 
-def torchrec_trainer(tables: list[SparseTable], seed: int) -> Trainer:
-    """ranking/train.py's model and optimizers, with the input-distribution probe."""
+def torchrec_trainer(tables: list[SparseTable], split: SplitTensors, seed: int) -> Trainer:
+    """ranking/train.py's model, plan and optimizers, with the input-distribution probe."""
     torch.manual_seed(seed)
     model = build_model(tables, len(DENSE_FEATURES), ModelConfig(), device="meta")
     dmp, opt, plan = shard_model(
         model, tables, sparse_optimizer=TrainConfig.sparse_optimizer, lr_sparse=TrainConfig.lr_sparse,
         lr_dense=TrainConfig.lr_dense, ddr_cap_bytes=int(TrainConfig.ddr_cap_gb * 2**30),
+        pooling_factors=split.pooling_factors(),
     )
     clock = [0.0]
     probe_input_dist(dmp, clock)
@@ -188,8 +189,11 @@ def torchrec_trainer(tables: list[SparseTable], seed: int) -> Trainer:
                    {"sharding": plan["kinds"], "plan": plan["ranks"]})
 
 
-def plain_trainer(tables: list[SparseTable], seed: int) -> Trainer:
-    """:class:`PlainDLRM` with SGD on the sparse table gradients and Adam on the MLPs; DDP on several ranks."""
+def plain_trainer(tables: list[SparseTable], split: SplitTensors, seed: int) -> Trainer:
+    """:class:`PlainDLRM` with SGD on the sparse table gradients and Adam on the MLPs; DDP on several ranks.
+
+    ``split`` is not read: plain PyTorch has no planner to feed.
+    """
     torch.manual_seed(seed)
     model = PlainDLRM(tables, len(DENSE_FEATURES), ModelConfig())
     net = DistributedDataParallel(model) if dist.get_world_size() > 1 else model
@@ -291,7 +295,7 @@ def worker(job_path: Path) -> None:
         tables = sparse_tables(meta, FeatureConfig())
         runs = []
         for impl in job["impls"]:
-            trainer = TRAINERS[impl](tables, cfg.seed)
+            trainer = TRAINERS[impl](tables, split, cfg.seed)
             for batch in cfg.batch_sizes:
                 figures = measure(trainer, split, cfg, batch, f"{impl} {job['label']} B={batch}")
                 runs.append({"impl": impl, "batch": batch, **figures, **trainer.info})

@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +288,7 @@ def shard_model(
     lr_sparse: float,
     lr_dense: float,
     ddr_cap_bytes: int,
+    pooling_factors: Mapping[str, float] | None = None,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
     """Plan the tables across the ranks of the default process group and wrap the model in DMP.
 
@@ -301,6 +302,9 @@ def shard_model(
         lr_sparse: learning rate of the tables.
         lr_dense: Adam learning rate of the MLPs.
         ddr_cap_bytes: host memory per rank the planner may fill.
+        pooling_factors: feature -> mean ids per row (``SplitTensors.pooling_factors``);
+            the planner assumes 1 per feature without them and would put the
+            20-id history bags beside each other on one rank.
 
     Returns:
         (model, optimizer, plan) with plan ``{"ranks": {table: [ranks]},
@@ -314,10 +318,16 @@ def shard_model(
     # Fused kernels only: the planner would make small tables data-parallel, and
     # those train with the dense Adam, so SID and id tables would learn at
     # rates set by their size, not by the features.
-    fused = ParameterConstraints(
-        sharding_types=FUSED_SHARDING_TYPES, compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-    )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints={t.name: fused for t in tables})
+    pooling = pooling_factors or {}
+    constraints = {
+        t.name: ParameterConstraints(
+            sharding_types=FUSED_SHARDING_TYPES,
+            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+            pooling_factors=[max(pooling.get(f, 1.0), 1e-3) for f in t.features],
+        )
+        for t in tables
+    }
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     sharders = [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan, sharders=sharders)

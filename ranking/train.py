@@ -437,7 +437,7 @@ def run(cfg: TrainConfig) -> dict | None:
         model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta")
         dmp, opt, plan = shard_model(
             model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
-            ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30),
+            ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30), pooling_factors=splits["train"].pooling_factors(),
         )
         log.info("sharding plan:\n%s", plan["text"])
         if cfg.model.sid_init == "codebook":
