@@ -42,7 +42,7 @@ def test_loss_decreases_codes_recover_clusters_and_interface_holds() -> None:
     history = model.fit(xs, epochs=30, batch_size=64, lr=3e-3, seed=0)
     assert history[-1] < 0.6 * history[0]
     assert model.history[-1]["recon_mse"] < model.history[0]["recon_mse"]
-    codes = model.encode(xs, chunk_size=150)  # chunked encoding = one-shot encoding
+    codes = model.encode(xs, batch_size=150)  # batched encoding = one-shot encoding
     torch.testing.assert_close(codes, model.encode(xs))
     assert codes.shape == (400, 4) and codes.dtype == torch.long
     assert min(level_usage(codes.numpy(), 8)) > 0.5  # no collapse at any position

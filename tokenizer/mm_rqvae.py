@@ -46,6 +46,18 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.schema import DataError
+from tokenizer.defaults import (
+    BATCH_SIZE,
+    BETA,
+    CODEBOOK_SIZE,
+    DEAD_CODE_WINDOW,
+    ENCODE_BATCH_SIZE,
+    EPOCHS,
+    HIDDEN_DIMS,
+    KMEANS_ITERS,
+    LATENT_DIM,
+    LR,
+)
 from tokenizer.losses import gaussian_mmd, info_nce, present_rows
 from tokenizer.metrics import level_usage
 from tokenizer.quantizer import ResidualQuantizer, sum_sq_error
@@ -109,13 +121,13 @@ class MMRQVAEConfig:
     """
 
     modality_dims: dict[str, int]
-    latent_dim: int = 32
-    hidden_dims: tuple[int, ...] = (256, 128)
+    latent_dim: int = LATENT_DIM
+    hidden_dims: tuple[int, ...] = HIDDEN_DIMS
     levels: int = 2
-    codebook_size: int = 64
-    beta: float = 0.25
-    kmeans_iters: int = 25
-    dead_code_window: int = 50
+    codebook_size: int = CODEBOOK_SIZE
+    beta: float = BETA
+    kmeans_iters: int = KMEANS_ITERS
+    dead_code_window: int = DEAD_CODE_WINDOW
     sinkhorn_last: bool = False
     recon_weight: float = 1.0
     mse_weight: float = 1.0
@@ -189,8 +201,13 @@ class ModalityRQVAE(nn.Module):
         self.decoder = mlp([cfg.latent_dim, *reversed(cfg.hidden_dims), in_dim])
 
     @torch.no_grad()
+    def latents(self, x: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Encoder outputs [N, Z] of ``x`` [N, D_m], ``batch_size`` items at a time."""
+        return torch.cat([self.encoder(part) for part in x.split(batch_size)])
+
+    @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Codes [N, L] of ``x`` [N, D_m]."""
+        """Codes [N, L] of ``x`` [N, D_m] (one batch: :meth:`MMRQVAE.encode` splits)."""
         return self.rq.encode(self.encoder(x))
 
     @torch.no_grad()
@@ -312,12 +329,12 @@ class MMRQVAE(nn.Module):
         return total / len(pairs)
 
     @torch.no_grad()
-    def encode(self, xs: Mapping[str, Tensor], *, chunk_size: int = 8192) -> Tensor:
-        """SIDs [N, P] int64 of ``xs`` (modality -> [N, D_m]), ``chunk_size`` items at a time."""
+    def encode(self, xs: Mapping[str, Tensor], *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """SIDs [N, P] int64 of ``xs`` (modality -> [N, D_m]), ``batch_size`` items at a time."""
         n = check_inputs(xs, self.dims)
         codes = []
-        for start in range(0, max(n, 1), chunk_size):
-            rows = slice(start, start + chunk_size)
+        for start in range(0, max(n, 1), batch_size):
+            rows = slice(start, start + batch_size)
             codes.append(torch.cat([self.branch(name).encode(xs[name][rows]) for name in self.dims], dim=1))
         return torch.cat(codes)
 
@@ -335,27 +352,28 @@ class MMRQVAE(nn.Module):
         """Reconstructions (modality -> [N, D_m]) of ``xs`` through their codes."""
         return self.decode(self.encode(xs))
 
-    def fit(
-        self, xs: Mapping[str, Tensor], *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, seed: int = 0
-    ) -> list[float]:
-        """Train on ``xs`` (modality -> [N, D_m]) with Adam; returns the mean loss of each epoch.
+    def init_codebooks(self, xs: Mapping[str, Tensor], *, seed: int = 0) -> None:
+        """k-means initialise each modality's codebooks on the encoder outputs of its present rows."""
+        check_inputs(xs, self.dims)
+        for name in self.dims:
+            present = present_rows(xs[name])
+            n_present = int(present.sum())
+            if n_present < self.cfg.codebook_size:
+                what = "all zeros for every fit item (absent entirely)" if n_present == 0 else f"present for {n_present} fit items only"
+                raise DataError(
+                    f"modality '{name}' is {what}, fewer than codebook_size={self.cfg.codebook_size}; "
+                    f"rebuild it, lower --codebook-size or drop it from --modalities"
+                )
+            # mask the latents, not the inputs: no copy of the [N, D_m] matrix
+            self.branch(name).rq.init_from(self.branch(name).latents(xs[name])[present], seed=seed)
 
-        Each modality's codebooks are k-means initialised on the encoder
-        outputs of its present rows first. Per-epoch means of every loss term
-        are kept in :attr:`history`.
-        """
+    def train_epochs(
+        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
+    ) -> list[float]:
+        """Train on ``xs`` (modality -> [N, D_m]) with Adam from the current codebooks; returns
+        the mean loss of each epoch. Per-epoch means of every loss term are kept in :attr:`history`."""
         n = check_inputs(xs, self.dims)
         gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name in self.dims:
-                branch, x = self.branch(name), xs[name][present_rows(xs[name])]
-                if len(x) < self.cfg.codebook_size:
-                    what = "all zeros for every fit item (absent entirely)" if len(x) == 0 else f"present for {len(x)} fit items only"
-                    raise DataError(
-                        f"modality '{name}' is {what}, fewer than codebook_size={self.cfg.codebook_size}; "
-                        f"rebuild it, lower --codebook-size or drop it from --modalities"
-                    )
-                branch.rq.init_from(branch.encoder(x), seed=seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         log_every = max(1, epochs // 10)
         self.history = []
@@ -382,3 +400,10 @@ class MMRQVAE(nn.Module):
                 )
         self.eval()
         return [h["loss"] for h in self.history]
+
+    def fit(
+        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
+    ) -> list[float]:
+        """:meth:`init_codebooks`, then :meth:`train_epochs`; returns the mean loss of each epoch."""
+        self.init_codebooks(xs, seed=seed)
+        return self.train_epochs(xs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

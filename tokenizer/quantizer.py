@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from tokenizer.defaults import BETA, CODEBOOK_SIZE, DEAD_CODE_WINDOW, ENCODE_BATCH_SIZE, KMEANS_ITERS, LEVELS
+
 # helpers
 
 
@@ -40,10 +42,13 @@ def sq_distances(x: Tensor, codebook: Tensor) -> Tensor:
 def nearest(x: Tensor, codebook: Tensor, *, chunk_size: int = 65536) -> Tensor:
     """Index [N] of the closest codeword for each row of ``x`` [N, D].
 
+    ``||x||^2`` is the same for every code, so the argmin needs only
+    ``||c||^2 - 2 x.c``: one fused matmul per chunk, no [N, D] temporary.
     Distances are computed ``chunk_size`` rows at a time, so memory stays at
     chunk_size x K floats however many items there are.
     """
-    return torch.cat([sq_distances(chunk, codebook).argmin(1) for chunk in x.split(chunk_size)])
+    code_sq = codebook.pow(2).sum(1)
+    return torch.cat([torch.addmm(code_sq, chunk, codebook.T, alpha=-2).argmin(1) for chunk in x.split(chunk_size)])
 
 
 def sum_sq_error(a: Tensor, b: Tensor) -> Tensor:
@@ -53,19 +58,27 @@ def sum_sq_error(a: Tensor, b: Tensor) -> Tensor:
 
 def _kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """k-means++ seeding: each next centre drawn with probability ~ squared distance."""
+    # once, a slice at a time (no [N, D] temporary): each new centre then costs one matrix-vector product
+    x_sq = torch.cat([part.pow(2).sum(1) for part in x.split(ENCODE_BATCH_SIZE)])
+
+    def sq_distances_to(centre: Tensor) -> Tensor:  # [N] for centre [D]
+        return (x_sq - 2 * (x @ centre) + centre.pow(2).sum()).clamp_min(0)
+
     first = torch.randint(len(x), (1,), generator=gen, device=x.device)
     centroids = [x[first]]
-    closest = sq_distances(x, centroids[0]).squeeze(1)
+    closest = sq_distances_to(centroids[0][0])
     for _ in range(1, k):
         # Fewer distinct points than k leaves all distances at 0: fall back to uniform.
         weights = closest if closest.sum() > 0 else torch.ones_like(closest)
         nxt = x[torch.multinomial(weights, 1, generator=gen)]
         centroids.append(nxt)
-        closest = torch.minimum(closest, sq_distances(x, nxt).squeeze(1))
+        closest = torch.minimum(closest, sq_distances_to(nxt[0]))
     return torch.cat(centroids)
 
 
-def kmeans(x: Tensor, k: int, *, iters: int = 25, seed: int = 0, init: str = "kmeans++") -> tuple[Tensor, Tensor]:
+def kmeans(
+    x: Tensor, k: int, *, iters: int = KMEANS_ITERS, seed: int = 0, init: str = "kmeans++"
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means, vectorised over points and centres, seeded.
 
     Empty clusters are re-seeded with random points so that all ``k`` centres
@@ -160,8 +173,8 @@ class ResidualQuantizer(nn.Module):
             batch in the window used are replaced by random residuals of the
             current batch; 0 disables the reset.
         sinkhorn_last: assign the last level by balanced Sinkhorn assignment
-            (in training and in :meth:`encode`; codes then depend on the whole
-            batch, so encode all items in one call).
+            while training; :meth:`encode` stays nearest-code, so an item's
+            codes never depend on the other items of its batch.
         sinkhorn_eps: temperature of the Sinkhorn assignment.
         sinkhorn_iters: normalisation rounds of the Sinkhorn assignment.
     """
@@ -172,11 +185,11 @@ class ResidualQuantizer(nn.Module):
         self,
         dim: int,
         *,
-        levels: int = 3,
-        codebook_size: int = 32,
-        beta: float = 0.25,
-        kmeans_iters: int = 25,
-        dead_code_window: int = 0,
+        levels: int = LEVELS,
+        codebook_size: int = CODEBOOK_SIZE,
+        beta: float = BETA,
+        kmeans_iters: int = KMEANS_ITERS,
+        dead_code_window: int = DEAD_CODE_WINDOW,
         sinkhorn_last: bool = False,
         sinkhorn_eps: float = 0.05,
         sinkhorn_iters: int = 50,
@@ -200,11 +213,13 @@ class ResidualQuantizer(nn.Module):
 
         This alone is RQ-KMeans; for learned tokenizers it is the initialisation.
         """
-        residual = data.detach().to(self.codebooks.dtype)
+        residual = data.detach().to(self.codebooks.dtype, copy=True)
         for level in range(self.levels):
             centroids, assign = kmeans(residual, self.codebook_size, iters=self.kmeans_iters, seed=seed + level)
             self.codebooks[level] = centroids
-            residual = residual - centroids[assign]
+            # in place, a slice at a time: no second [N, D] copy of a million items
+            for rows, codes in zip(residual.split(ENCODE_BATCH_SIZE), assign.split(ENCODE_BATCH_SIZE), strict=True):
+                rows -= centroids[codes]
         self.usage.zero_()
         self._steps = 0
 
@@ -220,13 +235,18 @@ class ResidualQuantizer(nn.Module):
         return RQOutput(quantized, codes, commit_loss, codebook_loss)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes [N, L] int64 of ``x`` [N, D], vectorised over the batch."""
-        return self._descend(x, track=False)
+    def encode(self, x: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Codes [N, L] int64 of ``x`` [N, D], vectorised within batches of ``batch_size`` rows
+        (each batch descends all levels while its residuals are still in cache)."""
+        return torch.cat([self._descend(chunk, track=False) for chunk in x.split(batch_size)])
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Quantized vectors [N, D] of ``codes`` [N, L]: the sum of the chosen codewords."""
-        return self.codebooks[torch.arange(self.levels, device=codes.device), codes].sum(1)
+        """Quantized vectors [N, D] of ``codes`` [N, L]: the sum of the chosen codewords
+        (level by level, never an [N, L, D] gather)."""
+        quantized = self.codebooks[0][codes[:, 0]]
+        for level in range(1, self.levels):
+            quantized += self.codebooks[level][codes[:, level]]
+        return quantized
 
     def _descend(self, x: Tensor, *, track: bool) -> Tensor:
         residual, codes = x.detach(), []

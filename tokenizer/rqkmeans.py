@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from tokenizer.defaults import CODEBOOK_SIZE, ENCODE_BATCH_SIZE, KMEANS_ITERS, LEVELS
 from tokenizer.quantizer import ResidualQuantizer, sum_sq_error
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ class RQKMeans(nn.Module):
         self,
         dim: int,
         *,
-        levels: int = 3,
-        codebook_size: int = 32,
-        kmeans_iters: int = 50,
+        levels: int = LEVELS,
+        codebook_size: int = CODEBOOK_SIZE,
+        kmeans_iters: int = KMEANS_ITERS,
         sinkhorn_last: bool = False,
     ) -> None:
         super().__init__()
@@ -50,11 +51,17 @@ class RQKMeans(nn.Module):
             dim, levels=levels, codebook_size=codebook_size, kmeans_iters=kmeans_iters, sinkhorn_last=sinkhorn_last
         )
 
+    def init_codebooks(self, x: Tensor, *, seed: int = 0) -> None:
+        """k-means on ``x`` [N, D], then on the residuals, level by level: the whole fit."""
+        self.rq.init_from(x, seed=seed)
+
     def fit(self, x: Tensor, *, seed: int = 0) -> float:
         """Fit the codebooks on ``x`` [N, D]; returns the reconstruction error
         (per item, summed over dims) of ``x``."""
-        self.rq.init_from(x, seed=seed)
-        error = float(sum_sq_error(self.decode(self.encode(x)), x))
+        self.init_codebooks(x, seed=seed)
+        # batch by batch: decoding a million wide items at once would be a second copy of x
+        parts = x.split(ENCODE_BATCH_SIZE)
+        error = sum(float(sum_sq_error(self.decode(self.encode(p)), p)) * len(p) for p in parts) / max(len(x), 1)
         logger.info(
             "rq-kmeans: %d items, %d levels x %d codes, recon error %.4f",
             len(x),
@@ -64,9 +71,9 @@ class RQKMeans(nn.Module):
         )
         return error
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes [N, L] of ``x`` [N, D]."""
-        return self.rq.encode(x)
+    def encode(self, x: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Codes [N, L] of ``x`` [N, D], ``batch_size`` items at a time."""
+        return self.rq.encode(x, batch_size=batch_size)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:

@@ -26,6 +26,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tokenizer.defaults import (
+    BATCH_SIZE,
+    BETA,
+    CODEBOOK_SIZE,
+    DEAD_CODE_WINDOW,
+    ENCODE_BATCH_SIZE,
+    EPOCHS,
+    HIDDEN_DIMS,
+    KMEANS_ITERS,
+    LATENT_DIM,
+    LEVELS,
+    LR,
+)
 from tokenizer.metrics import level_usage
 from tokenizer.quantizer import ResidualQuantizer, sum_sq_error
 
@@ -84,13 +97,13 @@ class RQVAE(nn.Module):
         self,
         in_dim: int,
         *,
-        latent_dim: int = 32,
-        hidden_dims: Sequence[int] = (256, 128),
-        levels: int = 3,
-        codebook_size: int = 32,
-        beta: float = 0.25,
-        kmeans_iters: int = 25,
-        dead_code_window: int = 50,
+        latent_dim: int = LATENT_DIM,
+        hidden_dims: Sequence[int] = HIDDEN_DIMS,
+        levels: int = LEVELS,
+        codebook_size: int = CODEBOOK_SIZE,
+        beta: float = BETA,
+        kmeans_iters: int = KMEANS_ITERS,
+        dead_code_window: int = DEAD_CODE_WINDOW,
         sinkhorn_last: bool = False,
     ) -> None:
         super().__init__()
@@ -116,22 +129,30 @@ class RQVAE(nn.Module):
         )
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes [N, L] of ``x`` [N, D]."""
-        return self.rq.encode(self.encoder(x))
+    def latents(self, x: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Encoder outputs [N, Z] of ``x`` [N, D], ``batch_size`` items at a time."""
+        return torch.cat([self.encoder(part) for part in x.split(batch_size)])
 
     @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        """Reconstruction [N, D] of codes [N, L]."""
-        return self.decoder(self.rq.decode(codes))
+    def encode(self, x: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Codes [N, L] of ``x`` [N, D], ``batch_size`` items at a time (encoder and quantizer
+        per batch, so memory stays at batch_size x the widest layer)."""
+        return torch.cat([self.rq.encode(self.encoder(part)) for part in x.split(batch_size)])
 
-    def fit(
-        self, x: Tensor, *, epochs: int = 200, batch_size: int = 256, lr: float = 1e-3, seed: int = 0
+    @torch.no_grad()
+    def decode(self, codes: Tensor, *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
+        """Reconstruction [N, D] of codes [N, L], ``batch_size`` items at a time."""
+        return torch.cat([self.decoder(self.rq.decode(part)) for part in codes.split(batch_size)])
+
+    def init_codebooks(self, x: Tensor, *, seed: int = 0) -> None:
+        """k-means initialise the quantizer on the encoder outputs of ``x`` [N, D]."""
+        self.rq.init_from(self.latents(x), seed=seed)
+
+    def train_epochs(
+        self, x: Tensor, *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
     ) -> list[float]:
-        """Train on ``x`` [N, D] with Adam; returns the mean loss of each epoch."""
+        """Train on ``x`` [N, D] with Adam from the current codebooks; returns the mean loss of each epoch."""
         gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.rq.init_from(self.encoder(x), seed=seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         log_every = max(1, epochs // 10)
         history: list[float] = []
@@ -163,3 +184,10 @@ class RQVAE(nn.Module):
                 )
         self.eval()
         return history
+
+    def fit(
+        self, x: Tensor, *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
+    ) -> list[float]:
+        """k-means initialise the codebooks, then train on ``x`` [N, D]; returns the mean loss of each epoch."""
+        self.init_codebooks(x, seed=seed)
+        return self.train_epochs(x, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,7 @@ from pipelines.schema import (
     require_utc_timestamps,
     validate_sids,
 )
+from tokenizer import defaults
 from tokenizer.metrics import reconstruction_metrics, summary_line, tokenizer_metrics
 from tokenizer.losses import present_rows
 from tokenizer.mm_rqvae import ALIGN_KINDS, MMRQVAE, MMRQVAEConfig
@@ -93,9 +94,7 @@ class TokenizerConfig:
         method: ``rqvae``, ``rqkmeans``, ``mm_rqvae`` or ``mmq``.
         modalities: modality names, used in sorted order; empty = all in the manifest.
         levels: P, code positions per SID (see the module docstring per method).
-        codebook_size: K, codes per level. 64 on MovieLens-100K keeps every
-            level fully used and the full-code collision rate near 4% (K=32
-            collides ~20% of the 1682 items).
+        codebook_size: K, codes per level (why 64: tokenizer/defaults.py).
         latent_dim: latent and codeword width of the learned tokenizers
             (RQ-KMeans codewords live in the input space).
         hidden_dims: encoder hidden widths of the learned tokenizers (decoders mirrored).
@@ -124,16 +123,17 @@ class TokenizerConfig:
     dataset: Path
     method: str = "rqvae"
     modalities: tuple[str, ...] = ()
-    levels: int = 3
-    codebook_size: int = 64
-    latent_dim: int = 32
-    hidden_dims: tuple[int, ...] = (256, 128)
-    epochs: int = 200
-    batch_size: int = 256
-    lr: float = 1e-3
-    beta: float = 0.25
-    kmeans_iters: int = 50
-    dead_code_window: int = 50
+    # shared defaults live in tokenizer/defaults.py, which the model classes read too (one place)
+    levels: int = defaults.LEVELS
+    codebook_size: int = defaults.CODEBOOK_SIZE
+    latent_dim: int = defaults.LATENT_DIM
+    hidden_dims: tuple[int, ...] = defaults.HIDDEN_DIMS
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    beta: float = defaults.BETA
+    kmeans_iters: int = defaults.KMEANS_ITERS
+    dead_code_window: int = defaults.DEAD_CODE_WINDOW
     sinkhorn_last: bool = False
     seed: int = 0
     # defaults of the multimodal methods are their model configs' defaults (one place)
@@ -232,6 +232,34 @@ def version_of(cfg: TokenizerConfig, modalities: dict[str, np.ndarray], fit_ids:
     return f"{cfg.method}-{digest.hexdigest()[:10]}", digest.hexdigest()
 
 
+def build_tokenizer(cfg: TokenizerConfig, dims: Mapping[str, int]) -> Model:
+    """The configured, unfitted tokenizer for modality widths ``dims`` (name -> D_m);
+    ``rqkmeans`` / ``rqvae`` read their concatenation."""
+    if cfg.method in MULTIMODAL:
+        model_cfg = cfg.model_config(dims)
+        return MMRQVAE(model_cfg) if isinstance(model_cfg, MMRQVAEConfig) else MMQ(model_cfg)
+    in_dim = sum(dims.values())
+    if cfg.method == "rqkmeans":
+        return RQKMeans(
+            in_dim,
+            levels=cfg.levels,
+            codebook_size=cfg.codebook_size,
+            kmeans_iters=cfg.kmeans_iters,
+            sinkhorn_last=cfg.sinkhorn_last,
+        )
+    return RQVAE(
+        in_dim,
+        latent_dim=cfg.latent_dim,
+        hidden_dims=cfg.hidden_dims,
+        levels=cfg.levels,
+        codebook_size=cfg.codebook_size,
+        beta=cfg.beta,
+        kmeans_iters=cfg.kmeans_iters,
+        dead_code_window=cfg.dead_code_window,
+        sinkhorn_last=cfg.sinkhorn_last,
+    )
+
+
 def fit_tokenizer(cfg: TokenizerConfig, x_fit: torch.Tensor | dict[str, torch.Tensor]) -> tuple[Model, list[float]]:
     """Build the configured tokenizer and fit it; returns it and its loss history.
 
@@ -242,34 +270,13 @@ def fit_tokenizer(cfg: TokenizerConfig, x_fit: torch.Tensor | dict[str, torch.Te
             multimodal methods.
     """
     torch.manual_seed(cfg.seed)
-    schedule: dict[str, Any] = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed}
     if (cfg.method in MULTIMODAL) != isinstance(x_fit, dict):
         raise TypeError(f"method {cfg.method!r} takes {'a modality dict' if cfg.method in MULTIMODAL else 'one tensor'}")
-    if isinstance(x_fit, dict):
-        model_cfg = cfg.model_config({name: x.shape[1] for name, x in x_fit.items()})
-        model = MMRQVAE(model_cfg) if isinstance(model_cfg, MMRQVAEConfig) else MMQ(model_cfg)
-        return model, model.fit(x_fit, **schedule)
-    if cfg.method == "rqkmeans":
-        kmeans_model = RQKMeans(
-            x_fit.shape[1],
-            levels=cfg.levels,
-            codebook_size=cfg.codebook_size,
-            kmeans_iters=cfg.kmeans_iters,
-            sinkhorn_last=cfg.sinkhorn_last,
-        )
-        return kmeans_model, [kmeans_model.fit(x_fit, seed=cfg.seed)]
-    vae = RQVAE(
-        x_fit.shape[1],
-        latent_dim=cfg.latent_dim,
-        hidden_dims=cfg.hidden_dims,
-        levels=cfg.levels,
-        codebook_size=cfg.codebook_size,
-        beta=cfg.beta,
-        kmeans_iters=cfg.kmeans_iters,
-        dead_code_window=cfg.dead_code_window,
-        sinkhorn_last=cfg.sinkhorn_last,
-    )
-    return vae, vae.fit(x_fit, **schedule)
+    dims = {name: x.shape[1] for name, x in x_fit.items()} if isinstance(x_fit, dict) else {"concatenated": x_fit.shape[1]}
+    model = build_tokenizer(cfg, dims)
+    if isinstance(model, RQKMeans):
+        return model, [model.fit(x_fit, seed=cfg.seed)]
+    return model, model.fit(x_fit, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
 
 
 def position_codebooks(model: Model) -> list[torch.Tensor]:
