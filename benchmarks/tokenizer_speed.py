@@ -58,7 +58,7 @@ from benchmarks.report import RESULTS_DIR, markdown_table, write_results
 from pipelines.demo import CODE_BUDGET
 from pipelines.ingest import IngestConfig
 from pipelines.movielens import fetch_recbole_wheel, load_recbole_wheel
-from pipelines.synthetic import SyntheticConfig, _items, _modality, _rng
+from pipelines.synthetic import SyntheticConfig, item_modalities
 from tokenizer.defaults import ENCODE_BATCH_SIZE
 from tokenizer.metrics import level_usage
 from tokenizer.modalities import TEXT_DIM, ModalityConfig, encode_titles, load_text_model
@@ -186,11 +186,8 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timing:
 def synthetic_inputs(n_items: int, dims: dict[str, int], seed: int) -> Inputs:
     """The generator's noisy views of its planted latents (pipelines.synthetic) at widths ``dims``."""
     config = SyntheticConfig(n_items=n_items, n_events=1, n_users=1, seed=seed)
-    latent = _items(config)[1]
-    rng = _rng(config, "modalities")
     names = sorted(dims)
-    views = [_modality(latent, dims[name], config.view_rank, config.view_noise, rng)[1:] for name in names]
-    del latent
+    views = [view[1:] for view in item_modalities(config, {name: dims[name] for name in names}).values()]
     matrix = torch.from_numpy(np.concatenate(views, axis=1))
     del views
     starts = np.cumsum([0] + [dims[name] for name in names])

@@ -25,6 +25,7 @@ Each part draws from its own child of ``SeedSequence(seed)``, so
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -169,6 +170,18 @@ def _modality(latent: np.ndarray, dim: int, rank: int, noise: float, rng: np.ran
     return out
 
 
+def item_modalities(
+    config: SyntheticConfig, dims: Mapping[str, int] = MODALITY_DIMS, latent: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """One noisy view of the items' planted latents per modality, float32 [N + 1, dim] (row 0 zeros).
+
+    ``latent`` saves recomputing the items' latents when the caller holds them.
+    """
+    latent = _items(config)[1] if latent is None else latent
+    rng = _rng(config, "modalities")
+    return {key: _modality(latent, dim, config.view_rank, config.view_noise, rng) for key, dim in dims.items()}
+
+
 def user_favourites(config: SyntheticConfig) -> np.ndarray:
     """Ground-truth favourite clusters of user ids 1..U, int64 [U, favourites] (row u - 1 is user u)."""
     rng = _rng(config, "favourites")
@@ -231,8 +244,7 @@ def _events(
 def generate(config: SyntheticConfig, name: str = "synthetic") -> IngestedDataset:
     """Generate the events, items, users and the two precomputed modalities."""
     cluster, latent, late, exposure = _items(config)
-    rng = _rng(config, "modalities")
-    modalities = {key: _modality(latent, dim, config.view_rank, config.view_noise, rng) for key, dim in MODALITY_DIMS.items()}
+    modalities = item_modalities(config, latent=latent)
     del latent
     users, favourites, activity = _users(config)
     events = _events(config, cluster, late, exposure, favourites, activity)
