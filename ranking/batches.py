@@ -16,13 +16,9 @@ ids outside a table):
 - ``tag_ids`` bag -> ``t_tag`` (n_tags + 1); ``year_bucket`` -> ``t_year``
 - SIDs (``use_sid``): ``sid_<l>`` per code position (K + 1, code + 1, 0 =
   unknown); prefix n-grams ``sid_prefix_<d>`` for depth 2..L and the history
-  prefix bags ``hist_sid_p1`` / ``hist_sid_p2``: one ``t_sid_prefix_<d>``
-  table per depth, so an item's prefix and the same prefix in a user's
-  history share one embedding. A depth's table holds every prefix
-  (K^d rows) while that fits ``prefix_buckets``, else the prefixes are
-  hashed by :func:`prefix_bucket`. One table per depth, not one for all:
-  the history bags make ~40 lookups per row, and separate tables let the
-  sharding planner spread them over the ranks.
+  prefix bags ``hist_sid_p1`` / ``hist_sid_p2``, all hashed by
+  :func:`prefix_bucket` into one ``t_sid_prefix`` table, so an item's prefix
+  and the same prefix in a user's history share one embedding.
 
 Dense features (``DENSE_FEATURES``): log1p of the four causal counts,
 smoothed positive rates ``(pos + a) / (count + a + b)`` for user and item,
@@ -84,8 +80,7 @@ class FeatureConfig:
             test users have no train rows, DESIGN.md section 5).
         use_item_id: item id and history item bag (one shared table).
         use_sid: SID code positions, hashed prefixes and history prefix bags.
-        prefix_buckets: most rows of a SID prefix table (deeper prefixes are
-            hashed into this many); None means
+        prefix_buckets: rows of the hashed prefix table; None means
             ``max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * n_items)``.
         rate_prior_pos: pseudo-positives ``a`` of the smoothed rates.
         rate_prior_neg: pseudo-negatives ``b`` of the smoothed rates.
@@ -106,7 +101,7 @@ class FeatureConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def n_prefix_buckets(self, meta: spec.FeatureMeta) -> int:
-        """Most rows of a SID prefix table for this dataset."""
+        """Rows of the hashed SID prefix table for this dataset."""
         if self.prefix_buckets is not None:
             return self.prefix_buckets
         return max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * meta.n_items)
@@ -130,26 +125,6 @@ def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
     x = (x ^ (x >> np.uint64(27))) * _MIX_2
     x = x ^ (x >> np.uint64(31))
     return (x % np.uint64(buckets)).astype(np.int64)
-
-
-def prefix_rows(codebook_size: int, depth: int, buckets: int) -> int:
-    """Rows of the depth-``depth`` prefix table: every prefix if K^d fits ``buckets``, else ``buckets`` (hashed)."""
-    return min(codebook_size**depth, buckets)
-
-
-def prefix_ids(values: np.ndarray, depth: int, codebook_size: int, buckets: int) -> np.ndarray:
-    """Encoded depth-``depth`` prefixes -> rows of their table (the prefix itself, or its hash)."""
-    if codebook_size**depth <= buckets:
-        return np.asarray(values, dtype=np.int64)
-    return prefix_bucket(values, depth, buckets)
-
-
-def prefix_features(levels: int) -> dict[int, tuple[str, ...]]:
-    """Depth -> the features looking up that depth's prefix table (item prefixes from 2, history bags 1 and 2)."""
-    by_depth = {d: (f"sid_prefix_{d}",) for d in range(2, levels + 1)}
-    for depth, column in enumerate(spec.HIST_SID_PREFIXES[:levels], start=1):
-        by_depth[depth] = (*by_depth.get(depth, ()), column)
-    return dict(sorted(by_depth.items()))
 
 
 def read_feature_meta(path: str | Path) -> spec.FeatureMeta:
@@ -178,11 +153,8 @@ def sparse_tables(meta: spec.FeatureMeta, cfg: FeatureConfig) -> list[SparseTabl
     if cfg.use_sid:
         L, K = meta.sid_levels, meta.sid_codebook_size
         tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]
-        buckets = cfg.n_prefix_buckets(meta)
-        tables += [
-            SparseTable(f"t_sid_prefix_{d}", prefix_rows(K, d, buckets), features)
-            for d, features in prefix_features(L).items()
-        ]
+        prefix_features = tuple(f"sid_prefix_{d}" for d in range(2, L + 1)) + spec.HIST_SID_PREFIXES[:L]
+        tables.append(SparseTable("t_sid_prefix", cfg.n_prefix_buckets(meta), prefix_features))
     return tables
 
 
@@ -239,7 +211,7 @@ def _sid_codes(rows: pd.DataFrame, meta: spec.FeatureMeta, source: str, allow_mi
 def _sid_features(
     rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
-    """SID positions, item prefixes (depth 2..L) and history prefix bags, as rows of their depth's table.
+    """SID positions, hashed item prefixes (depth 2..L) and hashed history prefix bags.
 
     A row without a SID (``allow_missing_sid``) looks up the unknown row 0 of
     every position table and no prefix: there is no prefix to hash.
@@ -251,11 +223,11 @@ def _sid_features(
     prefix = codes[known, 0]
     for d in range(2, L + 1):
         prefix = prefix * K + codes[known, d - 1]  # mixed radix, as spec.encode_prefix
-        feats[f"sid_prefix_{d}"] = (prefix_ids(prefix, d, K, buckets), known.astype(np.int64))
+        feats[f"sid_prefix_{d}"] = (prefix_bucket(prefix, d, buckets), known.astype(np.int64))
     for depth, column in enumerate(spec.HIST_SID_PREFIXES[:L], start=1):
         values, lengths = _list_column(rows, column, source)
         check_ids_in_range(values, K**depth, f"{source}: column '{column}' (depth-{depth} prefixes)")
-        feats[column] = (prefix_ids(values, depth, K, buckets), lengths)
+        feats[column] = (prefix_bucket(values, depth, buckets), lengths)
     return feats
 
 

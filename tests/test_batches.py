@@ -26,6 +26,7 @@ META = spec.FeatureMeta(
     n_users=3, n_items=4, n_tags=5, n_year_buckets=3, sid_levels=3, sid_codebook_size=4,
     tokenizer_version="v1", user_profile={"age_id": 3},
 )
+BUCKETS = 4096  # max(MIN_PREFIX_BUCKETS, 4 * n_items)
 
 
 def tiny_rows() -> pd.DataFrame:
@@ -48,8 +49,8 @@ def jagged(kjt, key: str) -> list[list[int]]:
     return [t.tolist() for t in kjt[key].to_dense()]
 
 
-def bucket(value: int, depth: int, buckets: int) -> int:
-    return int(prefix_bucket(np.array([value]), depth, buckets)[0])
+def bucket(value: int, depth: int) -> int:
+    return int(prefix_bucket(np.array([value]), depth, BUCKETS)[0])
 
 
 def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
@@ -58,7 +59,7 @@ def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
     kjt = batch.sparse_features
     assert kjt.keys() == [
         "user_id", "item_id", "hist_items", "age_id", "tag_ids", "year_bucket", "sid_0", "sid_1", "sid_2",
-        "hist_sid_p1", "sid_prefix_2", "hist_sid_p2", "sid_prefix_3",
+        "sid_prefix_2", "sid_prefix_3", "hist_sid_p1", "hist_sid_p2",
     ]
     assert jagged(kjt, "user_id") == [[3], [1]]
     assert jagged(kjt, "item_id") == [[4], [1]]
@@ -68,16 +69,10 @@ def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
     assert jagged(kjt, "year_bucket") == [[2], [0]]
     assert [jagged(kjt, f"sid_{lvl}") for lvl in range(3)] == [[[2], [1]], [[1], [2]], [[1], [3]]]  # code + 1
     enc = spec.encode_prefix
-    # K^d fits the table: a prefix is its own row, no hashing.
-    assert jagged(kjt, "sid_prefix_2") == [[enc((1, 0), 4)], [enc((0, 1), 4)]]
-    assert jagged(kjt, "sid_prefix_3") == [[enc((1, 0, 0), 4)], [enc((0, 1, 2), 4)]]
-    assert jagged(kjt, "hist_sid_p1") == [[0, 3], []]
-    assert jagged(kjt, "hist_sid_p2") == [[1, 15], []]
-    # A table smaller than K^d hashes that depth's prefixes (depth 3: 64 > 32), not the shallower ones.
-    hashed = build_split(tiny_rows(), META, FeatureConfig(prefix_buckets=32), "r").batch(torch.tensor([2, 0]))
-    assert jagged(hashed.sparse_features, "sid_prefix_2") == jagged(kjt, "sid_prefix_2")
-    assert jagged(hashed.sparse_features, "sid_prefix_3") == [[bucket(enc((1, 0, 0), 4), 3, 32)],
-                                                              [bucket(enc((0, 1, 2), 4), 3, 32)]]
+    assert jagged(kjt, "sid_prefix_2") == [[bucket(enc((1, 0), 4), 2)], [bucket(enc((0, 1), 4), 2)]]
+    assert jagged(kjt, "sid_prefix_3") == [[bucket(enc((1, 0, 0), 4), 3)], [bucket(enc((0, 1, 2), 4), 3)]]
+    assert jagged(kjt, "hist_sid_p1") == [[bucket(0, 1), bucket(3, 1)], []]
+    assert jagged(kjt, "hist_sid_p2") == [[bucket(1, 2), bucket(15, 2)], []]
     assert batch.labels.tolist() == [1.0, 1.0]
     assert batch.dense_features.shape == (2, len(DENSE_FEATURES))
 
@@ -86,10 +81,7 @@ def test_item_and_history_share_tables() -> None:
     tables = {t.name: t for t in sparse_tables(META, FeatureConfig())}
     assert tables["t_item"].features == ("item_id", "hist_items")
     assert tables["t_item"].num_embeddings == META.n_items + 1
-    assert tables["t_sid_prefix_1"].features == ("hist_sid_p1",)
-    assert tables["t_sid_prefix_2"].features == ("sid_prefix_2", "hist_sid_p2")
-    assert tables["t_sid_prefix_3"].features == ("sid_prefix_3",)
-    assert [tables[f"t_sid_prefix_{d}"].num_embeddings for d in (1, 2, 3)] == [4, 16, 64]  # K^d
+    assert tables["t_sid_prefix"].features == ("sid_prefix_2", "sid_prefix_3", "hist_sid_p1", "hist_sid_p2")
     assert tables["t_sid_0"].num_embeddings == META.sid_codebook_size + 1
     # Item 1's depth-2 prefix (0, 1) and the same prefix in row 2's history hit one bucket.
     kjt = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet").batch(torch.tensor([0, 2])).sparse_features
@@ -162,7 +154,7 @@ def test_feature_selections_of_the_benchmark() -> None:
         return {t.name for t in sparse_tables(META, FeatureConfig(**kw))}
 
     common = {"t_user", "t_age_id", "t_tag", "t_year"}
-    sid = {"t_sid_0", "t_sid_1", "t_sid_2", "t_sid_prefix_1", "t_sid_prefix_2", "t_sid_prefix_3"}
+    sid = {"t_sid_0", "t_sid_1", "t_sid_2", "t_sid_prefix"}
     assert tables(use_sid=False) == common | {"t_item"}
     assert tables() == common | {"t_item"} | sid
     assert tables(use_item_id=False) == common | sid
@@ -199,3 +191,12 @@ def test_feature_config_validation() -> None:
     with pytest.raises(ValueError, match="rate_prior_neg"):
         FeatureConfig(rate_prior_neg=0.0)
     assert FeatureConfig(prefix_buckets=64).n_prefix_buckets(META) == 64
+
+
+def test_pooling_factors_are_mean_ids_per_row() -> None:
+    split = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet")
+    factors = split.pooling_factors()
+    assert list(factors) == list(split.keys)
+    assert factors["user_id"] == 1.0
+    lengths = [0 if h is None else len(h) for h in tiny_rows()[spec.HIST_ITEMS]]  # None: no history yet
+    assert factors["hist_items"] == pytest.approx(sum(lengths) / len(lengths))
