@@ -23,11 +23,13 @@ Selected in ``feature_repo/feature_store.yaml``::
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from feast import FeatureView
@@ -55,6 +57,10 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _parquet_path(view: FeatureView, repo_path: Path) -> str:
     source = view.batch_source
     path = getattr(source, "path", None)
@@ -75,16 +81,15 @@ def _view_select(view: FeatureView, features: list[str], repo_path: Path, alias:
     keys = list((view.projection.join_key_map or {e.name: e.name for e in view.entity_columns}).keys())
     columns = [f"{_quote(to_source.get(c, c))} AS {_quote(c)}" for c in [*keys, *features]]
     ts = _quote(to_source.get(source.timestamp_field, source.timestamp_field))
-    created = source.created_timestamp_column
+    created = to_source.get(source.created_timestamp_column, source.created_timestamp_column)
     dedup = ""
     if created:
         # The as-of join keeps an arbitrary row among equal timestamps: keep the latest-created one first.
         partition = ", ".join(_quote(to_source.get(k, k)) for k in keys)
         dedup = f"QUALIFY row_number() OVER (PARTITION BY {partition}, {ts} ORDER BY {_quote(created)} DESC) = 1"
-    path = _parquet_path(view, repo_path).replace("'", "''")
     sql = (
         f"{alias} AS (SELECT {', '.join(columns)}, CAST({ts} AS TIMESTAMPTZ) AS __ts "
-        f"FROM read_parquet('{path}') {dedup})"
+        f"FROM read_parquet({_literal(_parquet_path(view, repo_path))}) {dedup})"
     )
     return sql, keys
 
@@ -94,7 +99,7 @@ def historical_sql(
     repo_path: Path, full_feature_names: bool,
 ) -> str:
     """One query: the entity table as-of joined to every view, in entity row order."""
-    ctes = ["entity AS (SELECT *, row_number() OVER () AS __row FROM entity_df)"]
+    ctes = ["entity AS (SELECT * FROM entity_df)"]
     joins, outputs = [], []
     for i, view in enumerate(views):
         prefix = view.projection.name_to_use()
@@ -134,13 +139,19 @@ class AsofRetrievalJob(RetrievalJob):
         self._metadata = metadata
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        with duckdb.connect() as con:
-            con.execute("SET TimeZone = 'UTC'")
-            con.execute(f"SET memory_limit = '{self.config.memory_limit}'")
-            con.execute(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'sidrank-duckdb'}'")
-            con.execute(f"SET max_temp_directory_size = '{self.config.max_temp_directory_size}'")
-            con.register("entity_df", self.entity_df)
-            return con.sql(self.sql).to_arrow_table()
+        # A spill folder per query: concurrent retrievals must not share (and delete) each other's spill files.
+        spill = tempfile.mkdtemp(prefix="sidrank-duckdb-")
+        try:
+            with duckdb.connect() as con:
+                con.execute("SET TimeZone = 'UTC'")
+                con.execute(f"SET memory_limit = {_literal(self.config.memory_limit)}")
+                con.execute(f"SET temp_directory = {_literal(spill)}")
+                con.execute(f"SET max_temp_directory_size = {_literal(self.config.max_temp_directory_size)}")
+                # The entity rows' own order, explicit: a window over the registered frame promises none.
+                con.register("entity_df", self.entity_df.assign(__row=np.arange(len(self.entity_df))))
+                return con.sql(self.sql).to_arrow_table()
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
         return self._to_arrow_internal(timeout).to_pandas(types_mapper=None)

@@ -200,13 +200,13 @@ def rank_share(row_ids: np.ndarray, split: str, rank: int, world: int) -> np.nda
     """The row ids of one split (ascending) that this rank encodes.
 
     Train: every world-th row from ``rank`` (each rank trains on its own
-    shard, so no rank holds all rows). Valid/test: one contiguous part of
-    ``ceil(n / world)`` rows, the part :func:`score_split` scores.
+    shard, so no rank holds all rows). Valid/test: one contiguous part, the
+    part :func:`score_split` scores; parts differ by at most one row, so no
+    rank is left without rows while the split has at least ``world``.
     """
     if split == "train":
         return row_ids[rank::world]
-    part = math.ceil(len(row_ids) / world)
-    return row_ids[rank * part : (rank + 1) * part]
+    return np.array_split(row_ids, world)[rank]
 
 
 SPLITS = ("train", "valid", "test")
@@ -237,6 +237,23 @@ def read_row_ids(path: Path, wanted: np.ndarray) -> pd.DataFrame:
     # Arrow's allocator keeps the decoded, filtered-out batches otherwise.
     pa.default_memory_pool().release_unused()
     return rows.sort_values("row_id", kind="stable", ignore_index=True)
+
+
+def _on_every_rank(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on every rank; if it fails on any, every rank raises (the others would wait in a collective)."""
+    failure = None
+    try:
+        fn()
+    except Exception as exc:
+        failure = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if failure is None else f"{type(failure).__name__}: {failure}")
+        failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
+        if failed and failure is None:
+            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if failure is not None:
+        raise failure
 
 
 def load_rows(
@@ -420,13 +437,18 @@ def run(cfg: TrainConfig) -> dict | None:
 
     # 3. tensors per split, encoded once; a split's rows are dropped once encoded
     splits = {}
-    for _ in SPLITS:
-        with _timed(timings, "rows_s"):
-            split, rows = next(shares)
-        with _timed(timings, "batches_s"):
-            splits[split] = build_split(rows, meta, cfg.features, f"{rows_path}[{split}]")
-            del rows
-            pa.default_memory_pool().release_unused()
+
+    def encode_shares() -> None:
+        for _ in SPLITS:
+            with _timed(timings, "rows_s"):
+                split, rows = next(shares)
+            with _timed(timings, "batches_s"):
+                splits[split] = build_split(rows, meta, cfg.features, f"{rows_path}[{split}]")
+                del rows
+                pa.default_memory_pool().release_unused()
+
+    # Each rank checks its own shard: one rank's DataError must stop all of them.
+    _on_every_rank(encode_shares)
     n_rows = {s: len(e) for s, e in split_events.items()}
     if n_rows["train"] < cfg.batch_size:
         raise DataError(f"{rows_path}: {n_rows['train']} train rows < batch_size {cfg.batch_size}; lower --batch-size")

@@ -266,4 +266,6 @@ def test_rank_shares_cover_every_row_once() -> None:
         shares = [train.rank_share(ids, split, rank, 3) for rank in range(3)]
         assert np.array_equal(np.sort(np.concatenate(shares)), ids), split
     assert [len(train.rank_share(ids, "test", rank, 3)) for rank in range(3)] == [4, 4, 3]  # contiguous parts
+    # Parts differ by at most one row: ceil-sized parts would leave rank 3 of 4 with none of 9 rows.
+    assert [len(train.rank_share(np.arange(9), "valid", rank, 4)) for rank in range(4)] == [3, 2, 2, 2]
     assert train.rank_share(ids, "train", 1, 3).tolist() == [101, 104, 107, 110]  # a stride: shards mix all times
