@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks import baselines
-from benchmarks.report import fmt, markdown_table, mean_std, write_results
+from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
 from pipelines.demo import DemoConfig, run_stage, stage_commands
 from pipelines.io import read_json
 from pipelines.protocol import train_item_counts
@@ -189,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"summary": summary, "runs": runs, "cold_item_verdict": verdict, "tokenizer": tokenizer,
                "config": {"seeds": cfg.seeds, "variants": cfg.variants, "method": demo.method,
                           "nproc": demo.nproc, "ranker_args": ranker_args}}
-    command = shlex.join(["python", "-m", "benchmarks.auc", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.auc", argv)
     write_results(cfg.name, payload, table, command)
     print(table)
     if verdict:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.auc import REPORTED
-from benchmarks.report import fmt, markdown_table, mean_std, write_results
+from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
 from pipelines.demo import CODE_BUDGET, DemoConfig, run_stage, stage_commands
 from pipelines.io import read_json
 from pipelines.schema import DatasetPaths
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"summary": summary, "runs": runs, "versions": versions,
                "config": {"tokenizers": cfg.tokenizers, "seeds": cfg.seeds, "code_budget": CODE_BUDGET,
                           "ranker_args": ranker_args}}
-    command = shlex.join(["python", "-m", "benchmarks.auc_ablation", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.auc_ablation", argv)
     write_results(cfg.name, payload, table, command)
     print(table)
     return payload

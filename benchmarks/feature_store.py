@@ -29,10 +29,9 @@ Writes ``benchmarks/results/feature_store.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sqlite3
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +40,13 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from benchmarks.report import markdown_table, write_results
+from benchmarks.report import latency_stats, markdown_table, rerun_command, time_each, write_results
 from benchmarks.scale import ScaleConfig, size_commands
 from pipelines import demo, publish
 from pipelines.features import from_micros, to_micros
 from ranking import spec
+
+WARMUP_REQUESTS = 10
 
 
 @dataclass
@@ -55,7 +56,7 @@ class FeatureStoreBenchConfig:
     Args:
         events: synthetic dataset size.
         stock_sample: events retrieved through Feast's stock duckdb store (and the as-of store, for the ratio).
-        requests: online requests timed (after 10 warm-up requests).
+        requests: online requests timed (after WARMUP_REQUESTS warm-up requests).
         candidates: items per online request.
         root: where the dataset and its Feast repository go (rebuilt when missing).
         name: results file name.
@@ -184,8 +185,6 @@ def _same_values(asof: pa.Table, pandas_rows: pd.DataFrame, features: list[str])
 
 
 def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) -> dict:
-    from pipelines.offline_store import STORE_TYPE
-
     entity = entity_frame(dataset)
     asof_store = feature_store(repo)
     service = asof_store.get_feature_service(spec.FEATURE_SERVICE)
@@ -208,52 +207,55 @@ def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) ->
     }
 
 
-def _percentiles(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+def sqlite_reader(store, service) -> Callable[[tuple[int, list[int]]], None]:
+    """Read (user id, item ids)'s rows of every view of ``service`` straight from the sqlite online store.
 
-
-def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
+    The same keys and tables Feast's online read touches, one SELECT per view,
+    without decoding the values: the limit of the store.
+    """
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
+    path = Path(store.config.online_store.path)
+    conn = sqlite3.connect(path if path.is_absolute() else Path(store.repo_path) / path, check_same_thread=False)
+    version = store.config.entity_key_serialization_version
+    views = []
+    for projection in service.feature_view_projections:
+        join_key = store.get_feature_view(projection.name).join_keys[0]
+        views.append((f'"{store.project}_{projection.name}"', join_key))
+
+    def key(join_key: str, value: int) -> bytes:
+        entity = EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=value)])
+        return serialize_entity_key(entity, entity_key_serialization_version=version)
+
+    def read(request: tuple[int, list[int]]) -> None:
+        user, items = request
+        for table, join_key in views:
+            keys = [key(join_key, user)] if join_key == "user_id" else [key(join_key, i) for i in items]
+            sql = f"SELECT entity_key, feature_name, value, event_ts FROM {table} WHERE entity_key IN "
+            conn.execute(sql + f"({','.join('?' * len(keys))})", keys).fetchall()
+
+    return read
+
+
+def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
     store = feature_store(repo)
     service = store.get_feature_service(spec.FEATURE_SERVICE)
-    meta = store.config.entity_key_serialization_version
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items = cfg.events // 100, cfg.events // 10
     requests = [(int(rng.integers(1, n_users + 1)), rng.integers(1, n_items + 1, cfg.candidates).tolist())
-                for _ in range(cfg.requests + 10)]
-    feast_s = []
-    for user, items in requests:
-        began = time.perf_counter()
-        frame = store.get_online_features(features=service, entity_rows=[{"user_id": user, "item_id": i}
-                                                                          for i in items]).to_df()
-        feast_s.append(time.perf_counter() - began)
-        assert len(frame) == len(items)
+                for _ in range(cfg.requests + WARMUP_REQUESTS)]
 
-    def key(name: str, value: int) -> bytes:
-        return serialize_entity_key(EntityKey(join_keys=[name], entity_values=[Value(int64_val=value)]),
-                                    entity_key_serialization_version=meta)
+    def feast_read(request: tuple[int, list[int]]) -> None:
+        user, items = request
+        rows = [{"user_id": user, "item_id": i} for i in items]
+        assert len(store.get_online_features(features=service, entity_rows=rows).to_df()) == len(items)
 
-    tables = online_tables(repo / "data" / "online_store.db")
-    user_tables = [t for t in tables if "user" in t]
-    item_tables = [t for t in tables if t not in user_tables]
-    direct_s = []
-    with sqlite3.connect(repo / "data" / "online_store.db") as con:
-        for user, items in requests:
-            began = time.perf_counter()
-            item_keys = [key("item_id", i) for i in items]
-            for table in user_tables:
-                con.execute(f'SELECT feature_name, value FROM "{table}" WHERE entity_key = ?',
-                            [key("user_id", user)]).fetchall()
-            for table in item_tables:
-                con.execute(f'SELECT entity_key, feature_name, value FROM "{table}" WHERE entity_key IN '
-                            f'({",".join("?" * len(item_keys))})', item_keys).fetchall()
-            direct_s.append(time.perf_counter() - began)
+    feast_s, direct_s = time_each(feast_read, requests), time_each(sqlite_reader(store, service), requests)
     return {"requests": cfg.requests, "candidates": cfg.candidates,
-            "feast": _percentiles(feast_s[10:]), "direct_sqlite": _percentiles(direct_s[10:])}
+            "feast": latency_stats(feast_s[WARMUP_REQUESTS:]),
+            "direct_sqlite": latency_stats(direct_s[WARMUP_REQUESTS:])}
 
 
 def table(result: dict) -> str:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["historical"] = bench_historical(cfg, dataset, repo)
     result["online"] = bench_online(cfg, repo)
     text = table(result)
-    command = shlex.join(["python", "-m", "benchmarks.feature_store", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.feature_store", argv)
     write_results(cfg.name, {**result, "config": {k: str(v) for k, v in vars(cfg).items()}}, text, command)
     print(text)
     return result

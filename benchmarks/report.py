@@ -5,14 +5,20 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import shlex
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from pipelines.io import write_json, write_text
 
 RESULTS_DIR = Path("benchmarks/results")
+T = TypeVar("T")
 VERSIONED_PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "feast", "duckdb", "scikit-learn", "lightgbm")
 
 
@@ -65,6 +71,28 @@ def fmt(stat: dict, digits: int = 4) -> str:
     if stat["n"] < stat["runs"]:
         text += f" ({stat['runs'] - stat['n']} of {stat['runs']} undefined)"
     return text
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    """p50, p99 and mean in milliseconds, and the sample count."""
+    ms = np.asarray(seconds, dtype=float) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "n": int(len(ms))}
+
+
+def time_each(fn: Callable[[T], object], inputs: list[T]) -> list[float]:
+    """Wall seconds of ``fn`` on each input, in order."""
+    seconds = []
+    for item in inputs:
+        start = time.perf_counter()
+        fn(item)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def rerun_command(module: str, argv: list[str] | None) -> str:
+    """The command that reruns a benchmark: ``python -m <module>`` with the arguments it was given."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

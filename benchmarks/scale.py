@@ -26,14 +26,13 @@ import math
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from benchmarks.report import markdown_table, write_results
+from benchmarks.report import markdown_table, rerun_command, write_results
 from pipelines import demo
 from pipelines.io import read_json
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = tables(results)
     config = {"events": list(cfg.events), "method": cfg.method, "nproc": cfg.nproc,
               "ranker_args": list(cfg.ranker_args), "code_budget": list(demo.CODE_BUDGET)}
-    command = shlex.join(["python", "-m", "benchmarks.scale", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.scale", argv)
     write_results(cfg.name, {"sizes": results, "config": config}, text, command)
     print(text)
     return {"sizes": results}

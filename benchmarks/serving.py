@@ -23,18 +23,14 @@ import http.client
 import json
 import logging
 import os
-import shlex
-import sqlite3
-import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import RESULTS_DIR, markdown_table, write_results
+from benchmarks.feature_store import sqlite_reader
+from benchmarks.report import RESULTS_DIR, latency_stats, markdown_table, rerun_command, time_each, write_results
 from ranking.serve import HOST, Ranker, ServeConfig, make_server
 
 log = logging.getLogger("benchmarks.serving")
@@ -77,13 +73,6 @@ class ServingBenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
-def latency_stats(seconds: list[float]) -> dict:
-    """p50, p99 and mean in milliseconds, and the sample count."""
-    ms = np.asarray(seconds, dtype=float) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "n": int(len(ms))}
-
-
 def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int) -> list[Request]:
     """``n`` (known user, distinct known items) requests."""
     if candidates > n_items:
@@ -91,15 +80,6 @@ def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int
     rng = np.random.default_rng(seed)
     return [(int(rng.integers(1, n_users + 1)), (rng.choice(n_items, candidates, replace=False) + 1).tolist())
             for _ in range(n)]
-
-
-def _timed(fn: Callable[[Request], object], requests: list[Request]) -> list[float]:
-    seconds = []
-    for request in requests:
-        start = time.perf_counter()
-        fn(request)
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def http_latencies(ranker: Ranker, requests: list[Request], warmup: int) -> tuple[list[float], list[dict]]:
@@ -119,9 +99,9 @@ def http_latencies(ranker: Ranker, requests: list[Request], warmup: int) -> tupl
         server_timings.append(body["timings_ms"])
 
     try:
-        _timed(post, requests[:warmup])
+        time_each(post, requests[:warmup])
         server_timings.clear()
-        return _timed(post, requests[warmup:]), server_timings
+        return time_each(post, requests[warmup:]), server_timings
     finally:
         server.shutdown()
         server.server_close()
@@ -131,36 +111,7 @@ def forward_latencies(ranker: Ranker, requests: list[Request]) -> list[float]:
     """The model forward alone on the requests' batches, built beforehand."""
     batches = [ranker.encode(ranker.read(user, items), user)[1] for user, items in requests]
     index = iter(range(len(batches)))
-    return _timed(lambda _: ranker.score(batches[next(index)]), requests)
-
-
-def sqlite_reader(ranker: Ranker) -> Callable[[Request], None]:
-    """One SQL read of every view's rows for a request's keys, straight from the sqlite online store."""
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    store = ranker.online.store
-    path = Path(store.config.online_store.path)
-    conn = sqlite3.connect(path if path.is_absolute() else Path(store.repo_path) / path, check_same_thread=False)
-    version = store.config.entity_key_serialization_version
-    views = []
-    for projection in ranker.online.service.feature_view_projections:
-        join_key = store.get_feature_view(projection.name).join_keys[0]
-        views.append((f'"{store.project}_{projection.name}"', join_key))
-
-    def key(join_key: str, value: int) -> bytes:
-        entity = EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=value)])
-        return serialize_entity_key(entity, entity_key_serialization_version=version)
-
-    def read(request: Request) -> None:
-        user, items = request
-        for table, join_key in views:
-            keys = [key(join_key, user)] if join_key == "user_id" else [key(join_key, i) for i in items]
-            sql = f"SELECT entity_key, feature_name, value, event_ts FROM {table} WHERE entity_key IN "
-            conn.execute(sql + f"({','.join('?' * len(keys))})", keys).fetchall()
-
-    return read
+    return time_each(lambda _: ranker.score(batches[next(index)]), requests)
 
 
 def summarise(e2e: list[float], server: list[dict], forward: list[float], sqlite: list[float]) -> dict:
@@ -212,9 +163,9 @@ def run(cfg: ServingBenchConfig) -> dict:
     e2e, server = http_latencies(ranker, requests, cfg.warmup)
     timed = requests[cfg.warmup:]
     forward = forward_latencies(ranker, timed)
-    read_sqlite = sqlite_reader(ranker)
-    _timed(read_sqlite, requests[: cfg.warmup])
-    stats = summarise(e2e, server, forward, _timed(read_sqlite, timed))
+    read_sqlite = sqlite_reader(ranker.online.store, ranker.online.service)
+    time_each(read_sqlite, requests[: cfg.warmup])
+    stats = summarise(e2e, server, forward, time_each(read_sqlite, timed))
     p99 = stats["end_to_end_http"]["p99_ms"]
     return {
         "stats": stats,
@@ -246,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"1-min load average {payload['load_average_1m']['before']:.2f} before, "
         f"{payload['load_average_1m']['after']:.2f} after (shared host)."
     )
-    command = shlex.join(["python", "-m", "benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.serving", argv)
     write_results(cfg.name, payload, text, command, results_dir=cfg.results_dir)
     print(text)
     return payload

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import RESULTS_DIR, markdown_table, write_results
+from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
 from pipelines.io import read_json, write_json
 from ranking import spec
 
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         "launches": [{k: r[k] for k in ("rows_s", "encode_s")} | {"ranks": ranks, "threads": t}
                      for r, (ranks, t, _) in zip(results, launches(cfg))],
     }
-    command = shlex.join(["python", "-m", "benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.throughput", argv)
     write_results(cfg.name, payload, table, command, results_dir=cfg.results_dir)
     print(table)
     return payload

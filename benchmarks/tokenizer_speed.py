@@ -41,8 +41,6 @@ import logging
 import math
 import os
 import resource
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,7 +52,7 @@ import torch
 import torch._dynamo  # noqa: F401  the first optimizer imports it (seconds, once): not any method's training time
 from tqdm import tqdm
 
-from benchmarks.report import RESULTS_DIR, markdown_table, write_results
+from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
 from pipelines.demo import CODE_BUDGET
 from pipelines.ingest import IngestConfig
 from pipelines.movielens import fetch_recbole_wheel, load_recbole_wheel
@@ -399,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         "minilm": minilm,
         "total_seconds": time.perf_counter() - start,
     }
-    command = shlex.join(["python", "-m", "benchmarks.tokenizer_speed", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.tokenizer_speed", argv)
     write_results(cfg.name, payload, text, command, results_dir=cfg.results_dir)
     print(text)
     return payload

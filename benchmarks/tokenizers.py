@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
-from benchmarks.report import fmt, markdown_table, mean_std, write_results
+from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
 from tokenizer.train import TokenizerConfig, TokenizerInputs, fit_and_measure, load_inputs
 
 log = logging.getLogger("benchmarks.tokenizers")
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     config = {k: [str(v) for v in val] if k == "datasets" else val for k, val in vars(cfg).items()}
     payload = {"datasets": results, "config": config, "total_seconds": time.perf_counter() - start}
-    command = shlex.join(["python", "-m", "benchmarks.tokenizers", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("benchmarks.tokenizers", argv)
     text = "\n\n".join(tables)
     write_results(cfg.name, payload, text, command)
     print(text)
