@@ -23,11 +23,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pipelines.envcheck
+	$(BIN)/python -m sidrank.envcheck
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/python -m demo
 
 test: venv
 	$(BIN)/python -m pytest -q tests

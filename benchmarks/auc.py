@@ -34,13 +34,13 @@ from sklearn.preprocessing import StandardScaler
 
 from benchmarks import baselines
 from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
-from pipelines.demo import DemoConfig, run_stage, stage_commands
-from pipelines.io import read_json
-from pipelines.protocol import train_item_counts
-from pipelines.schema import DatasetPaths
-from ranking.batches import build_split, read_feature_meta, sparse_tables
-from ranking import spec
-from ranking.metrics import evaluate_predictions
+from demo import DemoConfig, run_stage, stage_commands
+from sidrank.io import read_json
+from sidrank.protocol import train_item_counts
+from sidrank.contract import DatasetPaths
+from ranking.batches import build_split, sparse_tables
+from sidrank import contract
+from sidrank.metrics import evaluate_predictions
 from ranking.train import config_from_args, load_rows
 
 log = logging.getLogger("benchmarks.auc")
@@ -98,7 +98,7 @@ def run_ranker(cfg: AucBenchConfig, variant: str, seed: int) -> dict:
 def run_baselines(cfg: AucBenchConfig) -> dict[str, list[dict]]:
     """Logistic regression (deterministic, one run) and LightGBM (one run per seed) on the ID+SID inputs."""
     data = DatasetPaths(cfg.demo.artifacts / cfg.demo.dataset)
-    meta = read_feature_meta(cfg.demo.repo / "data" / spec.FEATURE_META_FILE)
+    meta = contract.RepoPaths(cfg.demo.repo).feature_meta()
     events = pd.read_parquet(data.events)
     # The ranker's own flags give the baselines the ID+SID ranker's exact inputs.
     ranker = config_from_args(
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs.update(run_baselines(cfg))
     summary, table = summarise(runs)
     verdict = cold_item_verdict(summary)
-    tokenizer = runs[cfg.variants[0]][0]["tokenizer"]
-    payload = {"summary": summary, "runs": runs, "cold_item_verdict": verdict, "tokenizer": tokenizer,
+    tokenizer = runs[cfg.variants[0]][0]["sid_version"]
+    payload = {"summary": summary, "runs": runs, "cold_item_verdict": verdict, "sid_version": tokenizer,
                "config": {"seeds": cfg.seeds, "variants": cfg.variants, "method": demo.method,
                           "nproc": demo.nproc, "ranker_args": ranker_args}}
     command = rerun_command("benchmarks.auc", argv)

@@ -5,7 +5,7 @@
 
 Every tokenizer gets the same code budget (P = 4 code positions, K = 64), is
 fit on train items only (seed 0), and is published to Feast as its own SID
-version beside the others (``pipelines.publish --no-set-default``).
+version beside the others (``features.publish --no-set-default``).
 ``mmq_ft`` is MMQ stage 2: ``tokenizer.finetune`` from the MMQ version, on
 train rows only. Each version is then ranked by the same 2-rank DLRM with
 random or codebook-initialised SID tables, with and without the item id, over
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from benchmarks.auc import REPORTED
 from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
-from pipelines.demo import CODE_BUDGET, DemoConfig, run_stage, stage_commands
-from pipelines.io import read_json
-from pipelines.schema import DatasetPaths
+from demo import CODE_BUDGET, DemoConfig, run_stage, stage_commands
+from sidrank.io import read_json
+from sidrank.contract import LATEST, DatasetPaths
 
 TOKENIZERS = ("rqkmeans", "rqvae", "mm_rqvae", "mmq", "mmq_ft")
 SID_INITS = ("random", "codebook")
@@ -61,10 +61,10 @@ class AblationConfig:
 def publish_latest(cfg: AblationConfig, label: str) -> str:
     """Build features for the dataset's LATEST SID version and add it to Feast; returns the version."""
     data = DatasetPaths(cfg.demo.artifacts / cfg.demo.dataset)
-    version = (data.root / "sids" / "LATEST").read_text().strip()
+    version = data.resolve_sid_version(LATEST)
     py = sys.executable
-    run_stage(f"features {label}", [py, "-m", "pipelines.features", "--dataset", str(data.root), "--sid-version", version])
-    run_stage(f"feast {label}", [py, "-m", "pipelines.publish", "--dataset", str(data.root), "--repo",
+    run_stage(f"features {label}", [py, "-m", "features.build", "--dataset", str(data.root), "--sid-version", version])
+    run_stage(f"feast {label}", [py, "-m", "features.publish", "--dataset", str(data.root), "--repo",
                                  str(cfg.demo.repo), "--no-set-default"])
     return version
 

@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from ranking.batches import SparseTable, SplitTensors
-from ranking.metrics import auc
+from sidrank.metrics import auc
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ by the pipeline's own commands into its own Feast repository
   same schema (one ``executemany`` per table, one transaction): the store's limit.
 - **historical retrieval**: ``get_historical_features`` of the ranker's
   feature service for every event through the project's as-of offline store
-  (pipelines/offline_store.py), against the same point-in-time join done
+  (features/offline_store.py), against the same point-in-time join done
   directly with pandas ``merge_asof`` per view, and (on a random sample of
   events, because it grows with the square of a key's events) Feast's stock
   duckdb store against the as-of store on that sample. Rows in = rows out
@@ -42,9 +42,10 @@ import yaml
 
 from benchmarks.report import latency_stats, markdown_table, rerun_command, time_each, write_results
 from benchmarks.scale import ScaleConfig, size_commands
-from pipelines import demo, publish
-from pipelines.features import from_micros, to_micros
-from ranking import spec
+import demo
+from features import publish
+from sidrank.schema import from_micros, to_micros
+from sidrank import contract
 
 WARMUP_REQUESTS = 10
 
@@ -138,7 +139,7 @@ def bench_materialize(repo: Path) -> dict:
 
 
 def entity_frame(dataset: Path) -> pd.DataFrame:
-    events = pd.read_parquet(dataset / "events.parquet", columns=list(spec.ENTITY_COLUMNS))
+    events = pd.read_parquet(dataset / "events.parquet", columns=list(contract.ENTITY_COLUMNS))
     events["event_timestamp"] = from_micros(to_micros(events["event_timestamp"]))
     return events
 
@@ -187,8 +188,8 @@ def _same_values(asof: pa.Table, pandas_rows: pd.DataFrame, features: list[str])
 def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) -> dict:
     entity = entity_frame(dataset)
     asof_store = feature_store(repo)
-    service = asof_store.get_feature_service(spec.FEATURE_SERVICE)
-    views = service_views(asof_store, spec.FEATURE_SERVICE)
+    service = asof_store.get_feature_service(contract.FEATURE_SERVICE)
+    views = service_views(asof_store, contract.FEATURE_SERVICE)
     features = [f for *_, fs in views for f in fs]
     asof_s, asof_rows = _timed_retrieval(asof_store, entity, service)
     began = time.perf_counter()
@@ -241,7 +242,7 @@ def sqlite_reader(store, service) -> Callable[[tuple[int, list[int]]], None]:
 
 def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
     store = feature_store(repo)
-    service = store.get_feature_service(spec.FEATURE_SERVICE)
+    service = store.get_feature_service(contract.FEATURE_SERVICE)
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items = cfg.events // 100, cfg.events // 10
     requests = [(int(rng.integers(1, n_users + 1)), rng.integers(1, n_items + 1, cfg.candidates).tolist())

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from pipelines.io import write_json, write_text
+from sidrank.io import write_json, write_text
 
 RESULTS_DIR = Path("benchmarks/results")
 T = TypeVar("T")

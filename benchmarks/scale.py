@@ -5,7 +5,7 @@
 
 Each size is a synthetic dataset with items = events / 10 and users =
 events / 100 (so 10M events have 1M items and 100k users), run through the
-same stage commands as ``make demo`` (pipelines/demo.py): ingest, tokenize
+same stage commands as ``make demo`` (demo/__init__.py): ingest, tokenize
 (RQ-KMeans by default, at the demo's code budget), behaviour features, Feast
 apply + materialize, then the ranker under ``torchrun`` (2 ranks), whose
 first step is Feast's ``get_historical_features`` for every event. Each size
@@ -33,8 +33,8 @@ from pathlib import Path
 import psutil
 
 from benchmarks.report import markdown_table, rerun_command, write_results
-from pipelines import demo
-from pipelines.io import read_json
+import demo
+from sidrank.io import read_json
 
 REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 SAMPLE_SECONDS = 0.2

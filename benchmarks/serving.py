@@ -170,7 +170,7 @@ def run(cfg: ServingBenchConfig) -> dict:
     return {
         "stats": stats,
         "target": {"p99_ms": cfg.target_p99_ms, "end_to_end_p99_ms": p99, "met": bool(p99 < cfg.target_p99_ms)},
-        "tokenizer": ranker.tokenizer,
+        "sid_version": ranker.sid_version,
         "service": ranker.service,
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "torch_threads": ServeConfig.threads,

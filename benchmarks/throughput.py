@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
-from pipelines.io import read_json, write_json
-from ranking import spec
+from sidrank.io import read_json, write_json
+from sidrank import contract
 
 PHASES = ("data", "input_dist", "forward", "backward", "optimizer")
 IMPLS = ("torchrec", "plain")
@@ -77,7 +77,7 @@ class ThroughputConfig:
     rows: int = 400_000
     items: int = 1_000_000
     users: int = 100_000
-    history: int = spec.HISTORY_LENGTH
+    history: int = contract.HISTORY_LENGTH
     sid_levels: int = 4
     sid_codebook_size: int = 64
     tags: int = 20

@@ -4,7 +4,7 @@
 
 ``JOB.json`` holds the driver's ``ThroughputConfig``, the threads per rank,
 the implementations to run and where rank 0 writes its results. Every rank
-builds the same seeded synthetic rows in the row contract (ranking/spec.py),
+builds the same seeded synthetic rows in the row contract (ranking/contract.py),
 encodes its shard of them once with ``build_split`` (as ranking/train.py:
 every world-th row) and, per implementation and global batch size, runs
 warmup, timed and profiled steps on the same batches:
@@ -38,8 +38,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from benchmarks.throughput import PHASES, ThroughputConfig
-from pipelines.io import read_json, write_json
-from ranking import spec
+from sidrank.io import read_json, write_json
+from sidrank import contract
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SparseTable, SplitTensors, build_split, sparse_tables
 from ranking.model import ModelConfig, build_model, shard_model
 from ranking.train import TrainConfig, _init_distributed, rank_share
@@ -57,7 +57,7 @@ def _popular_ids(rng: np.random.Generator, perm: np.ndarray, size: int, zipf: fl
     return perm[np.minimum(ranks.astype(np.int64), n) - 1] + 1
 
 
-def synthetic_rows(cfg: ThroughputConfig) -> tuple[pd.DataFrame, spec.FeatureMeta]:
+def synthetic_rows(cfg: ThroughputConfig) -> tuple[pd.DataFrame, contract.FeatureMeta]:
     """Seeded training rows in the row contract (object columns of int64 arrays, as Feast returns) and their meta."""
     rng = np.random.default_rng(cfg.seed)
     n, K = cfg.rows, cfg.sid_codebook_size
@@ -74,15 +74,15 @@ def synthetic_rows(cfg: ThroughputConfig) -> tuple[pd.DataFrame, spec.FeatureMet
         "item_count": item_count, "item_pos_count": rng.integers(0, item_count + 1),
         "year_bucket": rng.integers(0, N_YEAR_BUCKETS, n),
         **{column: rng.integers(0, size, n) for column, size in USER_PROFILE.items()},
-        spec.ITEM_TAGS: pd.Series(tags, dtype=object),
-        spec.SID_CODES: list(codes[items]),
-        spec.HIST_ITEMS: list(hist),
-        spec.HIST_SID_PREFIXES[0]: list(codes[hist, 0]),
-        spec.HIST_SID_PREFIXES[1]: list(codes[hist, 0] * K + codes[hist, 1]),
+        contract.ITEM_TAGS: pd.Series(tags, dtype=object),
+        contract.SID_CODES: list(codes[items]),
+        contract.HIST_ITEMS: list(hist),
+        contract.HIST_SID_PREFIXES[0]: list(codes[hist, 0]),
+        contract.HIST_SID_PREFIXES[1]: list(codes[hist, 0] * K + codes[hist, 1]),
     })
-    meta = spec.FeatureMeta(
+    meta = contract.FeatureMeta(
         n_users=cfg.users, n_items=cfg.items, n_tags=cfg.tags, n_year_buckets=N_YEAR_BUCKETS,
-        sid_levels=cfg.sid_levels, sid_codebook_size=K, tokenizer_version="synthetic", user_profile=USER_PROFILE,
+        sid_levels=cfg.sid_levels, sid_codebook_size=K, sid_version="synthetic", user_profile=USER_PROFILE,
     )
     return rows, meta
 

@@ -3,7 +3,7 @@
     python -m benchmarks.tokenizer_speed                                   # 1,000,000 items, every method
     python -m benchmarks.tokenizer_speed --items 50000 --methods rqvae mmq --titles 0
 
-Inputs: the synthetic generator's planted-cluster items (:mod:`pipelines.synthetic`)
+Inputs: the synthetic generator's planted-cluster items (:mod:`ingest.synthetic`)
 with its two modality views made at the widths of a real MovieLens-100K run:
 ``text`` at MiniLM's 384 and ``tags`` at the 34 of ML-100K's genres and year
 buckets (:func:`tokenizer.modalities.tag_features`). Embedding a million titles
@@ -11,7 +11,7 @@ with MiniLM is a separate stage, out of reach on 2 cores; it gets its own row,
 MiniLM encode items/s on ML-100K titles (repeated up to ``--titles``).
 
 Every method runs at the demo's code budget (P = 4, K = 64,
-``pipelines.demo.CODE_BUDGET``) with :class:`tokenizer.train.TokenizerConfig`'s
+``sidrank.demo.CODE_BUDGET``) with :class:`tokenizer.train.TokenizerConfig`'s
 defaults otherwise, on all N items:
 
 - k-means init: the codebook initialisation, k-means++ seeding and
@@ -53,10 +53,10 @@ import torch._dynamo  # noqa: F401  the first optimizer imports it (seconds, onc
 from tqdm import tqdm
 
 from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
-from pipelines.demo import CODE_BUDGET
-from pipelines.ingest import IngestConfig
-from pipelines.movielens import fetch_recbole_wheel, load_recbole_wheel
-from pipelines.synthetic import SyntheticConfig, item_modalities
+from demo import CODE_BUDGET
+from ingest.cli import IngestConfig
+from ingest.movielens import fetch_recbole_wheel, load_recbole_wheel
+from ingest.synthetic import SyntheticConfig, item_modalities
 from tokenizer.defaults import ENCODE_BATCH_SIZE
 from tokenizer.metrics import level_usage
 from tokenizer.modalities import TEXT_DIM, ModalityConfig, encode_titles, load_text_model
@@ -182,7 +182,7 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timing:
 
 
 def synthetic_inputs(n_items: int, dims: dict[str, int], seed: int) -> Inputs:
-    """The generator's noisy views of its planted latents (pipelines.synthetic) at widths ``dims``."""
+    """The generator's noisy views of its planted latents (ingest.synthetic) at widths ``dims``."""
     config = SyntheticConfig(n_items=n_items, n_events=1, n_users=1, seed=seed)
     names = sorted(dims)
     views = [view[1:] for view in item_modalities(config, {name: dims[name] for name in names}).values()]

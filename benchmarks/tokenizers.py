@@ -4,7 +4,7 @@
     python -m benchmarks.tokenizers --datasets artifacts/ml-100k --seeds 0 --epochs 20
 
 The synthetic set is made first with
-``python -m pipelines.ingest synthetic --items 5000 --events 200000 --users 2000 --seed 0 --name synthetic-tok``.
+``python -m ingest synthetic --items 5000 --events 200000 --users 2000 --seed 0 --name synthetic-tok``.
 
 Every variant gets P = ``--levels`` code positions of K = ``--codebook-size``
 codes and the same schedule (epochs, batch size, learning rate):

@@ -1,6 +1,6 @@
 """Feast objects of the SID ranker: entities, sources, feature views, services.
 
-Declarative only: `python -m pipelines.publish` writes the tables into data/
+Declarative only: `python -m features.publish` writes the tables into data/
 and runs `feast apply`; the ranker asks for a feature service by name.
 Sources use absolute paths beside this file because the duckdb offline store
 reads a relative path from the working directory, not from the repo.
@@ -31,7 +31,7 @@ def _published(name: str) -> dict:
     # Written by the publish step; `feast apply` alone has nothing to declare.
     path = DATA / name
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run `python -m pipelines.publish --dataset D`, not `feast apply`")
+        raise FileNotFoundError(f"{path}: not found; run `python -m features.publish --dataset D`, not `feast apply`")
     return json.loads(path.read_text())
 
 
@@ -128,7 +128,7 @@ SHARED_VIEWS = [
 
 def _sid_version_objects(version: str, name: str) -> dict[str, object]:
     """Sources, views and service of one SID version, keyed by their names."""
-    tags = {"tokenizer_version": version}
+    tags = {"sid_version": version}
     # The P semantic-ID codes of an item and the tokenizer version that produced them, stamped when valid.
     item_sid_source = FileSource(
         name=f"item_sid_{name}_source", path=str(DATA / "item_sids" / f"{name}.parquet"),
@@ -138,7 +138,7 @@ def _sid_version_objects(version: str, name: str) -> dict[str, object]:
         name=f"item_sid_{name}_fv",
         entities=[item],
         ttl=NEVER_EXPIRES,
-        schema=[Field(name="sid_codes", dtype=Array(Int64)), Field(name="tokenizer_version", dtype=String)],
+        schema=[Field(name="sid_codes", dtype=Array(Int64)), Field(name="sid_version", dtype=String)],
         source=item_sid_source,
         tags=tags,
     )
@@ -171,5 +171,5 @@ _DEFAULT = SID_OBJECTS[SID_VERSIONS["default"]]
 ranker_v1 = FeatureService(
     name="ranker_v1",
     features=[*SHARED_VIEWS, *(obj for obj in _DEFAULT.values() if isinstance(obj, FeatureView))],
-    tags={"tokenizer_version": SID_VERSIONS["default"]},
+    tags={"sid_version": SID_VERSIONS["default"]},
 )

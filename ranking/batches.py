@@ -27,10 +27,7 @@ log1p of the history length. Missing counts (no earlier events) read as 0.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -41,8 +38,8 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipelines.schema import DataError, check_ids_in_range, require_columns
-from ranking import spec
+from sidrank.schema import DataError, check_ids_in_range, require_columns
+from sidrank import contract
 
 DENSE_FEATURES = (
     "log_user_count",
@@ -100,7 +97,7 @@ class FeatureConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
-    def n_prefix_buckets(self, meta: spec.FeatureMeta) -> int:
+    def n_prefix_buckets(self, meta: contract.FeatureMeta) -> int:
         """Rows of the hashed SID prefix table for this dataset."""
         if self.prefix_buckets is not None:
             return self.prefix_buckets
@@ -111,7 +108,7 @@ def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
     """Hash encoded SID prefixes of one depth into ``[0, buckets)``.
 
     Args:
-        values: [N] non-negative ``spec.encode_prefix`` integers.
+        values: [N] non-negative ``contract.encode_prefix`` integers.
         depth: prefix length; mixed in so equal integers of different depths
             land in unrelated buckets.
         buckets: table rows.
@@ -127,33 +124,18 @@ def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
     return (x % np.uint64(buckets)).astype(np.int64)
 
 
-def read_feature_meta(path: str | Path) -> spec.FeatureMeta:
-    """Read ``feature_meta.json`` (``asdict(FeatureMeta)`` plus extra keys, which are ignored)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: feature meta not found; run the feature pipeline or pass --feature-meta")
-    raw = json.loads(path.read_text())
-    names = [f.name for f in dataclasses.fields(spec.FeatureMeta)]
-    optional = {f.name for f in dataclasses.fields(spec.FeatureMeta) if f.default is not dataclasses.MISSING
-                or f.default_factory is not dataclasses.MISSING}
-    missing = [n for n in names if n not in raw and n not in optional]
-    if missing:
-        raise DataError(f"{path}: missing key(s) {missing}; regenerate it with the feature pipeline")
-    return spec.FeatureMeta(**{n: raw[n] for n in names if n in raw})
-
-
-def sparse_tables(meta: spec.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
+def sparse_tables(meta: contract.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
     """The embedding tables of a feature selection, in KJT key order."""
     tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))] if cfg.use_user_id else []
     if cfg.use_item_id:
-        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", spec.HIST_ITEMS)))
+        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", contract.HIST_ITEMS)))
     tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in meta.user_profile.items()]
-    tables.append(SparseTable("t_tag", meta.n_tags + 1, (spec.ITEM_TAGS,)))
+    tables.append(SparseTable("t_tag", meta.n_tags + 1, (contract.ITEM_TAGS,)))
     tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
     if cfg.use_sid:
         L, K = meta.sid_levels, meta.sid_codebook_size
         tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]
-        prefix_features = tuple(f"sid_prefix_{d}" for d in range(2, L + 1)) + spec.HIST_SID_PREFIXES[:L]
+        prefix_features = tuple(f"sid_prefix_{d}" for d in range(2, L + 1)) + contract.HIST_SID_PREFIXES[:L]
         tables.append(SparseTable("t_sid_prefix", cfg.n_prefix_buckets(meta), prefix_features))
     return tables
 
@@ -189,27 +171,27 @@ def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.n
     return values
 
 
-def _sid_codes(rows: pd.DataFrame, meta: spec.FeatureMeta, source: str, allow_missing: bool) -> np.ndarray:
+def _sid_codes(rows: pd.DataFrame, meta: contract.FeatureMeta, source: str, allow_missing: bool) -> np.ndarray:
     """[N, L] int64 SID codes in [0, K); -1 on rows without a SID if ``allow_missing``, else an error."""
     L, K = meta.sid_levels, meta.sid_codebook_size
     if K**L >= 2**63:
         raise DataError(f"{source}: SID codebook {K}^{L} overflows 64-bit prefix encoding; use fewer levels or codes")
-    values, lengths = _list_column(rows, spec.SID_CODES, source)
+    values, lengths = _list_column(rows, contract.SID_CODES, source)
     bad = (lengths != L) & ~(allow_missing & (lengths == 0))
     if bad.any():
         raise DataError(
-            f"{source}: column '{spec.SID_CODES}' is missing or not {L} codes long for row_id "
+            f"{source}: column '{contract.SID_CODES}' is missing or not {L} codes long for row_id "
             f"{rows['row_id'].to_numpy()[bad][:5].tolist()}; every item needs a SID of version "
-            f"'{meta.tokenizer_version}': publish it to Feast before training"
+            f"'{meta.sid_version}': publish it to Feast before training"
         )
-    check_ids_in_range(values, K, f"{source}: column '{spec.SID_CODES}'")
+    check_ids_in_range(values, K, f"{source}: column '{contract.SID_CODES}'")
     codes = np.full((len(rows), L), -1, np.int64)
     codes[lengths == L] = values.reshape(-1, L)
     return codes
 
 
 def _sid_features(
-    rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
+    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
     """SID positions, hashed item prefixes (depth 2..L) and hashed history prefix bags.
 
@@ -222,9 +204,9 @@ def _sid_features(
     feats = {f"sid_{lvl}": (codes[:, lvl] + 1, np.ones(len(rows), np.int64)) for lvl in range(L)}
     prefix = codes[known, 0]
     for d in range(2, L + 1):
-        prefix = prefix * K + codes[known, d - 1]  # mixed radix, as spec.encode_prefix
+        prefix = prefix * K + codes[known, d - 1]  # mixed radix, as contract.encode_prefix
         feats[f"sid_prefix_{d}"] = (prefix_bucket(prefix, d, buckets), known.astype(np.int64))
-    for depth, column in enumerate(spec.HIST_SID_PREFIXES[:L], start=1):
+    for depth, column in enumerate(contract.HIST_SID_PREFIXES[:L], start=1):
         values, lengths = _list_column(rows, column, source)
         check_ids_in_range(values, K**depth, f"{source}: column '{column}' (depth-{depth} prefixes)")
         feats[column] = (prefix_bucket(values, depth, buckets), lengths)
@@ -232,7 +214,7 @@ def _sid_features(
 
 
 def _sparse_features(
-    rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
+    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
     """Feature name -> (values [nnz], lengths [N]) for every feature of :func:`sparse_tables`."""
     ones = np.ones(len(rows), np.int64)
@@ -241,14 +223,14 @@ def _sparse_features(
         feats["user_id"] = (_int_column(rows, "user_id", meta.n_users + 1, source), ones)
     if cfg.use_item_id:
         feats["item_id"] = (_int_column(rows, "item_id", meta.n_items + 1, source), ones)
-        values, lengths = _list_column(rows, spec.HIST_ITEMS, source)
-        check_ids_in_range(values, meta.n_items + 1, f"{source}: column '{spec.HIST_ITEMS}'")
-        feats[spec.HIST_ITEMS] = (values, lengths)
+        values, lengths = _list_column(rows, contract.HIST_ITEMS, source)
+        check_ids_in_range(values, meta.n_items + 1, f"{source}: column '{contract.HIST_ITEMS}'")
+        feats[contract.HIST_ITEMS] = (values, lengths)
     for column, size in meta.user_profile.items():
         feats[column] = (_int_column(rows, column, size, source), ones)
-    values, lengths = _list_column(rows, spec.ITEM_TAGS, source)
-    check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{spec.ITEM_TAGS}'")
-    feats[spec.ITEM_TAGS] = (values, lengths)
+    values, lengths = _list_column(rows, contract.ITEM_TAGS, source)
+    check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{contract.ITEM_TAGS}'")
+    feats[contract.ITEM_TAGS] = (values, lengths)
     feats["year_bucket"] = (_int_column(rows, "year_bucket", meta.n_year_buckets, source), ones)
     if cfg.use_sid:
         feats.update(_sid_features(rows, meta, cfg, source, allow_missing_sid))
@@ -266,7 +248,7 @@ def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.nd
     """[N, len(DENSE_FEATURES)] float32 dense matrix (see the module docstring)."""
     a, b = cfg.rate_prior_pos, cfg.rate_prior_neg
     columns = []
-    for count_col, pos_col in (spec.USER_COUNT_COLUMNS, spec.ITEM_COUNT_COLUMNS):
+    for count_col, pos_col in (contract.USER_COUNT_COLUMNS, contract.ITEM_COUNT_COLUMNS):
         count, pos = _count_column(rows, count_col, source), _count_column(rows, pos_col, source)
         if (pos > count).any():
             raise DataError(
@@ -274,7 +256,7 @@ def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.nd
             )
         columns.append((np.log1p(count), np.log1p(pos), (pos + a) / (count + a + b)))
     (log_uc, log_upc, user_rate), (log_ic, log_ipc, item_rate) = columns
-    _, hist_len = _list_column(rows, spec.HIST_ITEMS, source)
+    _, hist_len = _list_column(rows, contract.HIST_ITEMS, source)
     stacked = np.stack([log_uc, log_upc, log_ic, log_ipc, user_rate, item_rate, np.log1p(hist_len)], axis=1)
     return stacked.astype(np.float32)
 
@@ -330,9 +312,9 @@ class SplitTensors:
 
 
 def build_split(
-    rows: pd.DataFrame, meta: spec.FeatureMeta, cfg: FeatureConfig, source: str, *, allow_missing_sid: bool = False
+    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, *, allow_missing_sid: bool = False
 ) -> SplitTensors:
-    """Encode one split's training rows (``spec`` columns, any order) into tensors.
+    """Encode one split's training rows (``contract`` columns, any order) into tensors.
 
     Args:
         rows: training rows of one split.
@@ -349,10 +331,10 @@ def build_split(
     """
     if rows.empty:
         raise DataError(f"{source}: no rows; the split is empty, check the 'split' column of events.parquet")
-    needed = ["row_id", "label", "user_id", spec.ITEM_TAGS, spec.HIST_ITEMS, *spec.ITEM_SCALAR_COLUMNS]
-    needed += [*spec.USER_COUNT_COLUMNS, *spec.ITEM_COUNT_COLUMNS, *meta.user_profile]
+    needed = ["row_id", "label", "user_id", contract.ITEM_TAGS, contract.HIST_ITEMS, *contract.ITEM_SCALAR_COLUMNS]
+    needed += [*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS, *meta.user_profile]
     needed += ["item_id"] if cfg.use_item_id else []
-    needed += [spec.SID_CODES, *spec.HIST_SID_PREFIXES[: meta.sid_levels]] if cfg.use_sid else []
+    needed += [contract.SID_CODES, *contract.HIST_SID_PREFIXES[: meta.sid_levels]] if cfg.use_sid else []
     require_columns(rows, needed, source)
     if not rows["label"].isin([0, 1]).all():
         raise DataError(f"{source}: column 'label' must be 0/1; rebuild the events with the ingest stage")

@@ -48,6 +48,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from sidrank.schema import is_sid_code_column
 from ranking.batches import DENSE_FEATURES, SparseTable
 
 # The optimizers the fused CPU kernel implements (DESIGN.md section 9). Its
@@ -256,7 +257,7 @@ def build_fusion(tables: Sequence[SparseTable], cfg: ModelConfig) -> nn.Module:
     if cfg.fusion == "none":
         return NoFusion()
     names = [f for t in tables for f in t.features]
-    sid_features = [f for f in names if f.startswith("sid_") and f[4:].isdigit()]
+    sid_features = [f for f in names if is_sid_code_column(f)]
     return FrequencyGate(names, "item_id", sid_features, count_column=DENSE_FEATURES.index(FREQUENCY_FEATURE))
 
 

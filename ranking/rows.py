@@ -1,13 +1,13 @@
-"""Training rows from the feature store, point-in-time correct (ranking/spec.py).
+"""Training rows from the feature store, point-in-time correct (ranking/contract.py).
 
 One row per labelled event: Feast joins, for each (user_id, item_id,
 event_timestamp), the latest feature row of every view of the feature service
 stamped at or before the event. Behaviour rows are stamped 1 us after the
-events they count, so a row never sees its own label (pipelines/features.py).
+events they count, so a row never sees its own label (features/build.py).
 
     rows = load_training_rows(Path("feature_repo"), events)                      # default SID version
-    rows = load_training_rows(Path("feature_repo"), events, service=spec.sid_service(version),
-                              expected_tokenizer_version=version)             # any published version
+    rows = load_training_rows(Path("feature_repo"), events, service=contract.sid_service(version),
+                              expected_sid_version=version)             # any published version
     write_training_rows(Path("feature_repo"), events, Path("rows.parquet"))      # streamed, for 10M+ events
 """
 
@@ -24,15 +24,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.features import from_micros, to_micros
-from pipelines.io import atomic_path
-from pipelines.schema import DataError, require_columns
-from ranking import spec
+from sidrank.schema import from_micros, to_micros
+from sidrank.io import atomic_path
+from sidrank.schema import DataError, require_columns
+from sidrank import contract
 
 log = logging.getLogger(__name__)
 
 # Entity rows per get_historical_features call: bounds the memory of one
-# answer (the as-of join itself grows like n log n, pipelines/offline_store.py).
+# answer (the as-of join itself grows like n log n, features/offline_store.py).
 MAX_ENTITY_ROWS = 2_000_000
 
 
@@ -55,34 +55,34 @@ def _feature_service(store, repo: Path, service: str):
         known = sorted(s.name for s in store.list_feature_services())
         raise DataError(
             f"{repo}: no feature service '{service}' (published: {known}); publish its SID version with "
-            f"`python -m pipelines.features --sid-version V` and `python -m pipelines.publish`"
+            f"`python -m features.build --sid-version V` and `python -m features.publish`"
         ) from None
 
 
 def row_chunks(row_ids: np.ndarray, max_rows: int = MAX_ENTITY_ROWS) -> list[np.ndarray]:
     """Positions of ``row_ids`` in ascending row id order, cut into consecutive ranges of at most ``max_rows``.
 
-    Row ids ascend with time (pipelines/protocol.py), so a chunk is a time range too.
+    Row ids ascend with time (sidrank/protocol.py), so a chunk is a time range too.
     """
     order = np.argsort(row_ids, kind="stable")
     return np.split(order, np.arange(max_rows, len(order), max_rows))
 
 
 def _check_versions(rows: pa.Table, repo: Path, service: str, expected: str | None) -> None:
-    versions = rows.column(spec.TOKENIZER_VERSION)
+    versions = rows.column(contract.SID_VERSION)
     if versions.null_count:
         missing = rows.filter(versions.is_null()).column("row_id")
         raise DataError(
             f"{repo}: {len(missing)} rows (e.g. row_id {missing[0]}) got no SID from the item SID view: their "
             f"event_timestamp precedes the SID table's stamp; stamp the SID version at or before the first event "
-            f"and re-run `python -m pipelines.features` and `python -m pipelines.publish`"
+            f"and re-run `python -m features.build` and `python -m features.publish`"
         )
     found = sorted(pc.unique(versions).to_pylist())
     if expected is not None and found != [expected]:
         raise DataError(
-            f"{repo}: feature service '{service}' serves SIDs of tokenizer_version {found}, expected '{expected}'; "
-            f"ask for service '{spec.sid_service(expected)}', or publish that version with "
-            f"`python -m pipelines.features --sid-version {expected}` and `python -m pipelines.publish`"
+            f"{repo}: feature service '{service}' serves SIDs of sid_version {found}, expected '{expected}'; "
+            f"ask for service '{contract.sid_service(expected)}', or publish that version with "
+            f"`python -m features.build --sid-version {expected}` and `python -m features.publish`"
         )
 
 
@@ -90,23 +90,23 @@ def retrieve_rows(
     repo: Path,
     events: pd.DataFrame,
     *,
-    service: str = spec.FEATURE_SERVICE,
-    expected_tokenizer_version: str | None = None,
+    service: str = contract.FEATURE_SERVICE,
+    expected_sid_version: str | None = None,
     max_rows_per_call: int = MAX_ENTITY_ROWS,
 ) -> Iterator[pa.Table]:
     """Join the feature service onto labelled events: checked Arrow chunks in ascending ``row_id``.
 
     Args:
-        repo: the Feast repository, already published (``pipelines.publish``).
-        events: rows with ``spec.ENTITY_COLUMNS`` (row_id, user_id, item_id,
+        repo: the Feast repository, already published (``features.publish``).
+        events: rows with ``contract.ENTITY_COLUMNS`` (row_id, user_id, item_id,
             event_timestamp, label); other columns are ignored.
         service: feature service name.
-        expected_tokenizer_version: if given, every row's SID must come from it.
+        expected_sid_version: if given, every row's SID must come from it.
         max_rows_per_call: entity rows per ``get_historical_features`` call
             and per chunk; Arrow keeps the list features compact.
 
     Yields:
-        ``spec.ENTITY_COLUMNS`` plus the service's features, the caller's
+        ``contract.ENTITY_COLUMNS`` plus the service's features, the caller's
         timestamps. Rows without an earlier behaviour row hold null counts
         and lists.
 
@@ -114,13 +114,13 @@ def retrieve_rows(
         DataError: missing columns, rows lost or duplicated by the store, a
             row without SID, or a tokenizer version other than the expected one.
     """
-    require_columns(events, spec.ENTITY_COLUMNS, "events")
+    require_columns(events, contract.ENTITY_COLUMNS, "events")
     if events.empty:
         raise DataError("events: no rows to retrieve features for; check the events file and its split")
     if events["row_id"].duplicated().any():
         repeated = events.loc[events["row_id"].duplicated(), "row_id"].iloc[0]
         raise DataError(f"events: column 'row_id' repeats {repeated}; row ids must be unique")
-    entity_df = events[list(spec.ENTITY_COLUMNS)].reset_index(drop=True)
+    entity_df = events[list(contract.ENTITY_COLUMNS)].reset_index(drop=True)
     # The duckdb store holds microseconds and refuses (ArrowInvalid) entity
     # timestamps with a sub-us part; the features were grouped floored too.
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
@@ -136,7 +136,7 @@ def retrieve_rows(
                 f"{repo}: the offline store returned {len(rows)} rows for {len(part)} events; use the as-of duckdb "
                 f"offline store (feature_store.yaml) and unique row_id values"
             )
-        _check_versions(rows, repo, service, expected_tokenizer_version)
+        _check_versions(rows, repo, service, expected_sid_version)
         # Hand back the caller's timestamps, not the floored ones.
         stamps = pa.array(events["event_timestamp"].iloc[positions], from_pandas=True)
         yield rows.set_column(rows.schema.get_field_index("event_timestamp"), "event_timestamp", stamps)
@@ -179,7 +179,7 @@ class OnlineFeatures:
         service: feature service name.
     """
 
-    def __init__(self, repo: Path, service: str = spec.FEATURE_SERVICE) -> None:
+    def __init__(self, repo: Path, service: str = contract.FEATURE_SERVICE) -> None:
         self.store = _feature_store(repo)
         self.service = _feature_service(self.store, repo, service)
 
@@ -196,7 +196,7 @@ class OnlineFeatures:
 
 
 def online_features(
-    repo: Path, user_id: int, item_ids: list[int], *, service: str = spec.FEATURE_SERVICE
+    repo: Path, user_id: int, item_ids: list[int], *, service: str = contract.FEATURE_SERVICE
 ) -> pd.DataFrame:
     """One read through a fresh :class:`OnlineFeatures` (a server keeps one instead)."""
     return OnlineFeatures(repo, service)(user_id, item_ids)

@@ -42,10 +42,10 @@ import torch.distributed.checkpoint as dcp
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRMTrain
 
-from pipelines.io import read_json
-from pipelines.schema import DataError
-from ranking import spec
-from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, read_feature_meta, sparse_tables
+from sidrank.io import read_json
+from sidrank.schema import DataError
+from sidrank import contract
+from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
 from ranking.model import ModelConfig, build_model
 from ranking.rows import OnlineFeatures
 from ranking.train import _log_to_stderr
@@ -56,8 +56,8 @@ log = logging.getLogger("ranking.serve")
 HOST = "127.0.0.1"
 MAX_BODY_BYTES = 1 << 20
 MAX_ID = 2**63 - 1  # Feast's int64 entity keys
-USER_COLUMNS = (*spec.USER_COUNT_COLUMNS, spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES)
-ITEM_CONTENT_COLUMNS = (spec.ITEM_TAGS, *spec.ITEM_SCALAR_COLUMNS, spec.SID_CODES)
+USER_COLUMNS = (*contract.USER_COUNT_COLUMNS, contract.HIST_ITEMS, *contract.HIST_SID_PREFIXES)
+ITEM_CONTENT_COLUMNS = (contract.ITEM_TAGS, *contract.ITEM_SCALAR_COLUMNS, contract.SID_CODES)
 # (has behaviour counts, has content or SID) -> the response's "features" flag.
 FEATURE_FLAGS = {(True, True): "full", (False, True): "content", (True, False): "behaviour", (False, False): "none"}
 
@@ -99,7 +99,7 @@ class Loaded(NamedTuple):
     """A checkpoint loaded for serving: the model, the table sizes it was built with, its features, its config."""
 
     model: DLRMTrain
-    meta: spec.FeatureMeta
+    meta: contract.FeatureMeta
     features: FeatureConfig
     config: dict
 
@@ -131,20 +131,6 @@ def parse_request(payload: object, max_candidates: int) -> tuple[int, list[int]]
     return user_id, [_require_id(item, f"item_ids[{i}]") for i, item in enumerate(items)]
 
 
-def store_meta(repo: Path, version: str) -> spec.FeatureMeta:
-    """The store's feature meta of SID ``version``; a DataError names both versions when they differ."""
-    per_version = repo / "data" / spec.FEATURE_META_DIR / f"{spec.sid_version_name(version)}.json"
-    path = per_version if per_version.exists() else repo / "data" / spec.FEATURE_META_FILE
-    meta = read_feature_meta(path)
-    if meta.tokenizer_version != version:
-        raise DataError(
-            f"{path}: column 'tokenizer_version' is '{meta.tokenizer_version}' but the checkpoint was trained on "
-            f"'{version}'; publish '{version}' with `python -m pipelines.features --sid-version {version}` and "
-            f"`python -m pipelines.publish --no-set-default`, or serve a run trained on '{meta.tokenizer_version}'"
-        )
-    return meta
-
-
 def _dcp_load(state: dict, checkpoint: Path) -> None:
     with warnings.catch_warnings():
         # One process without a process group is exactly what no_dist asks for; DCP warns anyway.
@@ -152,7 +138,7 @@ def _dcp_load(state: dict, checkpoint: Path) -> None:
         dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
 
 
-def load_checkpoint(checkpoint: Path, meta: spec.FeatureMeta) -> Loaded:
+def load_checkpoint(checkpoint: Path, meta: contract.FeatureMeta) -> Loaded:
     """Build the run's model unsharded on CPU and load the sharded DCP checkpoint into it.
 
     The id tables keep the checkpoint's sizes (the store may have grown since
@@ -209,23 +195,23 @@ def _present(frame: pd.DataFrame, columns: list[str] | tuple[str, ...]) -> np.nd
     return np.logical_or.reduce([pd.notna(frame[column].to_numpy()) for column in columns])
 
 
-def candidate_rows(online: pd.DataFrame, user_id: int, meta: spec.FeatureMeta) -> Candidates:
+def candidate_rows(online: pd.DataFrame, user_id: int, meta: contract.FeatureMeta) -> Candidates:
     """Turn ``OnlineFeatures`` output into rows ``build_split`` encodes: unknown ids -> 0, request order kept."""
     cold_user = user_id > meta.n_users or not _present(online, [*USER_COLUMNS, *meta.user_profile]).any()
-    behaviour, content = _present(online, spec.ITEM_COUNT_COLUMNS), _present(online, ITEM_CONTENT_COLUMNS)
+    behaviour, content = _present(online, contract.ITEM_COUNT_COLUMNS), _present(online, ITEM_CONTENT_COLUMNS)
     item_ids = online["item_id"].to_numpy(np.int64)
     cold_items = (item_ids > meta.n_items) | ~(behaviour | content)
     # History items published after training have no id row either.
-    history = [None if h is None else np.where(np.asarray(h) > meta.n_items, 0, h) for h in online[spec.HIST_ITEMS]]
+    history = [None if h is None else np.where(np.asarray(h) > meta.n_items, 0, h) for h in online[contract.HIST_ITEMS]]
     rows = online.assign(
         row_id=np.arange(len(online)),  # build_split orders by row_id: this keeps the request's order
         label=0,
         user_id=0 if cold_user else user_id,
         item_id=np.where(cold_items, 0, item_ids),
-        **{spec.HIST_ITEMS: history},
+        **{contract.HIST_ITEMS: history},
     )
     flags = [FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)]
-    return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [spec.SID_CODES]))
+    return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [contract.SID_CODES]))
 
 
 class Ranker:
@@ -246,9 +232,9 @@ class Ranker:
         if not metrics_path.exists():
             raise DataError(f"{metrics_path}: not found; pass the --out folder of `python -m ranking.train` as --run")
         metrics = read_json(metrics_path)
-        self.cfg, self.tokenizer = cfg, metrics["tokenizer"]
+        self.cfg, self.sid_version = cfg, metrics["sid_version"]
         self.service = cfg.service or metrics["service"]
-        loaded = load_checkpoint(cfg.run / "checkpoint", store_meta(cfg.repo, self.tokenizer))
+        loaded = load_checkpoint(cfg.run / "checkpoint", contract.RepoPaths(cfg.repo).feature_meta(self.sid_version))
         if loaded.config != metrics["config"]:
             raise DataError(
                 f"{metrics_path}: its config differs from the checkpoint's, so they come from different training "
@@ -260,16 +246,16 @@ class Ranker:
         self._lock = threading.Lock()
         self.rank(1, [1])  # warm-up, and the service's columns are checked before the first real request
         log.info("ready in %.1fs: run %s, service %s, SID version %s", time.perf_counter() - start, cfg.run,
-                 self.service, self.tokenizer)
+                 self.service, self.sid_version)
 
     def read(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
         """The online store's latest features of ``user_id`` against ``item_ids`` (one row per item)."""
         online = self.online(user_id, item_ids)
-        versions = set(online[spec.TOKENIZER_VERSION].dropna())
-        if versions - {self.tokenizer}:
+        versions = set(online[contract.SID_VERSION].dropna())
+        if versions - {self.sid_version}:
             raise DataError(
                 f"{self.cfg.repo}: service '{self.service}' serves SIDs of {sorted(versions)}, the checkpoint "
-                f"needs '{self.tokenizer}'; serve with --service {spec.sid_service(self.tokenizer)}"
+                f"needs '{self.sid_version}'; serve with --service {contract.sid_service(self.sid_version)}"
             )
         return online
 
@@ -304,7 +290,7 @@ class Ranker:
             for i in order
         ]
         timings = {"feast": t1 - t0, "tensors": t2 - t1, "forward": t3 - t2, "total": t3 - t0}
-        return {"user_id": user_id, "cold_user": cand.cold_user, "tokenizer": self.tokenizer, "items": items,
+        return {"user_id": user_id, "cold_user": cand.cold_user, "sid_version": self.sid_version, "items": items,
                 "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}}
 
 
@@ -323,7 +309,7 @@ def _handler(ranker: Ranker) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path != "/health":
                 return self._send(HTTPStatus.NOT_FOUND, {"error": f"no route GET {self.path}; try /health"})
-            self._send(HTTPStatus.OK, {"status": "ok", "service": ranker.service, "tokenizer": ranker.tokenizer})
+            self._send(HTTPStatus.OK, {"status": "ok", "service": ranker.service, "sid_version": ranker.sid_version})
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path != "/rank":

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 from ranking.batches import SparseTable
-from ranking.spec import FeatureMeta
+from sidrank.contract import FeatureMeta
 
 log = logging.getLogger(__name__)
 

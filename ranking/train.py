@@ -49,13 +49,14 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from pipelines.dataset import file_sha256
-from pipelines.io import write_json, write_parquet
-from pipelines.protocol import train_item_counts
-from pipelines.schema import DataError, DatasetPaths, require_file, validate_events
-from ranking import spec
-from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, read_feature_meta, sparse_tables
-from ranking.metrics import auc, evaluate_predictions
+from sidrank.io import file_sha256
+from sidrank.io import write_json, write_parquet
+from sidrank.protocol import train_item_counts
+from sidrank.schema import DataError, require_file, validate_events
+from sidrank.contract import DatasetPaths
+from sidrank import contract
+from ranking.batches import DENSE_FEATURES, FeatureConfig, SplitTensors, build_split, sparse_tables
+from sidrank.metrics import auc, evaluate_predictions
 from ranking.model import FUSIONS, SID_INITS, SPARSE_OPTIMIZERS, ModelConfig, build_model, shard_model
 from ranking.rows import arrow_to_frame, write_training_rows
 from ranking.sid_init import init_sid_tables
@@ -124,44 +125,33 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.sid_version is not None:
-            spec.sid_version_name(self.sid_version)  # raises on an empty name
+            contract.sid_version_name(self.sid_version)  # raises on an empty name
         if self.model.fusion == "freq" and not (self.features.use_item_id and self.features.use_sid):
             raise ValueError("fusion='freq' fuses the item-id and SID embeddings: it needs use_item_id and use_sid")
         if self.model.sid_init == "codebook" and not self.features.use_sid:
             raise ValueError("sid_init='codebook' initialises the SID tables: it needs use_sid")
 
-    @property
-    def feature_meta_path(self) -> Path:
-        if self.feature_meta is not None:
-            return self.feature_meta
-        if self.sid_version is not None:
-            return self.repo / "data" / spec.FEATURE_META_DIR / f"{spec.sid_version_name(self.sid_version)}.json"
-        return self.repo / "data" / spec.FEATURE_META_FILE
+    def feature_meta_path(self, meta: contract.FeatureMeta) -> Path:
+        """``feature_meta`` or the repository's file of the meta's SID version."""
+        return self.feature_meta or contract.RepoPaths(self.repo).feature_meta_path(meta.sid_version)
 
-    def service_for(self, meta: spec.FeatureMeta) -> str:
+    def service_for(self, meta: contract.FeatureMeta) -> str:
         """The feature service of the rows: ``service`` or the one of the meta's SID version."""
-        return self.service or spec.sid_service(meta.tokenizer_version)
+        return self.service or contract.sid_service(meta.sid_version)
 
-    def rows_path_for(self, meta: spec.FeatureMeta) -> Path:
-        """``rows`` or the per-version, per-service cache (``spec.rows_cache_path``)."""
-        return self.rows or spec.rows_cache_path(self.dataset, meta.tokenizer_version, self.service_for(meta))
+    def rows_path_for(self, meta: contract.FeatureMeta) -> Path:
+        """``rows`` or the per-version, per-service cache (``DatasetPaths.rows_cache``)."""
+        return self.rows or DatasetPaths(self.dataset).rows_cache(meta.sid_version, self.service_for(meta))
 
 
-def read_meta(cfg: TrainConfig) -> spec.FeatureMeta:
+def read_meta(cfg: TrainConfig) -> contract.FeatureMeta:
     """The feature meta of the configured SID version; a DataError names both versions when they differ."""
-    path = cfg.feature_meta_path
-    if cfg.sid_version is not None and cfg.feature_meta is None and not path.exists():
-        registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
-        published = sorted(json.loads(registry.read_text())["versions"]) if registry.exists() else []
+    if cfg.feature_meta is None:
+        return contract.RepoPaths(cfg.repo).feature_meta(cfg.sid_version)
+    meta = contract.read_feature_meta(cfg.feature_meta)
+    if cfg.sid_version is not None and meta.sid_version != cfg.sid_version:
         raise DataError(
-            f"{path}: SID version '{cfg.sid_version}' is not published in {cfg.repo} (published: {published}); run "
-            f"`python -m pipelines.features --dataset {cfg.dataset} --sid-version {cfg.sid_version}` and "
-            f"`python -m pipelines.publish --dataset {cfg.dataset} --repo {cfg.repo} --no-set-default`"
-        )
-    meta = read_feature_meta(path)
-    if cfg.sid_version is not None and meta.tokenizer_version != cfg.sid_version:
-        raise DataError(
-            f"{path}: column 'tokenizer_version' is '{meta.tokenizer_version}' but the ranker is configured with "
+            f"{cfg.feature_meta}: key 'sid_version' is '{meta.sid_version}' but the ranker is configured with "
             f"--sid-version '{cfg.sid_version}'; pass the feature meta of '{cfg.sid_version}' or drop --feature-meta"
         )
     return meta
@@ -257,7 +247,7 @@ def _on_every_rank(fn: Callable[[], None]) -> None:
 
 
 def load_rows(
-    cfg: TrainConfig, events: pd.DataFrame, meta: spec.FeatureMeta, rank: int = 0, world: int = 1
+    cfg: TrainConfig, events: pd.DataFrame, meta: contract.FeatureMeta, rank: int = 0, world: int = 1
 ) -> Iterator[tuple[str, pd.DataFrame]]:
     """This rank's training rows, split by split: (split, its :func:`rank_share` rows sorted by ``row_id``).
 
@@ -267,23 +257,23 @@ def load_rows(
     chunks, and each rank reads only its rows of it, one split at a time.
     """
     path = cfg.rows_path_for(meta)
-    registry = cfg.repo / "data" / spec.SID_VERSIONS_FILE
-    sources = [cfg.feature_meta_path, *([registry] if registry.exists() else [])]
+    registry = contract.RepoPaths(cfg.repo).sid_registry
+    sources = [cfg.feature_meta_path(meta), *([registry] if registry.exists() else [])]
 
     def build_if_stale() -> None:
         if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= max(p.stat().st_mtime for p in sources)):
             return
         n_rows = write_training_rows(
-            cfg.repo, events, path, service=cfg.service_for(meta), expected_tokenizer_version=meta.tokenizer_version
+            cfg.repo, events, path, service=cfg.service_for(meta), expected_sid_version=meta.sid_version
         )
         log.info("wrote %d training rows to %s", n_rows, path)
 
     events_file = cfg.dataset / "events.parquet"
     if meta.events_sha256 and meta.events_sha256 != file_sha256(events_file):
         raise DataError(
-            f"{cfg.feature_meta_path}: the feature store was published from other events than {events_file} "
+            f"{cfg.feature_meta_path(meta)}: the feature store was published from other events than {events_file} "
             f"(sha256 {meta.events_sha256[:12]} vs {file_sha256(events_file)[:12]}); publish this dataset with "
-            f"`python -m pipelines.features --dataset {cfg.dataset}` and `python -m pipelines.publish`"
+            f"`python -m features.build --dataset {cfg.dataset}` and `python -m features.publish`"
         )
     # Rank 0 alone decides: a rank checking the file itself could see it half-way through the rebuild.
     _on_rank0(build_if_stale)
@@ -310,11 +300,11 @@ def load_rows(
                     f"{path}: column '{column}' disagrees with {events_file} for some row_id; "
                     f"the rows were built from other events: delete {path} (or the --rows file) to rebuild them"
                 )
-        versions = set(rows[spec.TOKENIZER_VERSION].dropna()) if spec.TOKENIZER_VERSION in rows else set()
-        if cfg.features.use_sid and versions - {meta.tokenizer_version}:
+        versions = set(rows[contract.SID_VERSION].dropna()) if contract.SID_VERSION in rows else set()
+        if cfg.features.use_sid and versions - {meta.sid_version}:
             raise DataError(
-                f"{path}: column '{spec.TOKENIZER_VERSION}' has {sorted(versions)} but feature meta says "
-                f"'{meta.tokenizer_version}'; delete {path} to rebuild the rows"
+                f"{path}: column '{contract.SID_VERSION}' has {sorted(versions)} but feature meta says "
+                f"'{meta.sid_version}'; delete {path} to rebuild the rows"
             )
         yield split, rows
 
@@ -427,7 +417,7 @@ def run(cfg: TrainConfig) -> dict | None:
     # 2. rows: events give row ids and splits; features come from Feast (cached)
     with _timed(timings, "rows_s"):
         paths = DatasetPaths(cfg.dataset)
-        events = pd.read_parquet(require_file(paths.events, "python -m pipelines.ingest"))
+        events = pd.read_parquet(require_file(paths.events, "python -m ingest"))
         events = validate_events(events, str(paths.events))
         meta = read_meta(cfg)
         rows_path = cfg.rows_path_for(meta)
@@ -463,7 +453,7 @@ def run(cfg: TrainConfig) -> dict | None:
         )
         log.info("sharding plan:\n%s", plan["text"])
         if cfg.model.sid_init == "codebook":
-            codebooks = DatasetPaths(cfg.dataset).sid_dir(meta.tokenizer_version) / "codebooks.pt"
+            codebooks = DatasetPaths(cfg.dataset).sid_dir(meta.sid_version) / "codebooks.pt"
             init_sid_tables(dmp, tables, codebooks, meta, cfg.model.emb_dim, seed=cfg.seed)
 
     # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
@@ -509,7 +499,7 @@ def run(cfg: TrainConfig) -> dict | None:
         "epochs_run": len(history),
         **{f"{s}_rows": n for s, n in n_rows.items()},
         "world_size": world,
-        "tokenizer": meta.tokenizer_version,
+        "sid_version": meta.sid_version,
         "service": cfg.service_for(meta),
         "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
         "history": history,

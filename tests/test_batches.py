@@ -11,20 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.schema import DataError
-from ranking import spec
+from sidrank.schema import DataError
+from sidrank import contract
+from sidrank.contract import read_feature_meta
 from ranking.batches import (
     DENSE_FEATURES,
     FeatureConfig,
     build_split,
     prefix_bucket,
-    read_feature_meta,
     sparse_tables,
 )
 
-META = spec.FeatureMeta(
+META = contract.FeatureMeta(
     n_users=3, n_items=4, n_tags=5, n_year_buckets=3, sid_levels=3, sid_codebook_size=4,
-    tokenizer_version="v1", user_profile={"age_id": 3},
+    sid_version="v1", user_profile={"age_id": 3},
 )
 BUCKETS = 4096  # max(MIN_PREFIX_BUCKETS, 4 * n_items)
 
@@ -41,7 +41,7 @@ def tiny_rows() -> pd.DataFrame:
         "hist_items": [None, a([1]), a([1, 2])],
         "hist_sid_p1": [None, a([0]), a([0, 3])],
         "hist_sid_p2": [None, a([1]), a([1, 15])],
-        "age_id": [1, 2, np.nan], "tokenizer_version": "v1",
+        "age_id": [1, 2, np.nan], "sid_version": "v1",
     })
 
 
@@ -68,7 +68,7 @@ def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
     assert jagged(kjt, "tag_ids") == [[5], [1, 2]]
     assert jagged(kjt, "year_bucket") == [[2], [0]]
     assert [jagged(kjt, f"sid_{lvl}") for lvl in range(3)] == [[[2], [1]], [[1], [2]], [[1], [3]]]  # code + 1
-    enc = spec.encode_prefix
+    enc = contract.encode_prefix
     assert jagged(kjt, "sid_prefix_2") == [[bucket(enc((1, 0), 4), 2)], [bucket(enc((0, 1), 4), 2)]]
     assert jagged(kjt, "sid_prefix_3") == [[bucket(enc((1, 0, 0), 4), 3)], [bucket(enc((0, 1, 2), 4), 3)]]
     assert jagged(kjt, "hist_sid_p1") == [[bucket(0, 1), bucket(3, 1)], []]
@@ -198,5 +198,5 @@ def test_pooling_factors_are_mean_ids_per_row() -> None:
     factors = split.pooling_factors()
     assert list(factors) == list(split.keys)
     assert factors["user_id"] == 1.0
-    lengths = [0 if h is None else len(h) for h in tiny_rows()[spec.HIST_ITEMS]]  # None: no history yet
+    lengths = [0 if h is None else len(h) for h in tiny_rows()[contract.HIST_ITEMS]]  # None: no history yet
     assert factors["hist_items"] == pytest.approx(sum(lengths) / len(lengths))

@@ -1,6 +1,6 @@
 """The whole chain on a small synthetic set: ingest -> tokenize -> features -> Feast -> 2-rank torchrun -> AUC.
 
-Every stage runs as its real command (pipelines.demo's chain), Feast included,
+Every stage runs as its real command (sidrank.demo's chain), Feast included,
 in a copy of the feature repository.
 """
 
@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipelines import demo
-from pipelines.io import read_json
-from pipelines.synthetic import SyntheticConfig, user_favourites
+import demo
+from sidrank.io import read_json
+from ingest.synthetic import SyntheticConfig, user_favourites
 
 REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 SMALL = ["synthetic", "--items", "400", "--events", "30000", "--users", "300", "--seed", "1"]  # = favourite_oracle_auc's config
@@ -63,7 +63,7 @@ def test_planted_structure_is_learned_across_two_ranks(run: tuple[demo.DemoConfi
     cfg, metrics = run
     assert metrics["world_size"] == 2
     assert {rank for ranks in metrics["plan"].values() for rank in ranks} == {0, 1}
-    assert metrics["tokenizer"].startswith("rqkmeans-")
+    assert metrics["sid_version"].startswith("rqkmeans-")
     # 3000 test rows: chance AUC has a std of about 0.01, so 0.58 is far from
     # chance; the favourite-cluster indicator alone (the planted signal, about
     # 0.63 here) bounds what user x cluster learning can reach.

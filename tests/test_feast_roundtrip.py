@@ -1,7 +1,7 @@
 """Publish a small dataset into a tmp copy of feature_repo and read it back with real Feast.
 
 Offline store duckdb, online store sqlite, the real `feast` CLI for apply and
-materialize (pipelines/publish.py), ranking/rows.py for retrieval. Two SID
+materialize (features/publish.py), ranking/rows.py for retrieval. Two SID
 versions with different code lengths are published into the same repository:
 the first stays the default (``ranker_v1``), both stay retrievable.
 """
@@ -18,17 +18,18 @@ import pandas as pd
 import pytest
 from test_features import SID_VERSION, T0, build, publish_copy, random_events, write_dataset, write_sid_version
 
-from pipelines import publish
-from pipelines.protocol import assign_protocol_split
-from pipelines.schema import DataError, DatasetPaths
-from ranking import spec
+from features import publish
+from sidrank.protocol import assign_protocol_split
+from sidrank.schema import DataError
+from sidrank.contract import DatasetPaths
+from sidrank import contract
 from ranking.rows import load_training_rows, online_features, row_chunks
 
 N_USERS, N_ITEMS = 8, 10
 # The second version: other codes, other length (P) and codebook size (K).
 SID_VERSION_2, LEVELS_2, CODES_2 = "test-v2", 2, 6
-LIST_COLUMNS = (spec.HIST_ITEMS, *spec.HIST_SID_PREFIXES, spec.ITEM_TAGS, spec.SID_CODES)
-COUNT_COLUMNS = (*spec.USER_COUNT_COLUMNS, *spec.ITEM_COUNT_COLUMNS)
+LIST_COLUMNS = (contract.HIST_ITEMS, *contract.HIST_SID_PREFIXES, contract.ITEM_TAGS, contract.SID_CODES)
+COUNT_COLUMNS = (*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS)
 
 
 class Published(NamedTuple):
@@ -53,8 +54,8 @@ def normalise(rows: pd.DataFrame) -> pd.DataFrame:
 def feature_table(repo: Path, name: str, version: str = SID_VERSION) -> pd.DataFrame:
     """A published table: shared ones in data/, per-version ones in data/<table>/<version name>.parquet."""
     data = repo / "data"
-    if name in spec.SID_VERSION_TABLES:
-        return pd.read_parquet(data / name / f"{spec.sid_version_name(version)}.parquet")
+    if name in contract.SID_VERSION_TABLES:
+        return pd.read_parquet(data / name / f"{contract.sid_version_name(version)}.parquet")
     return pd.read_parquet(data / f"{name}.parquet")
 
 
@@ -71,7 +72,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     build(paths)
     publish.main(["--dataset", str(paths.root), "--repo", str(repo), "--no-set-default", "--no-materialize"])
     rows_2 = load_training_rows(
-        repo, events, service=spec.sid_service(SID_VERSION_2), expected_tokenizer_version=SID_VERSION_2
+        repo, events, service=contract.sid_service(SID_VERSION_2), expected_sid_version=SID_VERSION_2
     )
     return Published(paths, repo, events, load_training_rows(repo, events), rows_2)
 
@@ -83,7 +84,7 @@ def test_every_entity_row_comes_back_in_row_id_order(published: Published) -> No
     assert events.duplicated(["user_id", "item_id", "event_timestamp"]).sum() >= 20
     assert len(rows) == len(events)
     assert rows["row_id"].tolist() == sorted(events["row_id"])
-    assert rows[list(spec.ENTITY_COLUMNS)].dtypes.equals(events[list(spec.ENTITY_COLUMNS)].dtypes)
+    assert rows[list(contract.ENTITY_COLUMNS)].dtypes.equals(events[list(contract.ENTITY_COLUMNS)].dtypes)
     merged = rows.merge(events, on="row_id", suffixes=("", "_event"))
     for column in ("user_id", "item_id", "label", "event_timestamp"):
         assert (merged[column] == merged[f"{column}_event"]).all(), column
@@ -100,46 +101,46 @@ def test_values_equal_the_source_tables_as_of_each_row(published: Published, ver
         # Point-in-time semantics re-implemented with pandas: latest stamp <= the row's time.
         expected = pd.merge_asof(expected, table, on="event_timestamp", by=key, allow_exact_matches=True)
     expected = normalise(expected.sort_values("row_id", ignore_index=True))
-    for column in [c for c in rows.columns if c not in spec.ENTITY_COLUMNS]:
+    for column in [c for c in rows.columns if c not in contract.ENTITY_COLUMNS]:
         assert rows[column].tolist() == expected[column].tolist(), column
-    assert (rows[spec.TOKENIZER_VERSION] == version).all()
+    assert (rows[contract.SID_VERSION] == version).all()
     assert rows["age_id"].notna().all() and rows["year_bucket"].notna().all()  # 1970 stamps never expire
 
 
 def test_two_sid_versions_come_back_intact_and_different(published: Published) -> None:
     v1, v2 = normalise(published.rows), normalise(published.rows_2)
     assert v1["row_id"].tolist() == v2["row_id"].tolist() == sorted(published.events["row_id"])
-    assert {len(c) for c in v1[spec.SID_CODES]} == {3} and {len(c) for c in v2[spec.SID_CODES]} == {LEVELS_2}
-    assert max(max(c) for c in v2[spec.SID_CODES]) >= 4  # K = 6: codes beyond the first version's K = 4
-    assert (v1[spec.HIST_SID_PREFIXES[0]] != v2[spec.HIST_SID_PREFIXES[0]]).any()
-    shared = [c for c in v1.columns if c not in (spec.SID_CODES, spec.TOKENIZER_VERSION, *spec.HIST_SID_PREFIXES)]
+    assert {len(c) for c in v1[contract.SID_CODES]} == {3} and {len(c) for c in v2[contract.SID_CODES]} == {LEVELS_2}
+    assert max(max(c) for c in v2[contract.SID_CODES]) >= 4  # K = 6: codes beyond the first version's K = 4
+    assert (v1[contract.HIST_SID_PREFIXES[0]] != v2[contract.HIST_SID_PREFIXES[0]]).any()
+    shared = [c for c in v1.columns if c not in (contract.SID_CODES, contract.SID_VERSION, *contract.HIST_SID_PREFIXES)]
     assert v1[shared].equals(v2[shared])
     data = published.repo / "data"
-    registry = json.loads((data / spec.SID_VERSIONS_FILE).read_text())
+    registry = json.loads((data / contract.SID_VERSIONS_FILE).read_text())
     assert registry["default"] == SID_VERSION and sorted(registry["versions"]) == [SID_VERSION, SID_VERSION_2]
-    metas = {v: json.loads((data / spec.FEATURE_META_DIR / f"{spec.sid_version_name(v)}.json").read_text())
+    metas = {v: json.loads((data / contract.FEATURE_META_DIR / f"{contract.sid_version_name(v)}.json").read_text())
              for v in (SID_VERSION, SID_VERSION_2)}
     assert [(m["sid_levels"], m["sid_codebook_size"]) for m in metas.values()] == [(3, 4), (LEVELS_2, CODES_2)]
-    assert json.loads((data / spec.FEATURE_META_FILE).read_text()) == metas[SID_VERSION]  # --no-set-default
+    assert json.loads((data / contract.FEATURE_META_FILE).read_text()) == metas[SID_VERSION]  # --no-set-default
     # Asking a version's service for another version's SIDs names both.
-    with pytest.raises(DataError, match=f"serves SIDs of tokenizer_version \\['{SID_VERSION_2}'\\], expected "
+    with pytest.raises(DataError, match=f"serves SIDs of sid_version \\['{SID_VERSION_2}'\\], expected "
                                         f"'{SID_VERSION}'; ask for service 'ranker_test_v1'"):
-        load_training_rows(published.repo, published.events.iloc[:5], service=spec.sid_service(SID_VERSION_2),
-                           expected_tokenizer_version=SID_VERSION)
+        load_training_rows(published.repo, published.events.iloc[:5], service=contract.sid_service(SID_VERSION_2),
+                           expected_sid_version=SID_VERSION)
     with pytest.raises(DataError, match="no feature service 'ranker_test_v3'.*'ranker_test_v2', 'ranker_v1'"):
         load_training_rows(published.repo, published.events.iloc[:5], service="ranker_test_v3")
 
 
 def test_registry_adds_versions_drops_other_events_and_refuses_name_clashes(tmp_path: Path) -> None:
-    meta = {"tokenizer_version": "a-1", "sid_levels": 3, "sid_codebook_size": 8, "events_sha256": "e1"}
+    meta = {"sid_version": "a-1", "sid_levels": 3, "sid_codebook_size": 8, "events_sha256": "e1"}
     registry = publish.updated_registry(publish.read_registry(tmp_path), meta, tmp_path, set_default=False)
     assert registry["default"] == "a-1" and registry["versions"]["a-1"]["service"] == "ranker_a_1"
-    registry = publish.updated_registry(registry, {**meta, "tokenizer_version": "b"}, tmp_path, set_default=False)
+    registry = publish.updated_registry(registry, {**meta, "sid_version": "b"}, tmp_path, set_default=False)
     assert registry["default"] == "a-1" and sorted(registry["versions"]) == ["a-1", "b"]
-    registry = publish.updated_registry(registry, {**meta, "tokenizer_version": "c"}, tmp_path, set_default=True)
+    registry = publish.updated_registry(registry, {**meta, "sid_version": "c"}, tmp_path, set_default=True)
     assert registry["default"] == "c" and sorted(registry["versions"]) == ["a-1", "b", "c"]
     with pytest.raises(DataError, match="'a.1' has the Feast name 'a_1' of the published version 'a-1'"):
-        publish.updated_registry(registry, {**meta, "tokenizer_version": "a.1"}, tmp_path, set_default=True)
+        publish.updated_registry(registry, {**meta, "sid_version": "a.1"}, tmp_path, set_default=True)
     other_events = publish.updated_registry(registry, {**meta, "events_sha256": "e2"}, tmp_path, set_default=False)
     assert other_events == {"default": "a-1", "versions": {"a-1": other_events["versions"]["a-1"]}}
 
@@ -172,9 +173,9 @@ def test_chunked_retrieval_returns_the_same_rows(published: Published) -> None:
     assert (left["event_timestamp"] == right["event_timestamp"]).all()
 
 
-def test_tokenizer_version_and_missing_sid_are_errors(published: Published) -> None:
-    with pytest.raises(DataError, match=f"tokenizer_version \\['{SID_VERSION}'\\], expected 'other'"):
-        load_training_rows(published.repo, published.events.iloc[:5], expected_tokenizer_version="other")
+def test_sid_version_and_missing_sid_are_errors(published: Published) -> None:
+    with pytest.raises(DataError, match=f"sid_version \\['{SID_VERSION}'\\], expected 'other'"):
+        load_training_rows(published.repo, published.events.iloc[:5], expected_sid_version="other")
     early = published.events.iloc[:3].assign(event_timestamp=T0 - pd.Timedelta(days=1))
     with pytest.raises(DataError, match="3 rows .* got no SID"):
         load_training_rows(published.repo, early)
@@ -188,11 +189,11 @@ def test_online_store_serves_the_latest_values(published: Published) -> None:
     assert online["item_id"].tolist() == item_ids
     user_last = feature_table(published.repo, "user_behaviour").groupby("user_id").last().loc[user_id]
     assert (online["user_count"] == user_last["user_count"]).all()
-    assert [list(h) for h in online[spec.HIST_ITEMS]] == [list(user_last[spec.HIST_ITEMS])] * len(item_ids)
+    assert [list(h) for h in online[contract.HIST_ITEMS]] == [list(user_last[contract.HIST_ITEMS])] * len(item_ids)
     item_last = feature_table(published.repo, "item_behaviour").groupby("item_id").last()
     assert online["item_pos_count"].tolist() == item_last.loc[item_ids, "item_pos_count"].tolist()
     sids = feature_table(published.repo, "item_sids").set_index("item_id")
-    assert [list(c) for c in online[spec.SID_CODES]] == [list(sids.at[i, spec.SID_CODES]) for i in item_ids]
+    assert [list(c) for c in online[contract.SID_CODES]] == [list(sids.at[i, contract.SID_CODES]) for i in item_ids]
 
 
 def test_registered_views_never_expire(published: Published) -> None:

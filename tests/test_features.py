@@ -1,4 +1,4 @@
-"""Unit tests of pipelines/features.py: stamping, history, prefixes, vocabularies, bad input.
+"""Unit tests of features/build.py: stamping, history, prefixes, vocabularies, bad input.
 
 ``random_events``, ``write_dataset`` and ``publish_copy`` build the small
 datasets and Feast repositories that test_feast_roundtrip and test_leakage reuse.
@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import features, publish
-from pipelines.io import write_json, write_parquet
-from pipelines.protocol import assign_protocol_split
-from pipelines.schema import DataError, DatasetPaths
-from ranking import spec
+from features import build as features, publish
+from sidrank.io import write_json, write_parquet
+from sidrank.protocol import assign_protocol_split
+from sidrank.schema import DataError
+from sidrank.contract import DatasetPaths
+from sidrank import contract
 
 T0 = pd.Timestamp("2020-01-01", tz="UTC")
 SID_VERSION = "test-v1"
@@ -88,7 +89,7 @@ def write_sid_version(
     sids = pd.DataFrame({"item_id": np.arange(1, n_items + 1)})
     for level in range(levels):
         sids[f"sid_{level}"] = rng.integers(0, codebook_size, n_items)
-    sids["tokenizer_version"] = version
+    sids["sid_version"] = version
     sids["event_timestamp"] = pd.read_parquet(paths.events, columns=["event_timestamp"]).iloc[:, 0].min()
     sids["created"] = pd.Timestamp.now(tz="UTC")
     write_parquet(sids, paths.sid_dir(version) / "sids.parquet")
@@ -97,7 +98,7 @@ def write_sid_version(
     return sids
 
 
-def build(paths: DatasetPaths) -> spec.FeatureMeta:
+def build(paths: DatasetPaths) -> contract.FeatureMeta:
     return features.build_features(features.FeaturesConfig(dataset=paths.root))
 
 
@@ -152,23 +153,23 @@ def test_counts_are_stamped_one_microsecond_after_all_events_at_t(hand_dataset: 
 def test_history_is_most_recent_first_with_prefix_codes(hand_dataset: DatasetPaths) -> None:
     meta = build(hand_dataset)
     user = pd.read_parquet(hand_dataset.features / "user_behaviour.parquet")
-    assert not set(spec.HIST_SID_PREFIXES) & set(user.columns)  # they depend on the SID version
+    assert not set(contract.HIST_SID_PREFIXES) & set(user.columns)  # they depend on the SID version
     one = user[user["user_id"] == 1].reset_index(drop=True)
     # Same-timestamp positives follow row_id order (item_id within a user), newest last.
-    assert [list(h) for h in one[spec.HIST_ITEMS]] == [[3, 2], [4, 3, 2], [5, 4, 3, 2]]
-    assert list(user.loc[user["user_id"] == 3, spec.HIST_ITEMS].iloc[0]) == []
+    assert [list(h) for h in one[contract.HIST_ITEMS]] == [[3, 2], [4, 3, 2], [5, 4, 3, 2]]
+    assert list(user.loc[user["user_id"] == 3, contract.HIST_ITEMS].iloc[0]) == []
     history = pd.read_parquet(hand_dataset.features / "user_sid_history.parquet")
     assert history[["user_id", "event_timestamp"]].equals(user[["user_id", "event_timestamp"]])
-    one = one.join(history.loc[user["user_id"] == 1, list(spec.HIST_SID_PREFIXES)].reset_index(drop=True))
+    one = one.join(history.loc[user["user_id"] == 1, list(contract.HIST_SID_PREFIXES)].reset_index(drop=True))
     sids = pd.read_parquet(hand_dataset.sid_dir(SID_VERSION) / "sids.parquet").set_index("item_id")
     k = meta.sid_codebook_size
-    for items, p1, p2 in zip(one[spec.HIST_ITEMS], one["hist_sid_p1"], one["hist_sid_p2"]):
-        assert list(p1) == [spec.encode_prefix([sids.at[i, "sid_0"]], k) for i in items]
-        assert list(p2) == [spec.encode_prefix([sids.at[i, "sid_0"], sids.at[i, "sid_1"]], k) for i in items]
+    for items, p1, p2 in zip(one[contract.HIST_ITEMS], one["hist_sid_p1"], one["hist_sid_p2"]):
+        assert list(p1) == [contract.encode_prefix([sids.at[i, "sid_0"]], k) for i in items]
+        assert list(p2) == [contract.encode_prefix([sids.at[i, "sid_0"], sids.at[i, "sid_1"]], k) for i in items]
 
 
 def test_history_keeps_only_the_last_twenty_positives(tmp_path: Path) -> None:
-    n = spec.HISTORY_LENGTH + 7
+    n = contract.HISTORY_LENGTH + 7
     frame = pd.DataFrame(
         {
             "user_id": 1,
@@ -181,14 +182,14 @@ def test_history_keeps_only_the_last_twenty_positives(tmp_path: Path) -> None:
     paths = write_dataset(tmp_path / "long", assign_protocol_split(frame, "long"), n_users=1, n_items=n)
     build(paths)
     user = pd.read_parquet(paths.features / "user_behaviour.parquet")
-    assert [len(h) for h in user[spec.HIST_ITEMS]] == [min(i + 1, spec.HISTORY_LENGTH) for i in range(n)]
-    assert list(user[spec.HIST_ITEMS].iloc[-1]) == list(range(n, n - spec.HISTORY_LENGTH, -1))
+    assert [len(h) for h in user[contract.HIST_ITEMS]] == [min(i + 1, contract.HISTORY_LENGTH) for i in range(n)]
+    assert list(user[contract.HIST_ITEMS].iloc[-1]) == list(range(n, n - contract.HISTORY_LENGTH, -1))
 
 
 def test_static_tables_vocabularies_and_meta(hand_dataset: DatasetPaths) -> None:
     _rewrite(hand_dataset.items, lambda f: f.assign(year=[0, 1971, 1994, 1995, 1999, 0]))
     meta = build(hand_dataset)
-    saved = json.loads((hand_dataset.features / spec.FEATURE_META_FILE).read_text())
+    saved = json.loads((hand_dataset.features / contract.FEATURE_META_FILE).read_text())
     vocab = saved["vocabularies"]
     users = pd.read_parquet(hand_dataset.users)
     profile = pd.read_parquet(hand_dataset.features / "user_profile.parquet")
@@ -204,16 +205,16 @@ def test_static_tables_vocabularies_and_meta(hand_dataset: DatasetPaths) -> None
 
     items = pd.read_parquet(hand_dataset.items)
     content = pd.read_parquet(hand_dataset.features / "item_content.parquet")
-    for tags, ids in zip(items["tags"], content[spec.ITEM_TAGS]):
-        assert [vocab[spec.ITEM_TAGS][i - 1] for i in ids] == list(tags)
+    for tags, ids in zip(items["tags"], content[contract.ITEM_TAGS]):
+        assert [vocab[contract.ITEM_TAGS][i - 1] for i in ids] == list(tags)
     assert content["year_bucket"].tolist() == [0, 1, 5, 6, 6, 0]  # 5-year buckets from 1970
     assert saved["vocabularies"]["year_bucket"] == [1970, 1975, 1980, 1985, 1990, 1995]
-    assert meta.n_year_buckets == content["year_bucket"].max() + 1 and meta.n_tags == len(vocab[spec.ITEM_TAGS])
+    assert meta.n_year_buckets == content["year_bucket"].max() + 1 and meta.n_tags == len(vocab[contract.ITEM_TAGS])
 
     sids = pd.read_parquet(hand_dataset.features / "item_sids.parquet")
     raw = pd.read_parquet(hand_dataset.sid_dir(SID_VERSION) / "sids.parquet")
-    assert [list(c) for c in sids[spec.SID_CODES]] == raw[["sid_0", "sid_1", "sid_2"]].to_numpy().tolist()
-    assert (sids[spec.TOKENIZER_VERSION] == SID_VERSION).all() and meta.tokenizer_version == SID_VERSION
+    assert [list(c) for c in sids[contract.SID_CODES]] == raw[["sid_0", "sid_1", "sid_2"]].to_numpy().tolist()
+    assert (sids[contract.SID_VERSION] == SID_VERSION).all() and meta.sid_version == SID_VERSION
     assert (meta.sid_levels, meta.sid_codebook_size, meta.n_items, meta.n_users) == (3, 4, 6, 3)
 
 
@@ -228,7 +229,7 @@ def test_sub_microsecond_times_are_floored_before_grouping() -> None:
     [
         ("sids", lambda f: f[f["item_id"] != 2], "have no SID"),
         ("sids", lambda f: f.assign(sid_1=f["sid_1"] + 4), "outside the codebook"),
-        ("sids", lambda f: f.drop(columns="tokenizer_version"), "tokenizer_version"),
+        ("sids", lambda f: f.drop(columns="sid_version"), "sid_version"),
         ("events", lambda f: f.drop(columns="label"), "'label'"),
         ("events", lambda f: f.assign(item_id=f["item_id"].where(f.index > 0, 99)), "absent from"),
         ("users", lambda f: f.drop(columns="gender"), "'gender'"),
@@ -248,7 +249,7 @@ def test_bad_input_raises_data_error_naming_the_problem(
     with pytest.raises(DataError, match=message) as caught:
         build(hand_dataset)
     assert path.name in str(caught.value)
-    assert not (hand_dataset.features / spec.FEATURE_META_FILE).exists()
+    assert not (hand_dataset.features / contract.FEATURE_META_FILE).exists()
 
 
 def test_missing_files_and_codebook_size(hand_dataset: DatasetPaths) -> None:

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.schema import DataError, DatasetPaths, validate_sids
+from sidrank.schema import DataError, is_sid_code_column, validate_sids
+from sidrank.contract import DatasetPaths
 from tokenizer import finetune, train
 
 N_ITEMS, N_USERS, CLUSTERS = 120, 20, 8
@@ -82,7 +83,7 @@ def run(paths: DatasetPaths, version: str, *extra: str) -> dict:
 
 def codes_of(paths: DatasetPaths, version: str) -> np.ndarray:
     table = pd.read_parquet(paths.sid_dir(version) / "sids.parquet").sort_values("item_id")
-    return table[[c for c in table.columns if c.startswith("sid_")]].to_numpy()
+    return table[[c for c in table.columns if is_sid_code_column(c)]].to_numpy()
 
 
 def flip_labels(paths: DatasetPaths, splits: tuple[str, ...]) -> None:
@@ -107,7 +108,7 @@ def test_cli_writes_a_new_version_with_its_parent(stage1, tmp_path: Path) -> Non
     out = paths.sid_dir(version)
     table = pd.read_parquet(out / "sids.parquet")
     assert validate_sids(table, 8, "sids.parquet") == ["sid_0", "sid_1", "sid_2", "sid_3"]
-    assert table["item_id"].tolist() == list(range(1, N_ITEMS + 1)) and (table["tokenizer_version"] == version).all()
+    assert table["item_id"].tolist() == list(range(1, N_ITEMS + 1)) and (table["sid_version"] == version).all()
     written = json.loads((out / "metrics.json").read_text())
     changed = (codes_of(paths, version) != codes_of(paths, parent)).any(1).mean()
     assert written["parent_version"] == parent and written["changed_items_share"] == pytest.approx(changed)

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.amazon import load_amazon
-from pipelines.dataset import make_events, write_dataset
-from pipelines.ingest import IngestConfig, main
-from pipelines.movielens import (
+from ingest.amazon import load_amazon
+from ingest.dataset import make_events, write_dataset
+from ingest.cli import IngestConfig, main
+from ingest.movielens import (
     GROUPLENS_GENRES,
     RECBOLE_DIR,
     RECBOLE_WHEEL,
@@ -25,7 +25,8 @@ from pipelines.movielens import (
     load_grouplens,
     load_recbole_wheel,
 )
-from pipelines.schema import DataError, DatasetPaths
+from sidrank.schema import DataError
+from sidrank.contract import DatasetPaths
 
 REPO = Path(__file__).resolve().parents[1]
 AMAZON = Path(__file__).parent / "fixtures" / "amazon"

@@ -3,7 +3,7 @@
 import importlib.metadata as md
 from pathlib import Path
 
-from pipelines import envcheck
+from sidrank import envcheck
 
 
 def test_torchrec_and_cpu_fbgemm_import():

@@ -18,9 +18,9 @@ import pytest
 from test_feast_roundtrip import normalise
 from test_features import T0, publish_copy, random_events, write_dataset
 
-from pipelines.features import to_micros
-from pipelines.protocol import assign_protocol_split
-from ranking import spec
+from features.build import to_micros
+from sidrank.protocol import assign_protocol_split
+from sidrank import contract
 from ranking.rows import load_training_rows
 
 N_USERS, N_ITEMS = 10, 12
@@ -68,13 +68,13 @@ def brute_force(events: pd.DataFrame, row: pd.Series, *, strict: bool = True) ->
     seen = events[micros < now] if strict else events[micros <= now]
     user, item = seen[seen["user_id"] == row["user_id"]], seen[seen["item_id"] == row["item_id"]]
     liked = user[user["label"] == 1].assign(us=to_micros(user.loc[user["label"] == 1, "event_timestamp"]))
-    history = liked.sort_values(["us", "row_id"], ascending=False)["item_id"].head(spec.HISTORY_LENGTH)
+    history = liked.sort_values(["us", "row_id"], ascending=False)["item_id"].head(contract.HISTORY_LENGTH)
     return {
         "user_count": len(user),
         "user_pos_count": int(user["label"].sum()),
         "item_count": len(item),
         "item_pos_count": int(item["label"].sum()),
-        spec.HIST_ITEMS: tuple(int(i) for i in history),
+        contract.HIST_ITEMS: tuple(int(i) for i in history),
     }
 
 
@@ -90,7 +90,7 @@ def test_every_row_sees_exactly_the_events_strictly_before_it(retrieved: Retriev
 
 def test_dataset_without_profile_serves_no_profile_features(retrieved: Retrieved) -> None:
     assert not [c for c in retrieved.rows.columns if c.endswith("_id") and c not in ("row_id", "user_id", "item_id")]
-    assert retrieved.rows[spec.SID_CODES].map(len).eq(3).all()
+    assert retrieved.rows[contract.SID_CODES].map(len).eq(3).all()
 
 
 def test_history_holds_own_item_only_if_liked_strictly_earlier(retrieved: Retrieved) -> None:
@@ -98,7 +98,7 @@ def test_history_holds_own_item_only_if_liked_strictly_earlier(retrieved: Retrie
     micros = to_micros(events["event_timestamp"])
     liked_before = 0
     for _, row in rows.iterrows():
-        if row["item_id"] not in row[spec.HIST_ITEMS]:
+        if row["item_id"] not in row[contract.HIST_ITEMS]:
             continue
         now = to_micros(pd.Series([row["event_timestamp"]]))[0]
         earlier = events[(micros < now) & (events["user_id"] == row["user_id"]) & (events["item_id"] == row["item_id"])]
@@ -114,7 +114,7 @@ def test_same_timestamp_trap_shows_no_leak(retrieved: Retrieved) -> None:
     assert len(first) == 4 and len(later) == 1
     # Nothing of the trap user exists before TRAP_TIME, so its four rows see nothing.
     assert (first[["user_count", "user_pos_count"]] == 0).all().all()
-    assert all(history == () for history in first[spec.HIST_ITEMS])
+    assert all(history == () for history in first[contract.HIST_ITEMS])
     # Item 1's three positives at TRAP_TIME (trap user + users 1, 2) stay invisible at TRAP_TIME.
     item_one = rows[(rows["item_id"] == 1) & (rows["event_timestamp"] == TRAP_TIME)]
     assert len(item_one) == 3
@@ -125,4 +125,4 @@ def test_same_timestamp_trap_shows_no_leak(retrieved: Retrieved) -> None:
     # One second later the whole block is visible, newest (highest row_id) first.
     after = later.iloc[0]
     assert (after["user_count"], after["user_pos_count"]) == (4, 3)
-    assert after[spec.HIST_ITEMS] == (4, 2, 1)
+    assert after[contract.HIST_ITEMS] == (4, 2, 1)

@@ -1,4 +1,4 @@
-"""ranking.metrics against hand-computed examples and scikit-learn."""
+"""sidrank.metrics against hand-computed examples and scikit-learn."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipelines.schema import DataError
-from ranking.metrics import auc, evaluate_predictions, gauc, logloss
+from sidrank.schema import DataError
+from sidrank.metrics import auc, evaluate_predictions, gauc, logloss
 
 
 def test_auc_hand_example_and_ties() -> None:
@@ -21,7 +21,7 @@ def test_auc_hand_example_and_ties() -> None:
 
 
 def test_auc_one_class_is_nan_with_reason(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="ranking.metrics"):
+    with caplog.at_level(logging.WARNING, logger="sidrank.metrics"):
         assert math.isnan(auc(np.ones(3), np.array([0.1, 0.2, 0.3])))
     assert "needs both classes" in caplog.text
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 from tokenizer.losses import gaussian_mmd, info_nce
 from tokenizer.metrics import level_usage
 from tokenizer.losses import present_rows

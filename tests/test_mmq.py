@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 from tokenizer.metrics import level_perplexity, level_usage
 from tokenizer.mmq import MMQ, MMQConfig
 

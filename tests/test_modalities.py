@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.io import read_json
-from pipelines.schema import DataError, DatasetPaths, validate_modality
+from sidrank.io import read_json
+from sidrank.schema import DataError, validate_modality
+from sidrank.contract import DatasetPaths
 from tokenizer import modalities
 from tokenizer.modalities import build_modalities, read_modalities, tag_features
 

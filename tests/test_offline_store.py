@@ -19,7 +19,7 @@ from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueTyp
 from feast.repo_config import RepoConfig
 from feast.types import Array, Int64
 
-from pipelines.offline_store import STORE_TYPE
+from features.offline_store import STORE_TYPE
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 

@@ -20,10 +20,12 @@ import torch
 from feast import FeatureStore
 from test_features import SID_VERSION, publish_copy, random_events, write_dataset
 
-from pipelines import publish
-from pipelines.protocol import assign_protocol_split
-from pipelines.schema import DataError
-from ranking import serve, spec, train
+from features import publish
+from sidrank.protocol import assign_protocol_split
+from sidrank.schema import DataError
+from ranking import serve, train
+from sidrank import contract
+from sidrank.contract import DatasetPaths
 from ranking.batches import build_split
 from ranking.rows import load_training_rows
 
@@ -64,7 +66,7 @@ def scores_by_item(result: dict) -> dict[int, float]:
 
 
 def test_loaded_checkpoint_reproduces_the_runs_test_predictions(served: Served) -> None:
-    rows = pd.read_parquet(spec.rows_cache_path(served.dataset, SID_VERSION, served.ranker.service))
+    rows = pd.read_parquet(DatasetPaths(served.dataset).rows_cache(SID_VERSION, served.ranker.service))
     test_ids = served.events.loc[served.events["split"] == "test", "row_id"]
     rows = rows[rows["row_id"].isin(test_ids)].sort_values("row_id")
     predictions = pd.read_parquet(served.run / "predictions_test.parquet")
@@ -81,7 +83,7 @@ def test_served_scores_equal_the_offline_models_for_the_same_rows(served: Served
     entity = pd.DataFrame({"row_id": np.arange(len(items)), "user_id": user, "item_id": items,
                            "event_timestamp": later, "label": 0})
     rows = load_training_rows(served.repo, entity, service=served.ranker.service,
-                              expected_tokenizer_version=SID_VERSION)
+                              expected_sid_version=SID_VERSION)
     expected = dict(zip(items, offline_scores(served.ranker, rows)))
     got = scores_by_item(result)
     assert sorted(got) == items
@@ -104,12 +106,12 @@ def test_unknown_user_is_scored_as_cold(served: Served) -> None:
 
 def test_new_item_is_scored_through_its_sid_and_a_featureless_item_is_flagged(served: Served) -> None:
     ranker, new, absent = served.ranker, N_ITEMS + 1, N_ITEMS + 2
-    view = f"item_sid_{spec.sid_version_name(SID_VERSION)}_fv"
+    view = f"item_sid_{contract.sid_version_name(SID_VERSION)}_fv"
     stamp = served.events["event_timestamp"].max() + pd.Timedelta(days=2)
 
     def publish_sid(codes: list[int], at: pd.Timestamp) -> dict[int, dict]:
         # A new item published after training: SID and content in the store, no id row in the model.
-        sid = pd.DataFrame({"item_id": [new], "sid_codes": [codes], "tokenizer_version": [SID_VERSION],
+        sid = pd.DataFrame({"item_id": [new], "sid_codes": [codes], "sid_version": [SID_VERSION],
                             "event_timestamp": [at]})
         ranker.online.store.write_to_online_store(view, sid)
         content = pd.DataFrame({"item_id": [new], "tag_ids": [[1, 2]], "year_bucket": [1], "event_timestamp": [at]})
@@ -163,7 +165,7 @@ def test_http_round_trip_and_bad_requests(served: Served) -> None:
     thread.start()
     try:
         assert _request(port, "GET", "/health") == (200, {"status": "ok", "service": served.ranker.service,
-                                                          "tokenizer": SID_VERSION})
+                                                          "sid_version": SID_VERSION})
         status, body = _request(port, "POST", "/rank", json.dumps({"user_id": 2, "item_ids": [4, 5, 6]}).encode())
         assert status == 200
         assert scores_by_item(body) == scores_by_item(served.ranker.rank(2, [4, 5, 6]))
@@ -187,8 +189,8 @@ def test_cli_rank_prints_the_ranking(served: Served, capsys: pytest.CaptureFixtu
 
 
 def test_store_of_another_sid_version_or_missing_run_is_refused(served: Served, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=f"'{SID_VERSION}' but the checkpoint was trained on 'other-v9'"):
-        serve.store_meta(served.repo, "other-v9")
+    with pytest.raises(DataError, match=rf"SID version 'other-v9' is not published .*\['{SID_VERSION}'\]"):
+        contract.RepoPaths(served.repo).feature_meta("other-v9")
     with pytest.raises(DataError, match="metrics.json: not found"):
         serve.Ranker(serve.ServeConfig(run=tmp_path, repo=served.repo))
     with pytest.raises(DataError, match="no checkpoint"):

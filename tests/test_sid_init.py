@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.decomposition import PCA
 
-from pipelines.schema import DataError
-from ranking import spec
+from sidrank.schema import DataError
+from sidrank import contract
 from ranking.batches import DENSE_FEATURES, FeatureConfig, sparse_tables
 from ranking.model import ModelConfig, build_model, shard_model
 from ranking.sid_init import (
@@ -27,9 +27,9 @@ from ranking.sid_init import (
 )
 
 LEVELS, CODES, DIM = 4, 8, 8
-META = spec.FeatureMeta(
+META = contract.FeatureMeta(
     n_users=30, n_items=40, n_tags=5, n_year_buckets=3, sid_levels=LEVELS, sid_codebook_size=CODES,
-    tokenizer_version="v1", user_profile={"age_id": 4},
+    sid_version="v1", user_profile={"age_id": 4},
 )
 
 

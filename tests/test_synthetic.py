@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.dataset import write_dataset
-from pipelines.ingest import main
-from pipelines.schema import DatasetPaths, validate_modality
-from pipelines.synthetic import MODALITY_DIMS, SyntheticConfig, generate, user_favourites
+from ingest.dataset import write_dataset
+from ingest.cli import main
+from sidrank.schema import validate_modality
+from sidrank.contract import DatasetPaths
+from ingest.synthetic import MODALITY_DIMS, SyntheticConfig, generate, user_favourites
 
 CONFIG = SyntheticConfig(n_items=1500, n_events=60_000, n_users=400, seed=3)
 

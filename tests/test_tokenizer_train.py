@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from pipelines.schema import DataError, DatasetPaths, validate_sids
+from sidrank.schema import DataError, validate_sids
+from sidrank.contract import DatasetPaths
 from tokenizer import train
 from tokenizer.metrics import (
     collision_rate,
@@ -172,7 +173,7 @@ def test_cli_rqkmeans_writes_sid_contract_and_fits_on_train_items_only(
     sids = pd.read_parquet(out / "sids.parquet")
     assert validate_sids(sids, 8, "sids.parquet") == ["sid_0", "sid_1"]
     assert sids["item_id"].tolist() == list(range(1, 121))  # cold items 101..120 included
-    assert (sids["tokenizer_version"] == version).all()
+    assert (sids["sid_version"] == version).all()
     assert sids["event_timestamp"].eq(pd.Timestamp("2024-01-01", tz="UTC")).all()
     assert str(sids["created"].dtype) == "datetime64[ns, UTC]"
     saved = torch.load(out / "codebooks.pt")

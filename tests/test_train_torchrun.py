@@ -15,20 +15,21 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.io import write_json, write_parquet
-from pipelines.protocol import assign_protocol_split
-from pipelines.schema import DataError
-from ranking import spec, train
-from ranking.metrics import auc
+from sidrank.io import write_json, write_parquet
+from sidrank.protocol import assign_protocol_split
+from sidrank.schema import DataError
+from ranking import train
+from sidrank import contract
+from sidrank.metrics import auc
 from ranking.train import config_from_args, load_rows
 
 N_ROWS, N_USERS, N_ITEMS, COLD, LEVELS, CODES = 4000, 300, 120, 20, 3, 8
 ROOT = Path(__file__).resolve().parents[1]
 # A few hundred SGD steps on 4000 rows: a higher sparse rate than the MovieLens default.
 TRAIN_ARGS = ("--batch-size", "256", "--epochs", "4", "--patience", "2", "--seed", "0", "--lr-sparse", "1.0")
-META = spec.FeatureMeta(
+META = contract.FeatureMeta(
     n_users=N_USERS, n_items=N_ITEMS, n_tags=6, n_year_buckets=4, sid_levels=LEVELS,
-    sid_codebook_size=CODES, tokenizer_version="rq-test", user_profile={"age_id": 5, "gender_id": 3},
+    sid_codebook_size=CODES, sid_version="rq-test", user_profile={"age_id": 5, "gender_id": 3},
 )
 
 
@@ -71,14 +72,14 @@ def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: i
         hist_items=hist,
         hist_sid_p1=[item_codes[h, 0] for h in hist],
         hist_sid_p2=[item_codes[h, 0] * CODES + item_codes[h, 1] for h in hist],
-        tokenizer_version=META.tokenizer_version,
+        sid_version=META.sid_version,
         age_id=age[events["user_id"].to_numpy()],
         gender_id=rng.integers(0, 3, N_ROWS),
     )
     dataset = root / "data"
     codebooks = [torch.randn(CODES, 6, generator=torch.Generator().manual_seed(level)) for level in range(LEVELS)]
     codebooks[0][:, 0] = torch.where(torch.arange(CODES) < CODES // 2, 1.0, -1.0) * 4
-    sid_dir = dataset / "sids" / META.tokenizer_version
+    sid_dir = dataset / "sids" / META.sid_version
     sid_dir.mkdir(parents=True)
     torch.save({"codebooks": codebooks, "config": {"levels": LEVELS}}, sid_dir / "codebooks.pt")
     write_parquet(events, dataset / "events.parquet")
@@ -111,7 +112,7 @@ def test_torchrun_two_ranks_learns_planted_signal(tmp_path: Path) -> None:
     assert {r for ranks in metrics["plan"].values() for r in ranks} == {0, 1}
     assert all(ranks for ranks in metrics["plan"].values())
     assert all(kind.endswith("/fused") for kind in metrics["sharding"].values()), metrics["sharding"]
-    assert metrics["config"]["batch_size"] == 256 and metrics["tokenizer"] == META.tokenizer_version
+    assert metrics["config"]["batch_size"] == 256 and metrics["sid_version"] == META.sid_version
     events = pd.read_parquet(dataset / "events.parquet")
     for split in ("valid", "test"):
         preds = pd.read_parquet(tmp_path / "run" / f"predictions_{split}.parquet")
@@ -150,8 +151,8 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
     rows = pd.read_parquet(rows_path)
     calls = []
 
-    def fake_write_training_rows(repo, events, path, *, service, expected_tokenizer_version):
-        calls.append((Path(repo), len(events), service, expected_tokenizer_version))
+    def fake_write_training_rows(repo, events, path, *, service, expected_sid_version):
+        calls.append((Path(repo), len(events), service, expected_sid_version))
         write_parquet(rows, path)
         return len(rows)
 
@@ -161,7 +162,7 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
     metrics = train.main(argv)
 
     # The service and the cache of the feature meta's SID version.
-    assert calls == [(tmp_path, N_ROWS, "ranker_rq_test", META.tokenizer_version)]
+    assert calls == [(tmp_path, N_ROWS, "ranker_rq_test", META.sid_version)]
     assert (dataset / "rows" / "rq_test" / "ranker_rq_test.parquet").exists()
     assert metrics["service"] == "ranker_rq_test"
     assert metrics["world_size"] == 1 and set(map(tuple, metrics["plan"].values())) == {(0,)}
@@ -183,8 +184,8 @@ def test_cached_rows_of_another_tokenizer_are_rejected(tmp_path: Path) -> None:
     shares = dict(load_rows(cfg, events, META))
     for split, rows in shares.items():
         assert rows["row_id"].tolist() == sorted(events.loc[events["split"] == split, "row_id"]), split
-    with pytest.raises(DataError, match="tokenizer_version"):
-        dict(load_rows(cfg, events, dataclasses.replace(META, tokenizer_version="rq-other")))
+    with pytest.raises(DataError, match="sid_version"):
+        dict(load_rows(cfg, events, dataclasses.replace(META, sid_version="rq-other")))
     with pytest.raises(DataError, match="rows do not match the"):
         dict(load_rows(cfg, events.iloc[:-1], META))
 
@@ -234,13 +235,12 @@ def test_sid_version_selects_meta_service_and_cache_and_names_both_versions(tmp_
     repo = tmp_path / "repo"
     base = ["--dataset", str(dataset), "--repo", str(repo), "--out", str(tmp_path / "run")]
     cfg = config_from_args([*base, "--sid-version", "rq-test"])
-    assert cfg.feature_meta_path == repo / "data" / "feature_meta" / "rq_test.json"
+    assert cfg.feature_meta_path(META) == repo / "data" / "feature_meta" / f"{contract.sid_version_name(META.sid_version)}.json"
     assert cfg.service_for(META) == "ranker_rq_test"
     assert cfg.rows_path_for(META) == dataset / "rows" / "rq_test" / "ranker_rq_test.parquet"
-    assert config_from_args(base).feature_meta_path == repo / "data" / spec.FEATURE_META_FILE  # the default version
     # A version the repository never published: the error lists what is published.
     registry = {"default": "rq-test", "versions": {"rq-test": {"name": "rq_test"}}}
-    write_json(registry, repo / "data" / spec.SID_VERSIONS_FILE)
+    write_json(registry, repo / "data" / contract.SID_VERSIONS_FILE)
     with pytest.raises(DataError, match=r"SID version 'rq-other' is not published .*\['rq-test'\]"):
         train.main([*base, "--sid-version", "rq-other"])
     # A feature meta of another version than configured: both named.
@@ -255,7 +255,7 @@ def test_world_size_one_trains_with_codebook_init_and_frequency_fusion(tmp_path:
             "--fusion", "freq"]
     metrics = train.main(argv)
     assert metrics["test_auc"] > 0.7 and metrics["config"]["model"]["sid_init"] == "codebook"
-    (dataset / "sids" / META.tokenizer_version / "codebooks.pt").unlink()
+    (dataset / "sids" / META.sid_version / "codebooks.pt").unlink()
     with pytest.raises(DataError, match="codebooks.pt: not found; --sid-init codebook needs"):
         train.main(argv)
 

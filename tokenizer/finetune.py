@@ -51,10 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipelines.io import read_json
-from pipelines.schema import DataError, DatasetPaths, check_ids_in_range, require_columns, require_file, validate_sids
-from ranking.metrics import auc, logloss
-from ranking.spec import ITEM_COUNT_COLUMNS, USER_COUNT_COLUMNS, rows_cache_path
+from sidrank.io import read_json
+from sidrank.schema import DataError, check_ids_in_range, require_columns, require_file, validate_sids
+from sidrank.contract import DatasetPaths
+from sidrank.metrics import auc, logloss
+from sidrank.contract import ITEM_COUNT_COLUMNS, LATEST, USER_COUNT_COLUMNS
 from tokenizer.metrics import summary_line, tokenizer_metrics
 from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.modalities import INGEST_COMMAND, read_modalities
@@ -73,9 +74,9 @@ class FinetuneConfig:
     """One stage-2 run.
 
     Args:
-        dataset: dataset folder (pipelines.schema.DatasetPaths root).
+        dataset: dataset folder (sidrank.schema.DatasetPaths root).
         sid_version: stage-1 (or earlier fine-tuned) MMQ version, or ``LATEST``.
-        rows: training rows parquet; None = the parent version's Feast rows cache (``ranking.spec.rows_cache_path``).
+        rows: training rows parquet; None = the parent version's Feast rows cache (``DatasetPaths.rows_cache``).
         epochs: fixed number of passes over the train rows (no early stopping).
         batch_size: rows per step.
         lr: Adam learning rate of tokenizer and click model.
@@ -87,7 +88,7 @@ class FinetuneConfig:
     """
 
     dataset: Path
-    sid_version: str = "LATEST"
+    sid_version: str = LATEST
     rows: Path | None = None
     epochs: int = 3
     batch_size: int = 1024
@@ -134,14 +135,6 @@ class RowTensors(NamedTuple):
 
 
 # inputs
-
-
-def resolve_version(paths: DatasetPaths, version: str) -> str:
-    """``LATEST`` -> the name in ``D/sids/LATEST``; any other name is returned as is."""
-    if version != "LATEST":
-        return version
-    latest = require_file(paths.root / "sids" / "LATEST", TRAIN_COMMAND)
-    return latest.read_text().strip()
 
 
 def load_stage1(paths: DatasetPaths, version: str) -> Stage1:
@@ -362,9 +355,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     # inputs: the parent tokenizer, its modalities, the train/valid rows
     meta = read_json(require_file(paths.meta, INGEST_COMMAND))
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
-    parent = load_stage1(paths, resolve_version(paths, cfg.sid_version))
+    parent = load_stage1(paths, paths.resolve_sid_version(cfg.sid_version))
     # Only behaviour columns and labels are read, so the parent version's own Feast rows serve.
-    rows_path = cfg.rows or rows_cache_path(paths.root, parent.version)
+    rows_path = cfg.rows or paths.rows_cache(parent.version)
     mmq = parent.model
     modalities = read_modalities(paths, list(mmq.cfg.modalities))
     xs = mmq.check_inputs({m: torch.from_numpy(a) for m, a in modalities.items()})  # [n_items + 1, d_m]

@@ -23,7 +23,7 @@ modalities. At :meth:`MMRQVAE.encode` time a missing modality is encoded from
 its all-zero input like any other row, so every such item gets the same codes
 at m's positions and the remaining modalities tell them apart. A modality the
 model was built for that is absent from ``xs`` altogether raises
-:class:`~pipelines.schema.DataError`.
+:class:`~sidrank.schema.DataError`.
 
 Example:
     >>> cfg = MMRQVAEConfig({"tags": 8, "text": 32}, latent_dim=8, hidden_dims=(16,), levels=2, codebook_size=8)
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 from tokenizer.defaults import (
     BATCH_SIZE,
     BETA,

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 from tokenizer.defaults import (
     BATCH_SIZE,
     BETA,

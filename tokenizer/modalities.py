@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipelines.io import read_json, write_json, write_npy
-from pipelines.schema import DataError, DatasetPaths, require_columns, require_file, validate_modality
+from sidrank.io import read_json, write_json, write_npy
+from sidrank.schema import DataError, require_columns, require_file, validate_modality
+from sidrank.contract import DatasetPaths
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -41,7 +42,7 @@ TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_DIM = 384
 YEAR_BUCKET_YEARS = 5
 ITEM_COLUMNS = ("item_id", "title", "tags", "year")
-INGEST_COMMAND = "python -m pipelines.ingest <dataset> --out <artifacts>"
+INGEST_COMMAND = "python -m ingest <dataset> --out <artifacts>"
 
 
 def l2_rows(matrix: np.ndarray) -> np.ndarray:
@@ -207,7 +208,7 @@ class ModalityConfig:
     """What the embed stage runs.
 
     Args:
-        dataset: dataset folder (pipelines.schema.DatasetPaths root).
+        dataset: dataset folder (sidrank.schema.DatasetPaths root).
         batch_size: text encoder batch size.
     """
 

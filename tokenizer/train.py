@@ -22,7 +22,7 @@ of TRAIN rows only (nothing from valid/test rows: leakage); encode ALL items
 the same version and any change gives a new one.
 
 Files in ``D/sids/<version>/``: ``sids.parquet`` (item_id, sid_0..sid_{P-1},
-tokenizer_version, event_timestamp = earliest event, so a static version serves
+sid_version, event_timestamp = earliest event, so a static version serves
 every row, created), ``codebooks.pt`` ({"codebooks": [K x dim per position, in
 SID order], "config", "state_dict"}), ``config.json`` ("levels" = P,
 "codebook_size" = K, "position_names", and for multimodal methods the model
@@ -47,16 +47,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.io import atomic_path, read_json, write_json, write_parquet, write_text
-from pipelines.schema import (
+from sidrank.io import atomic_path, read_json, write_json, write_parquet
+from sidrank.schema import (
     DataError,
-    DatasetPaths,
     require_columns,
     require_file,
     require_int_ids,
     require_utc_timestamps,
     validate_sids,
 )
+from sidrank.contract import DatasetPaths
 from tokenizer import defaults
 from tokenizer.metrics import reconstruction_metrics, summary_line, tokenizer_metrics
 from tokenizer.losses import present_rows
@@ -90,7 +90,7 @@ class TokenizerConfig:
     """What one tokenizer run does.
 
     Args:
-        dataset: dataset folder (pipelines.schema.DatasetPaths root).
+        dataset: dataset folder (sidrank.schema.DatasetPaths root).
         method: ``rqvae``, ``rqkmeans``, ``mm_rqvae`` or ``mmq``.
         modalities: modality names, used in sorted order; empty = all in the manifest.
         levels: P, code positions per SID (see the module docstring per method).
@@ -323,7 +323,7 @@ def sid_table(codes: np.ndarray, version: str, valid_from: pd.Timestamp) -> pd.D
     table = pd.DataFrame({"item_id": np.arange(1, len(codes) + 1, dtype=np.int64)})
     for level in range(codes.shape[1]):
         table[f"sid_{level}"] = codes[:, level].astype(np.int64)
-    table["tokenizer_version"] = version
+    table["sid_version"] = version
     table["event_timestamp"] = pd.Series(valid_from, index=table.index).astype("datetime64[ns, UTC]")
     table["created"] = pd.Series(pd.Timestamp.now(tz="UTC"), index=table.index).astype("datetime64[ns, UTC]")
     return table
@@ -348,7 +348,7 @@ def write_version(
         torch.save(payload, tmp)
     write_json(config, out / "config.json")
     write_json(metrics, out / "metrics.json")
-    write_text(version + "\n", paths.root / "sids" / "LATEST")
+    paths.mark_latest_sid_version(version)
     return out
 
 

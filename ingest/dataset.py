@@ -8,7 +8,6 @@ only then writes the artifacts atomically, ``meta.json`` last.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.io import write_json, write_npy, write_parquet
-from pipelines.protocol import POSITIVE_RATING, assign_protocol_split
-from pipelines.schema import SPLITS, DataError, DatasetPaths, require_utc_timestamps, validate_events, validate_modality
+from sidrank.io import write_json, write_npy, write_parquet
+from sidrank.protocol import POSITIVE_RATING, assign_protocol_split
+from sidrank.schema import SPLITS, DataError, require_utc_timestamps, validate_events, validate_modality
+from sidrank.contract import DatasetPaths
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,6 @@ ITEM_BASE_COLUMNS = ("item_id", "raw_item_id", "title", "tags", "year")
 MAX_UNIX_SECONDS = 4_102_444_800
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sorted_vocabulary(raw_ids: pd.Series) -> pd.Index:

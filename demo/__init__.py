@@ -1,8 +1,8 @@
 """The whole pipeline on one dataset, each stage run as the command a user would type.
 
-    python -m pipelines.demo                      # what `make demo` runs
-    python -m pipelines.demo --method rqkmeans --nproc 1
-    python -m pipelines.demo --sid-init codebook --fusion freq   # unknown flags go to ranking.train
+    python -m demo                      # what `make demo` runs
+    python -m demo --method rqkmeans --nproc 1
+    python -m demo --sid-init codebook --fusion freq   # unknown flags go to ranking.train
 
 Stages (each reads files and writes files, so each can be rerun alone):
 ingest -> embed + tokenize -> behaviour features -> feast apply/materialize
@@ -21,15 +21,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines.io import read_json, write_json
-from pipelines.schema import DatasetPaths
+from sidrank.io import read_json, write_json
+from sidrank.contract import DatasetPaths
 from tokenizer.train import METHODS
 
 # P code positions x K codes: every tokenizer method fits this budget, and the
 # ablation (benchmarks/auc_ablation.py) compares them at it.
 CODE_BUDGET = ("--levels", "4", "--codebook-size", "64")
 
-# Dataset name -> `python -m pipelines.ingest` arguments that produce it.
+# Dataset name -> `python -m ingest` arguments that produce it.
 DATASET_COMMANDS = {
     "ml-100k": ["movielens-100k"],
     "synthetic": ["synthetic", "--items", "5000", "--events", "300000", "--users", "3000", "--seed", "0"],
@@ -44,7 +44,7 @@ TABLE_KEYS = (
     "valid_rows",
     "test_rows",
     "world_size",
-    "tokenizer",
+    "sid_version",
     "sid_collision_rate",
 )
 
@@ -101,11 +101,11 @@ def stage_commands(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
     py = sys.executable
     data = str(cfg.artifacts / cfg.dataset)
     return [
-        ("ingest", [py, "-m", "pipelines.ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts)]),
+        ("ingest", [py, "-m", "ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts)]),
         ("tokenize", [py, "-m", "tokenizer.train", "--dataset", data, "--method", cfg.method, "--seed", str(cfg.seed),
                       *CODE_BUDGET]),
-        ("features", [py, "-m", "pipelines.features", "--dataset", data, "--sid-version", "LATEST"]),
-        ("feast", [py, "-m", "pipelines.publish", "--dataset", data, "--repo", str(cfg.repo)]),
+        ("features", [py, "-m", "features.build", "--dataset", data, "--sid-version", "LATEST"]),
+        ("feast", [py, "-m", "features.publish", "--dataset", data, "--repo", str(cfg.repo)]),
         (
             "ranker",
             [
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     paths = DatasetPaths(cfg.artifacts / cfg.dataset)
     metrics = read_json(cfg.out / "metrics.json")
-    version = metrics["tokenizer"]
+    version = metrics["sid_version"]
     tokenizer_metrics = read_json(paths.sid_dir(version) / "metrics.json")
     metrics["sid_collision_rate"] = tokenizer_metrics["collision_rate"]
     metrics["demo"] = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "stage_seconds": timings}

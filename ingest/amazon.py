@@ -29,16 +29,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipelines.dataset import (
+from sidrank.io import file_sha256
+from ingest.dataset import (
     IngestedDataset,
     dense_ids,
-    file_sha256,
     make_events,
     parse_ratings,
     parse_unix_seconds,
     sorted_vocabulary,
 )
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 
 log = logging.getLogger(__name__)
 

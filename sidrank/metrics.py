@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipelines.protocol import cold_item_mask
-from pipelines.schema import DataError, require_columns
+from sidrank.protocol import cold_item_mask
+from sidrank.schema import DataError, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def evaluate_predictions(frame: pd.DataFrame, train_item_counts: np.ndarray, *, 
         frame: one row per evaluated event with ``row_id``, ``label``,
             ``score`` (probability), ``user_id``, ``item_id``.
         train_item_counts: [n_items + 1] train rows per item
-            (``pipelines.protocol.train_item_counts``); items with fewer than
+            (``sidrank.protocol.train_item_counts``); items with fewer than
             ``COLD_ITEM_MAX_TRAIN_ROWS`` are cold.
         source: name for error messages.
 

@@ -1,6 +1,6 @@
 """Causal behaviour features and static item/user tables for the feature store.
 
-    python -m pipelines.features --dataset artifacts/ml-100k [--sid-version LATEST]
+    python -m features.build --dataset artifacts/ml-100k [--sid-version LATEST]
 
 Reads the dataset folder (events, items, users, meta.json and one SID version)
 and writes ``<dataset>/features/``:
@@ -10,10 +10,10 @@ and writes ``<dataset>/features/``:
 - ``item_behaviour.parquet``: item_id, event_timestamp, item_count, item_pos_count.
 - ``user_profile.parquet``: user_id, event_timestamp, one ``<col>_id`` per profile column.
 - ``item_content.parquet``: item_id, event_timestamp, tag_ids, year_bucket.
-- ``item_sids.parquet``: item_id, event_timestamp, sid_codes, tokenizer_version.
+- ``item_sids.parquet``: item_id, event_timestamp, sid_codes, sid_version.
 - ``user_sid_history.parquet``: user_id, event_timestamp (the stamps of
   user_behaviour), hist_sid_p1, hist_sid_p2: the SID prefixes of hist_items.
-- ``feature_meta.json``: :class:`ranking.spec.FeatureMeta` plus ``vocabularies``
+- ``feature_meta.json``: :class:`sidrank.contract.FeatureMeta` plus ``vocabularies``
   (feature column -> values; the value at index i has id i + 1).
 
 A behaviour row holds the state of its user (item) after *all* events at or
@@ -22,8 +22,8 @@ inclusive (feature time <= event time), so an event at time t sees only events
 strictly before t: never its own label, never a same-timestamp sibling
 (../shared/DESIGN.md sections 4 and 5). Events of every split are used.
 
-The last two tables depend on the SID version; ``pipelines.publish`` stores
-them per version (``ranking.spec.SID_VERSION_TABLES``) so publishing a new
+The last two tables depend on the SID version; ``features.publish`` stores
+them per version (``sidrank.contract.SID_VERSION_TABLES``) so publishing a new
 version keeps the older ones retrievable. The other four are shared.
 """
 
@@ -42,18 +42,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.dataset import file_sha256
-from pipelines.io import atomic_path, read_json, write_json
-from pipelines.schema import (
+from sidrank.io import atomic_path, file_sha256, read_json, write_json
+from sidrank.schema import (
     DataError,
-    DatasetPaths,
+    from_micros,
     require_columns,
     require_file,
     require_int_ids,
+    to_micros,
     validate_events,
     validate_sids,
 )
-from ranking import spec
+from sidrank.contract import DatasetPaths
+from sidrank import contract
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +67,7 @@ AGE_BUCKET_NAMES = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 YEAR_BUCKET_WIDTH = 5
 ZIP_PREFIX_CHARS = 3
 SHARED_TABLES = ("user_behaviour", "item_behaviour", "user_profile", "item_content")
-TABLES = SHARED_TABLES + spec.SID_VERSION_TABLES
-_EPOCH = pd.Timestamp(0, tz="UTC")
-
-
-def to_micros(timestamps: pd.Series) -> np.ndarray:
-    """UTC timestamps -> int64 microseconds since the epoch, floored.
-
-    Feast's duckdb offline store holds microseconds (and refuses entity
-    timestamps with a sub-us part), so the features are computed at that
-    precision too: two events inside one microsecond are simultaneous here
-    exactly as they are in the join.
-    """
-    return ((timestamps - _EPOCH) // pd.Timedelta(microseconds=1)).to_numpy(dtype=np.int64)
-
-
-def from_micros(micros: np.ndarray) -> pd.DatetimeIndex:
-    """int64 microseconds since the epoch -> UTC timestamps."""
-    return pd.to_datetime(micros, unit="us", utc=True)
+TABLES = SHARED_TABLES + contract.SID_VERSION_TABLES
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -162,7 +146,7 @@ def recent_positive_lists(
     labels_sorted: np.ndarray,
     groups: KeyTimeGroups,
     lookups: dict[str, np.ndarray],
-    length: int = spec.HISTORY_LENGTH,
+    length: int = contract.HISTORY_LENGTH,
 ) -> dict[str, pd.arrays.ArrowExtensionArray]:
     """Last ``length`` positive items of each group's key up to the group, most recent first.
 
@@ -201,12 +185,12 @@ def recent_positive_lists(
 def sid_prefix_lookups(
     sids: pd.DataFrame, code_columns: list[str], n_items: int, codebook_size: int
 ) -> dict[str, np.ndarray]:
-    """Item id -> encoded SID prefix of depth 1 and 2 (``spec.encode_prefix``), index 0 unused."""
+    """Item id -> encoded SID prefix of depth 1 and 2 (``contract.encode_prefix``), index 0 unused."""
     codes = sids[code_columns].to_numpy(dtype=np.int64)
     lookups = {}
-    for depth, name in enumerate(spec.HIST_SID_PREFIXES, start=1):
+    for depth, name in enumerate(contract.HIST_SID_PREFIXES, start=1):
         table = np.zeros(n_items + 1, dtype=np.int64)
-        table[sids["item_id"].to_numpy()] = [spec.encode_prefix(row[:depth], codebook_size) for row in codes]
+        table[sids["item_id"].to_numpy()] = [contract.encode_prefix(row[:depth], codebook_size) for row in codes]
         lookups[name] = table
     return lookups
 
@@ -223,12 +207,12 @@ def user_behaviour(
     counts, groups = behaviour_counts(events, "user_id")
     items_sorted = events["item_id"].to_numpy()[groups.order]
     labels_sorted = events["label"].to_numpy(dtype=np.int64)[groups.order]
-    lookups = {spec.HIST_ITEMS: np.arange(n_items + 1, dtype=np.int64), **prefix_lookups}
+    lookups = {contract.HIST_ITEMS: np.arange(n_items + 1, dtype=np.int64), **prefix_lookups}
     lists = recent_positive_lists(items_sorted, labels_sorted, groups, lookups)
     frame = counts.rename(columns={"count": "user_count", "pos_count": "user_pos_count"})
-    frame[spec.HIST_ITEMS] = lists[spec.HIST_ITEMS]
+    frame[contract.HIST_ITEMS] = lists[contract.HIST_ITEMS]
     history = counts[["user_id", "event_timestamp"]].copy()
-    for name in spec.HIST_SID_PREFIXES:
+    for name in contract.HIST_SID_PREFIXES:
         history[name] = lists[name]
     return frame, history
 
@@ -289,12 +273,12 @@ def item_content(items: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list]]:
         {
             "item_id": items["item_id"].to_numpy(),
             "event_timestamp": STATIC_TIMESTAMP,
-            spec.ITEM_TAGS: _list_column([_list_array(offsets, tag_ids)]),
+            contract.ITEM_TAGS: _list_column([_list_array(offsets, tag_ids)]),
             "year_bucket": buckets,
         }
     )
     starts = [base + YEAR_BUCKET_WIDTH * b for b in range(int(buckets.max(initial=0)))]
-    return frame, {spec.ITEM_TAGS: vocab, "year_bucket": starts}
+    return frame, {contract.ITEM_TAGS: vocab, "year_bucket": starts}
 
 
 def item_sids(sids: pd.DataFrame, code_columns: list[str]) -> pd.DataFrame:
@@ -306,8 +290,8 @@ def item_sids(sids: pd.DataFrame, code_columns: list[str]) -> pd.DataFrame:
         {
             "item_id": sids["item_id"].to_numpy(),
             "event_timestamp": from_micros(to_micros(sids["event_timestamp"])),
-            spec.SID_CODES: _list_column([_list_array(offsets, codes.ravel())]),
-            spec.TOKENIZER_VERSION: sids["tokenizer_version"].astype(str).to_numpy(),
+            contract.SID_CODES: _list_column([_list_array(offsets, codes.ravel())]),
+            contract.SID_VERSION: sids["sid_version"].astype(str).to_numpy(),
         }
     )
 
@@ -317,14 +301,14 @@ class FeaturesConfig:
     """Configuration of the feature pipeline.
 
     Args:
-        dataset: dataset folder (see :class:`pipelines.schema.DatasetPaths`).
+        dataset: dataset folder (see :class:`sidrank.schema.DatasetPaths`).
         sid_version: SID version under ``<dataset>/sids/``, or ``LATEST``.
         codebook_size: codes per SID position K; only needed when the SID
             version's ``config.json`` does not record ``codebook_size``.
     """
 
     dataset: Path
-    sid_version: str = "LATEST"
+    sid_version: str = contract.LATEST
     codebook_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -341,14 +325,6 @@ class SidTable(NamedTuple):
     frame: pd.DataFrame
     code_columns: list[str]
     codebook_size: int
-
-
-def resolve_sid_version(paths: DatasetPaths, version: str) -> str:
-    """``LATEST`` -> the version named in ``<dataset>/sids/LATEST``; others unchanged."""
-    if version != "LATEST":
-        return version
-    latest = require_file(paths.root / "sids" / "LATEST", "python -m tokenizer.train --dataset ...")
-    return latest.read_text().strip()
 
 
 def _sid_config_value(config: dict, key: str) -> int | None:
@@ -389,15 +365,15 @@ def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_
             f"{source}: column 'item_id' has ids {unknown[:5].tolist()} absent from items.parquet; "
             f"the SIDs belong to another dataset"
         )
-    versions = sids["tokenizer_version"].astype(str).unique()
+    versions = sids["sid_version"].astype(str).unique()
     if len(versions) != 1:
-        raise DataError(f"{source}: column 'tokenizer_version' has values {versions[:3].tolist()}; one per table")
+        raise DataError(f"{source}: column 'sid_version' has values {versions[:3].tolist()}; one per table")
     return SidTable(sids.sort_values("item_id", ignore_index=True), code_columns, size)
 
 
 def _load_dataset(paths: DatasetPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Read events, items, users and meta.json and check that they agree."""
-    made_by = "python -m pipelines.ingest ..."
+    made_by = "python -m ingest ..."
     meta_path = require_file(paths.meta, made_by)
     meta = read_json(meta_path)
     absent_keys = [key for key in ("n_users", "n_items", "user_profile_columns") if key not in meta]
@@ -425,15 +401,15 @@ def _load_dataset(paths: DatasetPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return events, items, users, meta
 
 
-def build_features(config: FeaturesConfig) -> spec.FeatureMeta:
+def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
     """Compute every feature table of one dataset and write them to ``<dataset>/features/``.
 
     Returns:
-        The :class:`ranking.spec.FeatureMeta` also written to ``feature_meta.json``.
+        The :class:`sidrank.contract.FeatureMeta` also written to ``feature_meta.json``.
     """
     paths = DatasetPaths(config.dataset)
     events, items, users, meta = _load_dataset(paths)
-    version = resolve_sid_version(paths, config.sid_version)
+    version = paths.resolve_sid_version(config.sid_version)
     sids = load_sids(paths, version, items["item_id"].to_numpy(), config.codebook_size)
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
     log.info("events %d (positive rate %.3f), users %d, items %d, SID %s (L=%d, K=%d)", len(events),
@@ -459,27 +435,27 @@ def build_features(config: FeaturesConfig) -> spec.FeatureMeta:
         write_table(frame, paths.features / f"{name}.parquet")
         log.info("%s: %d rows", name, len(frame))
 
-    feature_meta = spec.FeatureMeta(
+    feature_meta = contract.FeatureMeta(
         n_users=n_users,
         n_items=n_items,
-        n_tags=len(content_vocab[spec.ITEM_TAGS]),
+        n_tags=len(content_vocab[contract.ITEM_TAGS]),
         n_year_buckets=len(content_vocab["year_bucket"]) + 1,
         sid_levels=len(sids.code_columns),
         sid_codebook_size=sids.codebook_size,
-        tokenizer_version=str(sids.frame["tokenizer_version"].iloc[0]),
+        sid_version=str(sids.frame["sid_version"].iloc[0]),
         user_profile={name: len(vocab) + 1 for name, vocab in profile_vocab.items()},
         events_sha256=file_sha256(paths.events),
     )
     write_json(
-        {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": spec.HISTORY_LENGTH,
+        {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": contract.HISTORY_LENGTH,
          "vocabularies": {**content_vocab, **profile_vocab}},
-        paths.features / spec.FEATURE_META_FILE,
+        paths.feature_meta,
     )
     return feature_meta
 
 
-def main(argv: list[str] | None = None) -> spec.FeatureMeta:
-    """CLI entry: ``python -m pipelines.features --dataset D [--sid-version V]``."""
+def main(argv: list[str] | None = None) -> contract.FeatureMeta:
+    """CLI entry: ``python -m features.build --dataset D [--sid-version V]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", type=Path, required=True, help="dataset folder")
     parser.add_argument("--sid-version", default="LATEST", help="SID version under <dataset>/sids/, or LATEST")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from pipelines.dataset import IngestedDataset, make_events
+from ingest.dataset import IngestedDataset, make_events
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def generate(config: SyntheticConfig, name: str = "synthetic") -> IngestedDatase
         }
     )
     log.info("synthetic items: %d (%d late), users: %d, events: %d", n, int(late.sum()), config.n_users, len(events))
-    source = {"kind": "synthetic", "generator": "pipelines.synthetic", "config": asdict(config)}
+    source = {"kind": "synthetic", "generator": "ingest.synthetic", "config": asdict(config)}
     return IngestedDataset(
         name=name,
         events=events,

@@ -1,10 +1,10 @@
 """Publish a dataset's feature tables into the Feast repository, one SID version at a time.
 
-    python -m pipelines.publish --dataset artifacts/ml-100k [--repo feature_repo] [--no-materialize] [--no-set-default]
+    python -m features.publish --dataset artifacts/ml-100k [--repo feature_repo] [--no-materialize] [--no-set-default]
 
 is the same as these plain commands (run from the project root), where V is
 the SID version in ``features/feature_meta.json`` and N its Feast-safe name
-(``ranking.spec.sid_version_name``: ``rqvae-822439f417`` -> ``rqvae_822439f417``):
+(``sidrank.contract.sid_version_name``: ``rqvae-822439f417`` -> ``rqvae_822439f417``):
 
     cp artifacts/ml-100k/features/{user_behaviour,item_behaviour,user_profile,item_content}.parquet feature_repo/data/
     cp artifacts/ml-100k/features/item_sids.parquet feature_repo/data/item_sids/N.parquet
@@ -42,10 +42,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.features import SHARED_TABLES
-from pipelines.io import atomic_path, read_json, write_json
-from pipelines.schema import DataError, DatasetPaths, require_file
-from ranking import spec
+from features.build import SHARED_TABLES
+from sidrank.io import atomic_path, read_json, write_json
+from sidrank.schema import DataError, require_file
+from sidrank.contract import DatasetPaths
+from sidrank import contract
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class PublishConfig:
     """Configuration of the publish step.
 
     Args:
-        dataset: dataset folder whose ``features/`` were written by ``pipelines.features``.
+        dataset: dataset folder whose ``features/`` were written by ``features.build``.
         repo: the Feast repository (holds ``feature_store.yaml``).
         materialize: also fill the online store.
         set_default: make this SID version the default (``ranker_v1`` and
@@ -99,7 +100,7 @@ def _copy(source: Path, target: Path) -> Path:
 
 def read_registry(data: Path) -> dict:
     """``data/sid_versions.json``: ``{"default": V, "versions": {V: entry}}``; empty when none published."""
-    path = data / spec.SID_VERSIONS_FILE
+    path = data / contract.SID_VERSIONS_FILE
     return read_json(path) if path.exists() else {"default": None, "versions": {}}
 
 
@@ -109,8 +110,8 @@ def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: b
     Versions from other events are dropped; a different version with the same
     Feast name is an error (its views would overwrite this one's).
     """
-    version = str(meta["tokenizer_version"])
-    name = spec.sid_version_name(version)
+    version = str(meta["sid_version"])
+    name = contract.sid_version_name(version)
     versions = {}
     for other, entry in registry["versions"].items():
         if entry.get("events_sha256") != meta.get("events_sha256", ""):
@@ -118,13 +119,13 @@ def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: b
             continue
         if other != version and entry["name"] == name:
             raise DataError(
-                f"{source}: column 'tokenizer_version' '{version}' has the Feast name '{name}' of the published "
+                f"{source}: column 'sid_version' '{version}' has the Feast name '{name}' of the published "
                 f"version '{other}'; rename one tokenizer version"
             )
         versions[other] = entry
     versions[version] = {
         "name": name,
-        "service": spec.sid_service(version),
+        "service": contract.sid_service(version),
         "sid_levels": int(meta["sid_levels"]),
         "sid_codebook_size": int(meta["sid_codebook_size"]),
         "events_sha256": meta.get("events_sha256", ""),
@@ -140,21 +141,21 @@ def copy_tables(features: Path, data: Path, *, set_default: bool = True) -> dict
     Returns:
         The updated registry (also written to ``data/sid_versions.json``, last).
     """
-    made_by = f"python -m pipelines.features --dataset {features.parent}"
-    meta_path = require_file(features / spec.FEATURE_META_FILE, made_by)
+    made_by = f"python -m features.build --dataset {features.parent}"
+    meta_path = require_file(features / contract.FEATURE_META_FILE, made_by)
     meta = read_json(meta_path)
-    if "tokenizer_version" not in meta:
-        raise DataError(f"{meta_path}: no 'tokenizer_version'; re-run `{made_by}`")
+    if "sid_version" not in meta:
+        raise DataError(f"{meta_path}: no 'sid_version'; re-run `{made_by}`")
     registry = updated_registry(read_registry(data), meta, meta_path, set_default=set_default)
-    name = spec.sid_version_name(meta["tokenizer_version"])
+    name = contract.sid_version_name(meta["sid_version"])
     for table in SHARED_TABLES:
         _copy(require_file(features / f"{table}.parquet", made_by), data / f"{table}.parquet")
-    for table in spec.SID_VERSION_TABLES:
+    for table in contract.SID_VERSION_TABLES:
         _copy(require_file(features / f"{table}.parquet", made_by), data / table / f"{name}.parquet")
-    _copy(meta_path, data / spec.FEATURE_META_DIR / f"{name}.json")
-    if registry["default"] == meta["tokenizer_version"]:
-        _copy(meta_path, data / spec.FEATURE_META_FILE)
-    write_json(registry, data / spec.SID_VERSIONS_FILE)
+    _copy(meta_path, data / contract.FEATURE_META_DIR / f"{name}.json")
+    if registry["default"] == meta["sid_version"]:
+        _copy(meta_path, data / contract.FEATURE_META_FILE)
+    write_json(registry, data / contract.SID_VERSIONS_FILE)
     log.info("SID versions %s, default %s", sorted(registry["versions"]), registry["default"])
     return registry
 
@@ -163,7 +164,7 @@ def published_tables(data: Path, registry: dict) -> list[Path]:
     """Every parquet file the repository's views read."""
     names = [entry["name"] for entry in registry["versions"].values()]
     return [data / f"{t}.parquet" for t in SHARED_TABLES] + [
-        data / t / f"{n}.parquet" for t in spec.SID_VERSION_TABLES for n in names
+        data / t / f"{n}.parquet" for t in contract.SID_VERSION_TABLES for n in names
     ]
 
 
@@ -191,7 +192,7 @@ def publish(config: PublishConfig) -> tuple[pd.Timestamp, pd.Timestamp] | None:
 
 
 def main(argv: list[str] | None = None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
-    """CLI entry: ``python -m pipelines.publish --dataset D [--repo R] [--no-materialize] [--no-set-default]``."""
+    """CLI entry: ``python -m features.publish --dataset D [--repo R] [--no-materialize] [--no-set-default]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", type=Path, required=True, help="dataset folder")
     parser.add_argument("--repo", type=Path, default=PublishConfig.repo, help="Feast repository folder")

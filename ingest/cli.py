@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m pipelines.ingest movielens-100k [--out artifacts] [--cache-dir artifacts/cache]
-    python -m pipelines.ingest grouplens --path ~/data/ml-100k [--name ml-100k-grouplens]
-    python -m pipelines.ingest amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz
-    python -m pipelines.ingest synthetic --items 10000 --events 1000000 --users 5000 --seed 0
+    python -m ingest movielens-100k [--out artifacts] [--cache-dir artifacts/cache]
+    python -m ingest grouplens --path ~/data/ml-100k [--name ml-100k-grouplens]
+    python -m ingest amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz
+    python -m ingest synthetic --items 10000 --events 1000000 --users 5000 --seed 0
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.amazon import load_amazon
-from pipelines.dataset import IngestedDataset, write_dataset
-from pipelines.movielens import fetch_recbole_wheel, load_grouplens, load_recbole_wheel
-from pipelines.schema import DataError
-from pipelines.synthetic import SyntheticConfig, generate
+from ingest.amazon import load_amazon
+from ingest.dataset import IngestedDataset, write_dataset
+from ingest.movielens import fetch_recbole_wheel, load_grouplens, load_recbole_wheel
+from sidrank.schema import DataError
+from ingest.synthetic import SyntheticConfig, generate
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def load(config: IngestConfig) -> IngestedDataset:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ingest", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="source", required=True)
 
     def command(source: str, default_name: str, help_text: str) -> argparse.ArgumentParser:

@@ -1,1 +1,0 @@
-"""Dataset ingestion, modality embedding and causal behaviour-feature pipelines."""

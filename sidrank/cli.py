@@ -1,0 +1,183 @@
+"""Command lines from config dataclasses: one place sets each default and each help text.
+
+Every stage's config is a dataclass whose Google-style ``Args:`` docstring
+documents its fields. :func:`add_config_arguments` turns the fields into
+``--flags`` (help from the docstring, default from the field, shown by
+``--help``), nested config dataclasses included; :func:`config_from_args`
+builds the validated config back, and ``--config FILE`` replays the
+``config`` block a run saved in its metrics.json, explicit flags winning.
+:func:`run_main` gives a user one clean line for bad input instead of a
+traceback, printed once however many ranks hit it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidrank.schema import DataError
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``name -> text`` of the ``Args:`` section of a dataclass docstring (continuation lines joined)."""
+    docs: dict[str, str] = {}
+    match = re.search(r"\n\s*Args:\n(.*?)(\n\s*\n|\Z)", cls.__doc__ or "", re.S)
+    if not match:
+        return docs
+    current = None
+    for line in match.group(1).splitlines():
+        entry = re.match(r"\s+(\w+)(?: \([^)]*\))?: (.*)", line)
+        if entry and entry.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            current = entry.group(1)
+            docs[current] = entry.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def _scalar_type(annotation: Any) -> tuple[Any, bool]:
+    """(the non-None member of ``X | None``, whether None was allowed)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _nested(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of ``cls`` (and of its nested config dataclasses), minus ``skip``.
+
+    Field metadata ``choices`` restricts a value; a field without a default
+    is a required flag; ``bool`` fields get ``--x/--no-x``; tuples take
+    several values; ``Path`` and ``X | None`` fields parse as their type.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    nested = _nested(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name in nested:
+            add_config_arguments(parser, nested[f.name], skip=skip)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind, _ = _scalar_type(hints[f.name])
+        default = _default(f)
+        options: dict[str, Any] = {"help": docs.get(f.name, " "), "dest": f.name}
+        if default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options["default"] = default
+        if "choices" in f.metadata:
+            options["choices"] = list(f.metadata["choices"])
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        elif typing.get_origin(kind) is list:
+            options.update(nargs="*", type=typing.get_args(kind)[0])
+        else:
+            options["type"] = kind
+        parser.add_argument(flag, **options)
+
+
+def build_config(cls: type[T], values: dict[str, Any]) -> T:
+    """``cls`` from a flat ``field -> value`` dict (nested configs take their own fields); validates."""
+    nested = _nested(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            kwargs[f.name] = build_config(nested[f.name], values)
+        elif f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) and isinstance(_default(f), tuple) else value
+    return cls(**kwargs)
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The flat ``config`` block of a metrics.json (or a bare config JSON) for ``--config``."""
+    if not path.exists():
+        raise DataError(f"{path}: --config file not found; pass a run's metrics.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); pass a run's metrics.json") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object with a 'config' block")
+    return _flatten(raw.get("config", raw))
+
+
+def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser that names itself ``python -m ...``, shows defaults and rejects abbreviations."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def config_from_args(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] | None) -> T:
+    """Parse ``argv`` into ``cls``; ``--config FILE`` replays a saved config, explicit flags win.
+
+    Keys of the saved config that ``cls`` no longer has are an error naming them.
+    """
+    parser.add_argument("--config", type=Path, default=None, help="replay the 'config' block of a run's metrics.json")
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        saved = saved_config(first.config)
+        known = {a.dest for a in parser._actions}  # argparse exposes no public list of destinations
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise DataError(f"{first.config}: config keys {unknown} are not options of {parser.prog}; remove them")
+        for action in parser._actions:
+            if action.dest in saved:
+                action.required = False
+        parser.set_defaults(**saved)
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    try:
+        return build_config(cls, values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:
+    """Run a stage's ``main``; a DataError becomes one line on stderr (rank 0 only) and exit status 2."""
+    try:
+        return main(argv)
+    except DataError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

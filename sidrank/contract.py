@@ -1,0 +1,294 @@
+"""The training-row contract between the feature store and the ranker.
+
+Training rows are what ``get_historical_features`` returns for the feature
+service (one row per labelled event, re-sorted by ``row_id``). The feature
+pipeline writes ``features/feature_meta.json`` (table sizes); the ranker reads
+it and never imports ``feature_repo``.
+
+It also holds the one resolver of every cross-stage location: a dataset's
+artifacts (:class:`DatasetPaths`, including ``sids/LATEST`` and the rows
+cache) and a Feast repository's generated data (:class:`RepoPaths`: SID
+version registry, default version, per-version feature meta). Every stage
+asks these; none builds such a path itself.
+
+SID versions (docs/architecture.md): every published tokenizer
+version keeps its own feature views and service ``ranker_<name>`` (see
+:func:`sid_version_name`), so rows of an older version stay retrievable;
+``ranker_v1`` serves the default version. The SID codes and the users'
+history prefixes (``hist_sid_p1`` / ``hist_sid_p2``, which depend on the
+codes) live in the per-version views; counts, profile and content are shared.
+
+Missing values after the point-in-time join are legitimate (a user or item
+with no earlier events has no behaviour row yet): counts read as 0 and lists
+as empty. A missing SID is an error (every item has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidrank.io import write_text
+from sidrank.schema import DataError, require_file
+
+# The default service: the SID version published last (or with --set-default).
+FEATURE_SERVICE = "ranker_v1"
+# The default version's table sizes; every published version also has FEATURE_META_DIR/<name>.json.
+FEATURE_META_FILE = "feature_meta.json"
+FEATURE_META_DIR = "feature_meta"
+# Published SID versions (see sid_registry_entry), read by feature_repo/definitions.py.
+SID_VERSIONS_FILE = "sid_versions.json"
+# Per-version tables: <repo>/data/<table>/<name>.parquet, one Feast source and view each.
+SID_VERSION_TABLES = ("item_sids", "user_sid_history")
+
+# Columns carried from the entity dataframe.
+ENTITY_COLUMNS = ("row_id", "user_id", "item_id", "event_timestamp", "label")
+
+# Causal behaviour counts (events strictly before the row), log1p-scaled by the ranker.
+USER_COUNT_COLUMNS = ("user_count", "user_pos_count")
+ITEM_COUNT_COLUMNS = ("item_count", "item_pos_count")
+
+# Scalar categorical ids from the item content view (0 = unknown).
+ITEM_SCALAR_COLUMNS = ("year_bucket",)
+
+# int64 list features.
+ITEM_TAGS = "tag_ids"  # 1..n_tags
+SID_CODES = "sid_codes"  # L codes in [0, K)
+HIST_ITEMS = "hist_items"  # last HISTORY_LENGTH positive item ids, most recent first
+HIST_SID_PREFIXES = ("hist_sid_p1", "hist_sid_p2")  # encoded SID prefixes of hist_items, depth 1 and 2
+HISTORY_LENGTH = 20
+
+SID_VERSION = "sid_version"
+# The version name that stands for the one the tokenizer wrote last.
+LATEST = "LATEST"
+
+
+def sid_version_name(version: str) -> str:
+    """Feast-safe name of a tokenizer version: ``rqvae-822439f417`` -> ``rqvae_822439f417``.
+
+    Used in the per-version source, view and service names
+    (``item_sid_<name>_fv``, ``user_sid_history_<name>_fv``, ``ranker_<name>``)
+    and file names, so two versions that differ only in punctuation would
+    collide; the publish step refuses that.
+    """
+    name = re.sub(r"[^0-9A-Za-z_]", "_", version.strip())
+    if not name:
+        raise ValueError(f"version={version!r}: expected a non-empty tokenizer version")
+    return name
+
+
+def sid_service(version: str) -> str:
+    """The feature service that serves SID version ``version`` (shared views plus its SID views)."""
+    return f"ranker_{sid_version_name(version)}"
+
+
+
+def encode_prefix(codes: "list[int] | tuple[int, ...]", codebook_size: int) -> int:
+    """Mixed-radix integer of a SID prefix: (c0, c1, ..) -> c0 * K + c1 ...
+
+    The depth is carried by the feature name, so equal integers at different
+    depths never meet in one table without the depth being hashed in too.
+    """
+    value = 0
+    for code in codes:
+        value = value * codebook_size + int(code)
+    return value
+
+
+@dataclass
+class FeatureMeta:
+    """Table sizes the ranker needs, written by the feature pipeline.
+
+    Args:
+        n_users: user ids are 1..n_users.
+        n_items: item ids are 1..n_items.
+        n_tags: tag ids are 1..n_tags.
+        n_year_buckets: year_bucket ids are 0..n_year_buckets - 1.
+        sid_levels: number of code positions L.
+        sid_codebook_size: codes per position K.
+        sid_version: the SID version the features were built from.
+        user_profile: feature column (``<profile column>_id``) -> vocabulary
+            size (ids 0..V-1, 0 unknown).
+        events_sha256: sha256 of the events.parquet the features were built
+            from, so a ranker pointed at another dataset's events refuses to train.
+    """
+
+    n_users: int
+    n_items: int
+    n_tags: int
+    n_year_buckets: int
+    sid_levels: int
+    sid_codebook_size: int
+    sid_version: str
+    user_profile: dict[str, int] = field(default_factory=dict)
+    events_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where each stage reads and writes the artifacts of one dataset.
+
+    Args:
+        root: folder of the dataset, e.g. ``artifacts/ml-100k``.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.root / "items.parquet"
+
+    @property
+    def users(self) -> Path:
+        return self.root / "users.parquet"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def modalities(self) -> Path:
+        return self.root / "modalities"
+
+    @property
+    def modality_manifest(self) -> Path:
+        return self.modalities / "manifest.json"
+
+    def modality(self, name: str) -> Path:
+        return self.modalities / f"{name}.npy"
+
+    def sid_dir(self, version: str) -> Path:
+        return self.root / "sids" / version
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def feature_meta(self) -> Path:
+        return self.features / FEATURE_META_FILE
+
+    @property
+    def latest_sid_file(self) -> Path:
+        """``sids/LATEST``: the name of the SID version the tokenizer wrote last."""
+        return self.root / "sids" / LATEST
+
+    def resolve_sid_version(self, version: str) -> str:
+        """``LATEST`` -> the version named in ``sids/LATEST``; any other name is returned as is."""
+        if version != LATEST:
+            return version
+        made_by = f"python -m tokenizer.train --dataset {self.root}"
+        return require_file(self.latest_sid_file, made_by).read_text().strip()
+
+    def mark_latest_sid_version(self, version: str) -> None:
+        """Point ``sids/LATEST`` at ``version`` (atomically), once its folder is complete."""
+        write_text(version + "\n", self.latest_sid_file)
+
+    def rows_cache(self, version: str, service: str | None = None) -> Path:
+        """Where ``ranking.train`` caches the Feast rows of SID ``version`` read through ``service``.
+
+        ``rows/<version name>/<service>.parquet``, the service defaulting to
+        the version's own (:func:`sid_service`); rows of different versions
+        never share a file.
+        """
+        return self.root / "rows" / sid_version_name(version) / f"{service or sid_service(version)}.parquet"
+
+
+def read_feature_meta(path: str | Path) -> FeatureMeta:
+    """Read a ``feature_meta.json`` (``asdict(FeatureMeta)`` plus extra keys, which are ignored)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: feature meta not found; run `python -m features.build` or pass --feature-meta")
+    raw = json.loads(path.read_text())
+    fields = dataclasses.fields(FeatureMeta)
+    optional = {
+        f.name for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    missing = [f.name for f in fields if f.name not in raw and f.name not in optional]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; regenerate it with `python -m features.build`")
+    return FeatureMeta(**{f.name: raw[f.name] for f in fields if f.name in raw})
+
+
+@dataclass(frozen=True)
+class RepoPaths:
+    """The generated data of a Feast repository (``<repo>/data``), written by ``features.publish``.
+
+    Args:
+        repo: the Feast repository folder (``feature_repo``).
+    """
+
+    repo: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repo", Path(self.repo))
+
+    @property
+    def data(self) -> Path:
+        return self.repo / "data"
+
+    @property
+    def sid_registry(self) -> Path:
+        """``{"default": V, "versions": {V: entry}}`` of every published SID version."""
+        return self.data / SID_VERSIONS_FILE
+
+    @property
+    def online_store(self) -> Path:
+        return self.data / "online_store.db"
+
+    def table(self, name: str) -> Path:
+        """A table every SID version shares (behaviour, profile, content)."""
+        return self.data / f"{name}.parquet"
+
+    def version_table(self, name: str, version: str) -> Path:
+        """A per-version table (one of SID_VERSION_TABLES) of SID ``version``."""
+        return self.data / name / f"{sid_version_name(version)}.parquet"
+
+    def feature_meta_path(self, version: str) -> Path:
+        return self.data / FEATURE_META_DIR / f"{sid_version_name(version)}.json"
+
+    def read_sid_registry(self) -> dict:
+        """The registry; ``{"default": None, "versions": {}}`` when nothing is published."""
+        if not self.sid_registry.exists():
+            return {"default": None, "versions": {}}
+        return json.loads(self.sid_registry.read_text())
+
+    def default_sid_version(self) -> str:
+        default = self.read_sid_registry()["default"]
+        if default is None:
+            raise DataError(
+                f"{self.sid_registry}: no SID version is published in {self.repo}; run "
+                f"`python -m features.publish --dataset D --repo {self.repo}`"
+            )
+        return default
+
+    def feature_meta(self, version: str | None = None) -> FeatureMeta:
+        """The feature meta of SID ``version`` (None: the default version).
+
+        Raises:
+            DataError: the version is not published here, naming the published
+                ones and the commands that publish it.
+        """
+        version = self.default_sid_version() if version is None else version
+        path = self.feature_meta_path(version)
+        if not path.exists():
+            published = sorted(self.read_sid_registry()["versions"])
+            raise DataError(
+                f"{path}: SID version '{version}' is not published in {self.repo} (published: {published}); run "
+                f"`python -m features.build --dataset D --sid-version {version}` and "
+                f"`python -m features.publish --dataset D --repo {self.repo} --no-set-default`"
+            )
+        meta = read_feature_meta(path)
+        if meta.sid_version != version:
+            raise DataError(f"{path}: key 'sid_version' is '{meta.sid_version}', expected '{version}'; republish it")
+        return meta
