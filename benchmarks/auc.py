@@ -41,7 +41,8 @@ from sidrank.contract import DatasetPaths
 from ranking.batches import build_split, sparse_tables
 from sidrank import contract
 from sidrank.metrics import evaluate_predictions
-from ranking.train import config_from_args, load_rows
+from ranking.config import config_from_args
+from ranking.shards import load_rows
 
 log = logging.getLogger("benchmarks.auc")
 

@@ -42,7 +42,8 @@ from sidrank.io import read_json, write_json
 from sidrank import contract
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SparseTable, SplitTensors, build_split, sparse_tables
 from ranking.model import ModelConfig, build_model, shard_model
-from ranking.train import TrainConfig, _init_distributed, rank_share
+from ranking.config import TrainConfig
+from ranking.distributed import init_distributed, rank_share
 
 USER_PROFILE = {"age_id": 8, "gender_id": 3, "occupation_id": 22}
 N_YEAR_BUCKETS = 10
@@ -281,7 +282,7 @@ def worker(job_path: Path) -> None:
     """One torchrun launch: build rows, encode this rank's shard, then every implementation at every batch size."""
     job = read_json(job_path)
     cfg = ThroughputConfig(**job["config"])
-    created = _init_distributed()
+    created = init_distributed()
     try:
         torch.set_num_threads(job["threads"])
         start = time.perf_counter()

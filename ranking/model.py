@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -88,14 +88,14 @@ class ModelConfig:
             needs both the item-id and the SID features).
     """
 
-    arch: str = "dlrm"
+    arch: str = field(default="dlrm", metadata={"choices": ("dlrm", "dcn")})
     emb_dim: int = 16
     dense_layers: tuple[int, ...] = (64,)
     over_layers: tuple[int, ...] = (128, 64)
     dcn_layers: int = 2
     dcn_low_rank: int = 16
-    sid_init: str = "random"
-    fusion: str = "none"
+    sid_init: str = field(default="random", metadata={"choices": SID_INITS})
+    fusion: str = field(default="none", metadata={"choices": FUSIONS})
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

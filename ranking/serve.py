@@ -23,12 +23,10 @@ best first: ``{"item_id", "score", "cold_item", "features", "sid"}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,17 +36,15 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed.checkpoint as dcp
 from torchrec.datasets.utils import Batch
-from torchrec.models.dlrm import DLRMTrain
 
+from sidrank.cli import add_config_arguments, build_config, log_to_stderr, parser_for, run_main
 from sidrank.io import read_json
 from sidrank.schema import DataError
 from sidrank import contract
-from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
-from ranking.model import ModelConfig, build_model
+from ranking.batches import build_split
+from ranking.checkpoint import load_checkpoint
 from ranking.rows import OnlineFeatures
-from ranking.train import _log_to_stderr
 
 log = logging.getLogger("ranking.serve")
 
@@ -95,15 +91,6 @@ class RequestError(ValueError):
     """A malformed request (HTTP 400); the message says what to send instead."""
 
 
-class Loaded(NamedTuple):
-    """A checkpoint loaded for serving: the model, the table sizes it was built with, its features, its config."""
-
-    model: DLRMTrain
-    meta: contract.FeatureMeta
-    features: FeatureConfig
-    config: dict
-
-
 def _require_id(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
         raise RequestError(f"{what} must be an integer id >= 1, got {value!r}")
@@ -129,55 +116,6 @@ def parse_request(payload: object, max_candidates: int) -> tuple[int, list[int]]
     if len(items) > max_candidates:
         raise RequestError(f"{len(items)} candidates exceed the limit of {max_candidates} (--max-candidates)")
     return user_id, [_require_id(item, f"item_ids[{i}]") for i, item in enumerate(items)]
-
-
-def _dcp_load(state: dict, checkpoint: Path) -> None:
-    with warnings.catch_warnings():
-        # One process without a process group is exactly what no_dist asks for; DCP warns anyway.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-
-
-def load_checkpoint(checkpoint: Path, meta: contract.FeatureMeta) -> Loaded:
-    """Build the run's model unsharded on CPU and load the sharded DCP checkpoint into it.
-
-    The id tables keep the checkpoint's sizes (the store may have grown since
-    training; newer ids are served as unknown); every other table must match
-    ``meta``.
-
-    Raises:
-        DataError: no checkpoint, or tables whose sizes differ from the store's.
-    """
-    if not (checkpoint / ".metadata").exists():
-        raise DataError(f"{checkpoint}: no checkpoint; train with `python -m ranking.train` (--save-checkpoint)")
-    stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    shapes = {key: tuple(value.size) for key, value in stored.items() if hasattr(value, "size")}
-    extra = {"config": "", "best_epoch": -1}
-    _dcp_load(extra, checkpoint)
-    config = json.loads(extra["config"])
-    features, model_cfg = FeatureConfig(**config["features"]), ModelConfig(**config["model"])
-
-    def rows_of(table: str, default: int) -> int:
-        found = [shape[0] - 1 for key, shape in shapes.items() if key.endswith(f"embedding_bags.{table}.weight")]
-        return found[0] if found else default
-
-    meta = dataclasses.replace(meta, n_users=rows_of("t_user", meta.n_users), n_items=rows_of("t_item", meta.n_items))
-    model = build_model(sparse_tables(meta, features), len(DENSE_FEATURES), model_cfg, device="cpu")
-    state = model.state_dict()
-    # DMP saves the dense layers under their DDP wrapper ("module."); find the prefix from one key.
-    first = next(iter(state))
-    prefix = next((key[: -len(first)] for key in shapes if key.endswith(first)), "")
-    wrong = [(k, tuple(v.shape), shapes.get(prefix + k)) for k, v in state.items() if shapes.get(prefix + k) != v.shape]
-    if wrong:
-        raise DataError(
-            f"{checkpoint}: parameters (name, from the store's meta, in the checkpoint) {wrong[:3]} differ; the "
-            f"store was republished with other vocabularies since training: retrain, or serve with the run's store"
-        )
-    loaded = {prefix + k: v for k, v in state.items()}
-    _dcp_load(loaded, checkpoint)
-    model.load_state_dict({k[len(prefix) :]: v for k, v in loaded.items()})
-    log.info("loaded %s (best epoch %s, %s)", checkpoint, extra["best_epoch"], config["model"]["arch"])
-    return Loaded(model.eval(), meta, features, config)
 
 
 class Candidates(NamedTuple):
@@ -341,21 +279,17 @@ def make_server(ranker: Ranker, port: int) -> ThreadingHTTPServer:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_argument("--run", type=Path, required=True, help="run folder of ranking.train")
-    common.add_argument("--repo", type=Path, required=True, help="Feast repository")
-    common.add_argument("--service", default=ServeConfig.service, help="feature service (default: the run's)")
-    common.add_argument("--max-candidates", type=int, default=ServeConfig.max_candidates)
-    common.add_argument("--threads", type=int, default=ServeConfig.threads)
-    p = argparse.ArgumentParser(prog="python -m ranking.serve", description=__doc__.splitlines()[0],
-                                allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True)
-    rank = sub.add_parser("rank", parents=[common], allow_abbrev=False, help="rank once and print JSON")
-    rank.add_argument("--user", type=int, required=True)
-    rank.add_argument("--items", type=int, nargs="+", required=True)
-    http = sub.add_parser("http", parents=[common], allow_abbrev=False, help="serve POST /rank and GET /health")
-    http.add_argument("--port", type=int, default=ServeConfig.port)
-    return p
+    parser = parser_for("python -m ranking.serve", __doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rank = sub.add_parser("rank", allow_abbrev=False, formatter_class=parser.formatter_class,
+                          help="rank once and print JSON")
+    rank.add_argument("--user", type=int, required=True, help="user id")
+    rank.add_argument("--items", type=int, nargs="+", required=True, help="candidate item ids")
+    add_config_arguments(rank, ServeConfig, skip=("port",))
+    http = sub.add_parser("http", allow_abbrev=False, formatter_class=parser.formatter_class,
+                          help="serve POST /rank and GET /health")
+    add_config_arguments(http, ServeConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = vars(parser.parse_args(argv))
     command, user, items = args.pop("command"), args.pop("user", None), args.pop("items", None)
-    cfg = ServeConfig(**args)
+    cfg = build_config(ServeConfig, args)
     if command == "rank":
         try:
             request = parse_request({"user_id": user, "item_ids": items}, cfg.max_candidates)
@@ -382,6 +316,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _log_to_stderr()
-    logging.getLogger("ranking").setLevel(logging.INFO)
-    main()
+    log_to_stderr("ranking")
+    run_main(main, "python -m ranking.serve")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -87,9 +88,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
         flag = "--" + f.name.replace("_", "-")
         kind, _ = _scalar_type(hints[f.name])
         default = _default(f)
-        options: dict[str, Any] = {"help": docs.get(f.name, " "), "dest": f.name}
+        options: dict[str, Any] = {"help": docs.get(f.name, " ").replace("``", ""), "dest": f.name}
         if default is dataclasses.MISSING:
-            options["required"] = True
+            # SUPPRESS keeps "(default: None)" out of the help of a flag that has none.
+            options.update(required=True, default=argparse.SUPPRESS)
         else:
             options["default"] = default
         if "choices" in f.metadata:
@@ -145,7 +147,7 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
     )
 
 
-def config_from_args(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] | None) -> T:
+def parse_config(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] | None) -> T:
     """Parse ``argv`` into ``cls``; ``--config FILE`` replays a saved config, explicit flags win.
 
     Keys of the saved config that ``cls`` no longer has are an error naming them.
@@ -181,3 +183,18 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def log_to_stderr(logger_name: str) -> None:
+    """Log ``logger_name`` to stderr with the rank in front: INFO on rank 0, WARNING on the others.
+
+    A handler of our own because TorchRec configures the root logger on
+    import, so ``logging.basicConfig`` would be a silent no-op.
+    """
+    rank = os.environ.get("RANK", "0")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    logger.propagate = False

@@ -1,0 +1,72 @@
+"""Process groups and rank coordination shared by training, evaluation and the benchmarks.
+
+Every rank runs the same collectives in the same order or the job hangs, so
+a failure on one rank is turned into an error on all of them here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch.distributed as dist
+
+
+def init_distributed() -> bool:
+    """Join torchrun's gloo group, or form a one-process group; True if this call created it."""
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def on_rank0(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 while the others wait; a failure there stops every rank instead of hanging them."""
+    if not dist.is_initialized():
+        fn()
+        return
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = [f"{type(exc).__name__}: {exc}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {error[0]}")
+
+
+def on_every_rank(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on every rank; if it fails on any, every rank raises (the others would wait in a collective)."""
+    failure = None
+    try:
+        fn()
+    except Exception as exc:
+        failure = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if failure is None else f"{type(failure).__name__}: {failure}")
+        failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
+        if failed and failure is None:
+            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if failure is not None:
+        raise failure
+
+
+def rank_share(row_ids: np.ndarray, split: str, rank: int, world: int) -> np.ndarray:
+    """The row ids of one split (ascending) that this rank encodes.
+
+    Train: every world-th row from ``rank`` (each rank trains on its own
+    shard, so no rank holds all rows). Valid/test: one contiguous part, the
+    part :func:`score_split` scores; parts differ by at most one row, so no
+    rank is left without rows while the split has at least ``world``.
+    """
+    if split == "train":
+        return row_ids[rank::world]
+    return np.array_split(row_ids, world)[rank]
