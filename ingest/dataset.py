@@ -2,8 +2,10 @@
 
 Every source reader (MovieLens, Amazon, synthetic) returns an
 :class:`IngestedDataset` with dense ids; :func:`write_dataset` applies the
-evaluation protocol (sort, ``row_id``, 80/10/10 split), validates everything and
-only then writes the artifacts atomically, ``meta.json`` last.
+evaluation protocol (``temporal`` or ``item-cold``, see sidrank/protocol.py:
+sort, ``row_id``, 80/10/10 split, held-out train rows removed), validates
+everything and only then writes the artifacts atomically, ``meta.json`` last.
+The folder name carries the protocol (``ml-100k``, ``ml-100k-item-cold``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from sidrank.io import write_json, write_npy, write_parquet
-from sidrank.protocol import POSITIVE_RATING, assign_protocol_split
-from sidrank.schema import SPLITS, DataError, require_utc_timestamps, validate_events, validate_modality
 from sidrank.contract import DatasetPaths
+from sidrank.protocol import POSITIVE_RATING, TEMPORAL, apply_protocol, cold_item_ids, dataset_folder_name
+from sidrank.schema import SPLITS, DataError, require_utc_timestamps, validate_events, validate_modality
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ EVENT_OUTPUT_COLUMNS = ("row_id", "user_id", "item_id", "label", "rating", "even
 ITEM_BASE_COLUMNS = ("item_id", "raw_item_id", "title", "tags", "year")
 # Unix seconds after 2100-01-01 are almost surely milliseconds or microseconds.
 MAX_UNIX_SECONDS = 4_102_444_800
-
-
 
 
 def sorted_vocabulary(raw_ids: pd.Series) -> pd.Index:
@@ -138,22 +138,26 @@ def _check_tables(dataset: IngestedDataset) -> None:
     assert set(dataset.profile_columns) <= set(dataset.users.columns), "users lack profile columns"
 
 
-def _protocol_events(dataset: IngestedDataset) -> pd.DataFrame:
-    """Validate timestamps, apply the protocol split and check the events contract."""
+def _protocol_events(dataset: IngestedDataset, protocol: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Validate timestamps, apply ``protocol`` and check the events contract.
+
+    Returns:
+        The events to write and the protocol's meta.json entries.
+    """
     source = dataset.events_file
     require_utc_timestamps(dataset.events, "event_timestamp", source)
-    events = assign_protocol_split(dataset.events, source)
+    events, entries = apply_protocol(dataset.events, len(dataset.items), protocol, source)
     events["event_timestamp"] = events["event_timestamp"].astype("datetime64[ns, UTC]")
     validate_events(events, source)
     assert int(events["user_id"].max()) <= len(dataset.users), "event user outside the users table"
     assert int(events["item_id"].max()) <= len(dataset.items), "event item outside the items table"
-    return events.loc[:, list(EVENT_OUTPUT_COLUMNS)]
+    return events.loc[:, list(EVENT_OUTPUT_COLUMNS)], entries
 
 
-def _meta(dataset: IngestedDataset, events: pd.DataFrame) -> dict[str, Any]:
+def _meta(dataset: IngestedDataset, folder: str, events: pd.DataFrame, entries: dict[str, Any]) -> dict[str, Any]:
     split_rows = events["split"].value_counts()
-    return {
-        "dataset": dataset.name,
+    meta = {
+        "dataset": folder,
         "n_users": len(dataset.users),
         "n_items": len(dataset.items),
         "n_events": len(events),
@@ -163,24 +167,40 @@ def _meta(dataset: IngestedDataset, events: pd.DataFrame) -> dict[str, Any]:
         "positive_rating": POSITIVE_RATING,
         "source": dataset.source,
         "precomputed_modalities": bool(dataset.modalities),
+        **entries,
     }
+    # The cold set through the same function every later stage asks, so the counts here are the evaluated ones.
+    cold = np.isin(events["item_id"].to_numpy(), cold_item_ids(meta, events, f"{folder}/meta.json"))
+    cold_rows = events.loc[cold, "split"].value_counts()
+    meta["cold_items"] = {
+        "n_items_with_rows": int(len(np.unique(events.loc[cold, "item_id"]))),
+        "rows": {split: int(cold_rows.get(split, 0)) for split in SPLITS},
+    }
+    return meta
 
 
-def write_dataset(dataset: IngestedDataset, out: str | Path) -> dict[str, Any]:
-    """Apply the protocol, validate, and write the dataset folder ``<out>/<name>``.
+def write_dataset(dataset: IngestedDataset, out: str | Path, protocol: str = TEMPORAL) -> dict[str, Any]:
+    """Apply the protocol, validate, and write the dataset folder.
 
     Nothing is written unless every check passes; ``meta.json`` is written last
     so its presence marks a complete dataset.
 
+    Args:
+        dataset: what a source reader returned.
+        out: output root.
+        protocol: ``temporal`` or ``item-cold``; the folder is
+            ``<out>/<dataset_folder_name(dataset.name, protocol)>``.
+
     Returns:
         The meta.json content.
     """
-    paths = DatasetPaths(Path(out) / dataset.name)
+    folder = dataset_folder_name(dataset.name, protocol)
+    paths = DatasetPaths(Path(out) / folder)
     _check_tables(dataset)
-    events = _protocol_events(dataset)
+    events, entries = _protocol_events(dataset, protocol)
     for name, array in dataset.modalities.items():
         validate_modality(name, array, len(dataset.items), f"{dataset.name} modality '{name}'")
-    meta = _meta(dataset, events)
+    meta = _meta(dataset, folder, events, entries)
 
     if dataset.modalities:
         for name, array in dataset.modalities.items():
@@ -195,10 +215,12 @@ def write_dataset(dataset: IngestedDataset, out: str | Path) -> dict[str, Any]:
     write_parquet(dataset.users, paths.users)
     write_parquet(events, paths.events)
     write_json(meta, paths.meta)
-    rows = meta["split_rows"]
+    rows, cold = meta["split_rows"], meta["cold_items"]["rows"]
+    held = meta.get("held_out")
+    removed = f", {held['removed_train_rows']} train rows of {held['n_items']} held-out items removed" if held else ""
     print(
-        f"{dataset.name}: {meta['n_events']} events (train {rows['train']} / valid {rows['valid']} / "
-        f"test {rows['test']}), {meta['n_users']} users, {meta['n_items']} items, "
-        f"positive rate {meta['positive_rate']:.4f} -> {paths.root}"
+        f"{folder} ({meta['protocol']}): {meta['n_events']} events (train {rows['train']} / valid {rows['valid']} / "
+        f"test {rows['test']}{removed}), cold rows valid {cold['valid']} / test {cold['test']}, "
+        f"{meta['n_users']} users, {meta['n_items']} items, positive rate {meta['positive_rate']:.4f} -> {paths.root}"
     )
     return meta

@@ -1,4 +1,4 @@
-"""Ranking metrics of ../shared/DESIGN.md section 5: AUC, log loss, cold-item AUC, GAUC.
+"""Ranking metrics of the evaluation protocol (sidrank/protocol.py): AUC, log loss, cold-item AUC, GAUC.
 
 Pure numpy / scikit-learn so the LR and LightGBM baselines score their
 predictions with exactly the code the ranker uses. Degenerate inputs (one
@@ -89,30 +89,47 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
     return float(np.average(user_auc, weights=per_user["n"])), len(per_user)
 
 
-def evaluate_predictions(frame: pd.DataFrame, train_item_counts: np.ndarray, *, source: str = "predictions") -> dict:
+def evaluate_predictions(
+    frame: pd.DataFrame,
+    train_item_counts: np.ndarray | None = None,
+    *,
+    cold_items: np.ndarray | None = None,
+    source: str = "predictions",
+) -> dict:
     """All protocol metrics for one scored split.
+
+    The cold set is given either way, exactly one of them:
+    ``cold_items`` (``sidrank.protocol.cold_item_ids(meta, events)``, right
+    under every protocol) or ``train_item_counts`` (the temporal rule only:
+    items with fewer than ``COLD_ITEM_MAX_TRAIN_ROWS`` train rows).
 
     Args:
         frame: one row per evaluated event with ``row_id``, ``label``,
             ``score`` (probability), ``user_id``, ``item_id``.
         train_item_counts: [n_items + 1] train rows per item
-            (``sidrank.protocol.train_item_counts``); items with fewer than
-            ``COLD_ITEM_MAX_TRAIN_ROWS`` are cold.
+            (``sidrank.protocol.train_item_counts``).
+        cold_items: the dataset's cold item ids.
         source: name for error messages.
 
     Returns:
         ``auc``, ``logloss``, ``auc_cold``, ``gauc``, ``n_rows``, ``n_cold``,
         ``n_gauc_users``; undefined metrics are NaN.
     """
+    if (train_item_counts is None) == (cold_items is None):
+        raise ValueError("evaluate_predictions: pass exactly one of train_item_counts and cold_items")
     require_columns(frame, PREDICTION_COLUMNS, source)
     items = frame["item_id"].to_numpy()
-    if len(items) and int(items.max()) >= len(train_item_counts):
-        raise DataError(
-            f"{source}: column 'item_id' has id {int(items.max())} beyond train_item_counts "
-            f"({len(train_item_counts)} entries); count train rows with the same n_items as the features"
-        )
+    if cold_items is not None:
+        cold = np.isin(items, np.asarray(cold_items))
+    else:
+        assert train_item_counts is not None
+        if len(items) and int(items.max()) >= len(train_item_counts):
+            raise DataError(
+                f"{source}: column 'item_id' has id {int(items.max())} beyond train_item_counts "
+                f"({len(train_item_counts)} entries); count train rows with the same n_items as the features"
+            )
+        cold = cold_item_mask(items, train_item_counts)
     labels, scores = frame["label"].to_numpy(), frame["score"].to_numpy()
-    cold = cold_item_mask(items, train_item_counts)
     user_gauc, n_users = gauc(frame["user_id"].to_numpy(), labels, scores)
     return {
         "auc": auc(labels, scores),

@@ -113,6 +113,21 @@ def test_movielens_rows_follow_protocol_order_in_utc(ml100k):
     assert events[["user_id", "item_id", "label", "row_id"]].dtypes.eq(np.int64).all()
 
 
+def test_movielens_item_cold_protocol(ml100k, tmp_path):
+    events, _, _, meta = ml100k
+    cached = REPO / "artifacts" / "cache"
+    cache = cached if (cached / RECBOLE_WHEEL).exists() else tmp_path / "cache"
+    main(["movielens-100k", "--out", str(tmp_path), "--cache-dir", str(cache), "--protocol", "item-cold"])
+    cold_events, _, _, cold_meta = _read(tmp_path / "ml-100k-item-cold")
+    assert meta["protocol"] == "temporal" and meta["cold_items"]["rows"] == {"train": 699, "valid": 167, "test": 310}
+    assert cold_meta["protocol"] == "item-cold" and cold_meta["held_out"]["n_items"] == 336
+    assert cold_meta["split_rows"] == {"train": 62_781, "valid": 10_000, "test": 10_000}
+    assert cold_meta["cold_items"]["rows"] == {"train": 0, "valid": 2209, "test": 2123}
+    for split in ("valid", "test"):
+        same = cold_events[cold_events["split"] == split].reset_index(drop=True)
+        assert same.equals(events[events["split"] == split].reset_index(drop=True))
+
+
 def test_movielens_items_and_users(ml100k):
     _, items, users, meta = ml100k
     assert np.array_equal(items["item_id"], np.arange(1, 1683)) and np.array_equal(users["user_id"], np.arange(1, 944))

@@ -6,6 +6,10 @@ from the events strictly before it, at the microsecond precision the feature
 store keeps. A trap block makes a leak visible: a user whose first events all
 share one timestamp, mostly positive. The dataset has no user profile (like
 Amazon), so the repository must publish without user_profile_fv.
+
+Every check runs under both protocols: under item-cold the held-out items'
+train rows are gone from events.parquet, so the brute force (which reads the
+written events) also proves that no feature counts a removed row.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from test_feast_roundtrip import normalise
 from test_features import T0, publish_copy, random_events, write_dataset
 
 from features.build import to_micros
-from sidrank.protocol import assign_protocol_split
-from sidrank import contract
 from ranking.rows import load_training_rows
+from sidrank import contract
+from sidrank.io import read_json, write_json
+from sidrank.protocol import ITEM_COLD, PROTOCOLS, apply_protocol, cold_item_ids
 
 N_USERS, N_ITEMS = 10, 12
 TRAP_USER, TRAP_ITEMS, TRAP_LABELS = N_USERS, [1, 2, 3, 4], [1, 1, 0, 1]
@@ -29,8 +34,10 @@ TRAP_TIME = T0 + pd.Timedelta(seconds=100)
 
 
 class Retrieved(NamedTuple):
+    protocol: str
     events: pd.DataFrame
     rows: pd.DataFrame
+    meta: dict
 
 
 def trap_events() -> pd.DataFrame:
@@ -46,19 +53,24 @@ def trap_events() -> pd.DataFrame:
     return frame.assign(rating=frame["label"] * 4.0 + 1.0)
 
 
-@pytest.fixture(scope="module")
-def retrieved(tmp_path_factory: pytest.TempPathFactory) -> Retrieved:
-    root = tmp_path_factory.mktemp("leakage")
+@pytest.fixture(scope="module", params=PROTOCOLS)
+def retrieved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Retrieved:
+    protocol = request.param
+    root = tmp_path_factory.mktemp(f"leakage-{protocol}")
     rng = np.random.default_rng(3)
     # The trap user has no other events; random users are 1..N_USERS-1.
     frame = random_events(N_USERS - 1, N_ITEMS, n_events=220, n_times=12, seed=2)
     # A few sub-microsecond offsets: the store compares microseconds, so these tie with their second.
     jitter = np.where(rng.random(len(frame)) < 0.2, rng.integers(1, 1000, len(frame)), 0)
     frame["event_timestamp"] += pd.to_timedelta(jitter, unit="ns")
-    events = assign_protocol_split(pd.concat([frame, trap_events()], ignore_index=True), "leakage events")
+    events, entries = apply_protocol(
+        pd.concat([frame, trap_events()], ignore_index=True), N_ITEMS, protocol, "leakage events"
+    )
     paths = write_dataset(root / "data", events, N_USERS, N_ITEMS, profile_columns=())
+    meta = {**read_json(paths.meta), **entries}
+    write_json(meta, paths.meta)
     repo = publish_copy(paths, root / "repo", materialize=False)
-    return Retrieved(events, normalise(load_training_rows(repo, events)))
+    return Retrieved(protocol, events, normalise(load_training_rows(repo, events)), meta)
 
 
 def brute_force(events: pd.DataFrame, row: pd.Series, *, strict: bool = True) -> dict:
@@ -126,3 +138,20 @@ def test_same_timestamp_trap_shows_no_leak(retrieved: Retrieved) -> None:
     after = later.iloc[0]
     assert (after["user_count"], after["user_pos_count"]) == (4, 3)
     assert after[contract.HIST_ITEMS] == (4, 2, 1)
+
+
+def test_held_out_items_never_see_their_removed_train_rows(retrieved: Retrieved) -> None:
+    if retrieved.protocol != ITEM_COLD:
+        pytest.skip("only item-cold removes train rows")
+    events, rows = retrieved.events, retrieved.rows
+    held = cold_item_ids(retrieved.meta, events)
+    assert len(held) and not events.loc[events["split"] == "train", "item_id"].isin(held).any()
+    cold_rows = rows[rows["item_id"].isin(held)]
+    assert len(cold_rows) > 0
+    assert set(events.loc[events["row_id"].isin(cold_rows["row_id"]), "split"]) <= {"valid", "test"}
+    micros = to_micros(events["event_timestamp"])
+    for _, row in cold_rows.iterrows():
+        # Only the item's own valid/test rows strictly earlier exist to be counted.
+        now = to_micros(pd.Series([row["event_timestamp"]]))[0]
+        earlier = events[(micros < now) & (events["item_id"] == row["item_id"])]
+        assert row["item_count"] == len(earlier) and set(earlier["split"]) <= {"valid", "test"}

@@ -81,6 +81,22 @@ def test_evaluate_predictions_cold_items() -> None:
     assert set(out) == {"auc", "logloss", "auc_cold", "gauc", "n_rows", "n_cold", "n_gauc_users"}
 
 
+def test_evaluate_predictions_with_given_cold_items() -> None:
+    frame = pd.DataFrame({
+        "row_id": np.arange(6),
+        "user_id": [1, 1, 2, 2, 3, 3],
+        "item_id": [1, 2, 1, 2, 3, 3],
+        "label": [1, 0, 0, 1, 1, 0],
+        "score": [0.9, 0.2, 0.3, 0.4, 0.7, 0.6],
+    })
+    out = evaluate_predictions(frame, cold_items=np.array([1, 2]))  # e.g. item-cold's held-out items
+    cold = frame["item_id"] != 3
+    assert out["n_cold"] == 4
+    assert out["auc_cold"] == pytest.approx(roc_auc_score(frame["label"][cold], frame["score"][cold]))
+    with pytest.raises(ValueError, match="exactly one of train_item_counts and cold_items"):
+        evaluate_predictions(frame)
+
+
 def test_evaluate_predictions_names_missing_column() -> None:
     frame = pd.DataFrame({"row_id": [0], "label": [1], "score": [0.5], "item_id": [1]})
     with pytest.raises(DataError, match="user_id"):
