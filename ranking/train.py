@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 from sidrank.cli import log_to_stderr, run_main
 from sidrank.contract import DatasetPaths
-from sidrank.io import write_json, write_parquet
+from sidrank.io import read_json, write_json, write_parquet
 from sidrank.metrics import auc, evaluate_predictions
-from sidrank.protocol import train_item_counts
+from sidrank.protocol import cold_item_ids
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
 from ranking.batches import DENSE_FEATURES, SplitTensors, build_split, sparse_tables
 from ranking.checkpoint import save_checkpoint
@@ -221,8 +221,8 @@ def run(cfg: TrainConfig) -> dict | None:
         "valid": _predictions(split_events["valid"], *best["valid"]),
         "test": _predictions(split_events["test"], test_ids, test_scores),
     }
-    counts = train_item_counts(events, meta.n_items)
-    test, valid = (evaluate_predictions(preds[s], counts, source=f"predictions_{s}") for s in ("test", "valid"))
+    cold = cold_item_ids(read_json(paths.meta), events, source=str(paths.meta))
+    test, valid = (evaluate_predictions(preds[s], cold_items=cold, source=f"predictions_{s}") for s in ("test", "valid"))
     for name, frame in preds.items():
         write_parquet(frame[["row_id", "label", "score"]], cfg.out / f"predictions_{name}.parquet")
     metrics = {
