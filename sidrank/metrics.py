@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from sidrank.protocol import cold_item_mask
@@ -61,11 +62,24 @@ def logloss(labels: np.ndarray, probs: np.ndarray, *, eps: float = LOGLOSS_EPS) 
     return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log1p(-p)))
 
 
-def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
-    """Per-user AUC weighted by the user's row count, over users with both classes.
+def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """AUC of every user with both classes (index: user id; columns ``auc`` and ``n`` rows).
 
     Uses the rank-sum (Mann-Whitney) form per user with average ranks for ties,
     which equals scikit-learn's AUC on each user's rows.
+    """
+    labels, scores = _check_pair(labels, scores)
+    frame = pd.DataFrame({"user": np.asarray(users).ravel(), "label": labels, "score": scores})
+    frame["rank"] = frame.groupby("user")["score"].rank(method="average")
+    frame["pos_rank"] = frame["rank"] * frame["label"]
+    per_user = frame.groupby("user").agg(n=("label", "size"), n_pos=("label", "sum"), pos_rank=("pos_rank", "sum"))
+    per_user = per_user[(per_user["n_pos"] > 0) & (per_user["n_pos"] < per_user["n"])]
+    n_pos, n_neg = per_user["n_pos"], per_user["n"] - per_user["n_pos"]
+    return pd.DataFrame({"auc": (per_user["pos_rank"] - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), "n": per_user["n"]})
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """Per-user AUC weighted by the user's row count, over users with both classes.
 
     Args:
         users: [N] user ids.
@@ -75,18 +89,74 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
     Returns:
         (gauc, number of users that entered it); NaN when no user has both classes.
     """
-    labels, scores = _check_pair(labels, scores)
-    frame = pd.DataFrame({"user": np.asarray(users).ravel(), "label": labels, "score": scores})
-    frame["rank"] = frame.groupby("user")["score"].rank(method="average")
-    frame["pos_rank"] = frame["rank"] * frame["label"]
-    per_user = frame.groupby("user").agg(n=("label", "size"), n_pos=("label", "sum"), pos_rank=("pos_rank", "sum"))
-    per_user = per_user[(per_user["n_pos"] > 0) & (per_user["n_pos"] < per_user["n"])]
+    per_user = per_user_auc(users, labels, scores)
     if per_user.empty:
         log.warning("gauc is undefined: no user has both positive and negative rows")
         return float("nan"), 0
-    n_pos, n_neg = per_user["n_pos"], per_user["n"] - per_user["n_pos"]
-    user_auc = (per_user["pos_rank"] - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return float(np.average(user_auc, weights=per_user["n"])), len(per_user)
+    return float(np.average(per_user["auc"], weights=per_user["n"])), len(per_user)
+
+
+def _rank_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUC of each row of ``scores`` [S, N] against ``labels`` [N] (average ranks for ties)."""
+    ranks = rankdata(scores, axis=1)
+    n_pos = labels.sum()
+    n_neg = len(labels) - n_pos
+    return ((ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def paired_bootstrap(
+    labels: np.ndarray,
+    scores_a: list[np.ndarray],
+    scores_b: list[np.ndarray],
+    *,
+    users: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap of the AUC (or GAUC) difference A - B on the same rows.
+
+    Each resample draws the rows (or, for GAUC, the users) with replacement
+    once and scores every run of A and of B on that same draw; the
+    difference is the mean over A's runs minus the mean over B's runs (seeds
+    of one model enter as repeated runs, so seed noise counts too).
+
+    Args:
+        labels: [N] 0/1 of the compared rows.
+        scores_a: runs of model A, each [N] (same row order as ``labels``).
+        scores_b: runs of model B, each [N].
+        users: [N] user ids: compare GAUC with a bootstrap over users instead of AUC over rows.
+        n_boot: resamples.
+        seed: the resampling seed.
+
+    Returns:
+        ``{"diff": point estimate, "low": 2.5%, "high": 97.5%, "n_boot": n_boot, "n_rows": N}``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not scores_a or not scores_b:
+        raise ValueError("paired_bootstrap needs at least one run of each model")
+    rng = np.random.default_rng(seed)
+    if users is not None:
+        tables = [per_user_auc(users, labels, s) for s in (*scores_a, *scores_b)]
+        common = tables[0].index
+        for table in tables[1:]:
+            common = common.intersection(table.index)
+        aucs = np.stack([t.loc[common, "auc"].to_numpy() for t in tables])  # [runs, U]
+        weights = tables[0].loc[common, "n"].to_numpy(np.float64)
+        diff_per_user = aucs[: len(scores_a)].mean(0) - aucs[len(scores_a) :].mean(0)
+        point = float(np.average(diff_per_user, weights=weights))
+        draws = rng.integers(0, len(common), size=(n_boot, len(common)))
+        boots = (diff_per_user[draws] * weights[draws]).sum(1) / weights[draws].sum(1)
+    else:
+        stacked = np.stack([*scores_a, *scores_b]).astype(np.float64)  # [runs, N]
+        point_aucs = _rank_auc_rows(labels, stacked)
+        point = float(point_aucs[: len(scores_a)].mean() - point_aucs[len(scores_a) :].mean())
+        boots = np.empty(n_boot)
+        for b in range(n_boot):
+            draw = rng.integers(0, len(labels), size=len(labels))
+            aucs = _rank_auc_rows(labels[draw], stacked[:, draw])
+            boots[b] = aucs[: len(scores_a)].mean() - aucs[len(scores_a) :].mean()
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return {"diff": point, "low": float(low), "high": float(high), "n_boot": n_boot, "n_rows": int(len(labels))}
 
 
 def evaluate_predictions(

@@ -101,3 +101,22 @@ def test_evaluate_predictions_names_missing_column() -> None:
     frame = pd.DataFrame({"row_id": [0], "label": [1], "score": [0.5], "item_id": [1]})
     with pytest.raises(DataError, match="user_id"):
         evaluate_predictions(frame, np.zeros(2, dtype=np.int64), source="preds.parquet")
+
+
+def test_paired_bootstrap_interval_covers_a_planted_gain_and_not_noise() -> None:
+    from sidrank.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    good = [labels + rng.normal(0, 0.8, 4000) for _ in range(2)]
+    poor = [labels + rng.normal(0, 2.0, 4000) for _ in range(2)]
+    gain = paired_bootstrap(labels, good, poor, n_boot=200)
+    assert gain["low"] > 0 and gain["low"] <= gain["diff"] <= gain["high"]
+    assert gain["diff"] == pytest.approx(np.mean([auc(labels, g) for g in good]) - np.mean([auc(labels, p) for p in poor]))
+    same = paired_bootstrap(labels, good, good, n_boot=200)
+    assert same["diff"] == 0 and same["low"] == 0 and same["high"] == 0
+    users = rng.integers(0, 50, 4000)
+    by_user = paired_bootstrap(labels, good, poor, users=users, n_boot=200)
+    assert by_user["low"] > 0 and by_user["diff"] == pytest.approx(
+        np.mean([gauc(users, labels, g)[0] for g in good]) - np.mean([gauc(users, labels, p)[0] for p in poor])
+    )

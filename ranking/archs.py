@@ -1,0 +1,163 @@
+"""The ranker's small dense building blocks (no distribution inside; DMP shards only the tables).
+
+Shape symbols: B rows, N numeric features, T bins, D embedding width,
+H history length, F interaction features.
+
+- :class:`PiecewiseLinearEmbedding`: numeric features as embeddings, so the
+  interaction sees a count or a rate like a sparse feature (Gorishniy et al.
+  2022, "On Embeddings for Numerical Features in Tabular Deep Learning").
+- :class:`TargetAttention`: DIN's activation unit (Zhou et al. 2018): the
+  candidate queries the user's history, so the history vector depends on what
+  is being ranked.
+- :class:`DotInteraction`: DLRM's pairwise dot products plus the features themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def quantile_bin_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """[N, T + 1] strictly increasing bin edges per column of ``values`` [R, N], from quantiles.
+
+    Fit on train rows only. Columns with fewer distinct values than bins get
+    their remaining edges just above the maximum, where they never fire.
+    """
+    if values.ndim != 2 or len(values) == 0:
+        raise ValueError(f"values must be a non-empty [rows, features] matrix, got shape {values.shape}")
+    quantiles = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = []
+    for column in values.T.astype(np.float64):
+        found = np.unique(np.quantile(column, quantiles))
+        pad = found[-1] + np.arange(1, n_bins + 2 - len(found)) * 1e-3 if len(found) < n_bins + 1 else []
+        edges.append(np.concatenate([found, pad]))
+    return np.stack(edges).astype(np.float32)
+
+
+class PiecewiseLinearEmbedding(nn.Module):
+    """Numeric features -> one D-vector each: piecewise-linear encoding, then a per-feature linear map.
+
+    Feature n's encoding is ``e_t = clamp((x - lo_t) / (hi_t - lo_t), 0, 1)``
+    over its T bins, so a value switches bins on fully below it and the
+    current one partially; values beyond the train range saturate like a
+    tree's last split instead of extrapolating. The edges are buffers, saved
+    and loaded with the model.
+
+    Args:
+        edges: [N, T + 1] bin edges (:func:`quantile_bin_edges`).
+        dim: D.
+
+    Example::
+
+        ple = PiecewiseLinearEmbedding(torch.tensor(quantile_bin_edges(np.random.rand(100, 3), 8)), dim=16)
+        ple(torch.rand(4, 3)).shape  # [4, 3, 16]
+    """
+
+    def __init__(self, edges: torch.Tensor, dim: int) -> None:
+        super().__init__()
+        n_features, n_edges = edges.shape
+        self.register_buffer("low", edges[:, :-1].clone())
+        self.register_buffer("width", (edges[:, 1:] - edges[:, :-1]).clamp_min(1e-6))
+        self.weight = nn.Parameter(torch.randn(n_features, n_edges - 1, dim) * (n_edges - 1) ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(n_features, dim))
+
+    def forward(self, numeric: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> [B, N, D]."""
+        encoded = ((numeric.unsqueeze(-1) - self.low) / self.width).clamp(0.0, 1.0)
+        return torch.relu(torch.einsum("bnt,ntd->bnd", encoded, self.weight) + self.bias)
+
+
+class MLPNumeric(nn.Module):
+    """Numeric features -> one D-vector through an MLP (DLRM's dense arch; the ablation of the PLE).
+
+    Args:
+        n_features: N.
+        hidden: hidden layer sizes.
+        dim: D.
+    """
+
+    def __init__(self, n_features: int, hidden: tuple[int, ...], dim: int) -> None:
+        super().__init__()
+        sizes = [n_features, *hidden, dim]
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, numeric: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> [B, 1, D]."""
+        return self.mlp(numeric).unsqueeze(1)
+
+
+class TargetAttention(nn.Module):
+    """DIN attention: weights from an MLP over (query, key, query - key, query * key), masked softmax.
+
+    Args:
+        dim: D of the query and the keys.
+        hidden: width of the activation unit's hidden layer.
+
+    Example::
+
+        attend = TargetAttention(8)
+        out = attend(torch.randn(2, 8), torch.randn(2, 5, 8), torch.tensor([[1, 1, 0, 0, 0], [1] * 5]).bool())
+        out.shape  # [2, 8]; a row with an empty history gets zeros
+    """
+
+    def __init__(self, dim: int, hidden: int = 36) -> None:
+        super().__init__()
+        self.unit = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, D], keys [B, H, D], mask [B, H] bool (True = a real history item) -> [B, D]."""
+        q = query.unsqueeze(1).expand_as(keys)
+        scores = self.unit(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask
+        return torch.einsum("bh,bhd->bd", weights, keys)
+
+
+class DotInteraction(nn.Module):
+    """DLRM's interaction over F feature vectors: [B, F, D] -> [B, F * D + F (F - 1) / 2].
+
+    Args:
+        n_features: F.
+    """
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.n_features = n_features
+        rows, cols = torch.triu_indices(n_features, n_features, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def output_size(self, dim: int) -> int:
+        """Width of the output for features of width ``dim``."""
+        return self.n_features * dim + len(self.rows)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, F, D] -> [B, F * D + F (F - 1) / 2]."""
+        dots = torch.bmm(features, features.transpose(1, 2))[:, self.rows, self.cols]
+        return torch.cat([features.flatten(1), dots], dim=1)
+
+
+class OverArch(nn.Module):
+    """The top MLP: [B, I] -> [B] logits, with dropout before every layer.
+
+    Args:
+        in_features: I.
+        layers: hidden sizes; the logit layer is appended.
+        dropout: drop probability.
+    """
+
+    def __init__(self, in_features: int, layers: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        sizes = [in_features, *layers]
+        blocks: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            blocks += [nn.Dropout(dropout), nn.Linear(n_in, n_out), nn.ReLU()]
+        blocks += [nn.Dropout(dropout), nn.Linear(sizes[-1], 1)]
+        self.mlp = nn.Sequential(*blocks)
+
+    def forward(self, interaction: torch.Tensor) -> torch.Tensor:
+        return self.mlp(interaction).squeeze(-1)
