@@ -1,4 +1,4 @@
-"""Tokenizer speed at a million items (issue 4): training and encoding items/s of every method.
+"""Tokenizer speed at a million items: training and encoding items/s of every method.
 
     python -m benchmarks.tokenizer_speed                                   # 1,000,000 items, every method
     python -m benchmarks.tokenizer_speed --items 50000 --methods rqvae mmq --titles 0
@@ -11,7 +11,7 @@ with MiniLM is a separate stage, out of reach on 2 cores; it gets its own row,
 MiniLM encode items/s on ML-100K titles (repeated up to ``--titles``).
 
 Every method runs at the demo's code budget (P = 4, K = 64,
-``sidrank.demo.CODE_BUDGET``) with :class:`tokenizer.train.TokenizerConfig`'s
+``demo.CODE_BUDGET``) with :class:`tokenizer.methods.TokenizerConfig`'s
 defaults otherwise, on all N items:
 
 - k-means init: the codebook initialisation, k-means++ seeding and
@@ -36,14 +36,13 @@ Writes ``benchmarks/results/tokenizer_speed.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,15 +52,17 @@ import torch._dynamo  # noqa: F401  the first optimizer imports it (seconds, onc
 from tqdm import tqdm
 
 from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
+from sidrank.cli import add_config_arguments, parse_config, parser_for
 from demo import CODE_BUDGET
 from ingest.cli import IngestConfig
 from ingest.movielens import fetch_recbole_wheel, load_recbole_wheel
 from ingest.synthetic import SyntheticConfig, item_modalities
 from tokenizer.defaults import ENCODE_BATCH_SIZE
+from tokenizer.fitting import LearnedTokenizer
 from tokenizer.metrics import level_usage
 from tokenizer.modalities import TEXT_DIM, ModalityConfig, encode_titles, load_text_model
 from tokenizer.quantizer import nearest
-from tokenizer.train import METHODS, MULTIMODAL, TokenizerConfig, build_tokenizer
+from tokenizer.methods import METHODS, TokenizerConfig, build_tokenizer
 
 log = logging.getLogger("benchmarks.tokenizer_speed")
 
@@ -75,8 +76,8 @@ class SpeedConfig:
     """What the benchmark runs.
 
     Args:
-        n_items: N, items generated, fitted on and encoded.
-        methods: tokenizer methods, from ``tokenizer.train.METHODS``.
+        items: N, items generated, fitted on and encoded.
+        methods: tokenizer methods.
         levels: P, code positions per SID.
         codebook_size: K, codes per position.
         epochs: training passes over the N items (learned tokenizers).
@@ -92,8 +93,8 @@ class SpeedConfig:
         name: results file stem.
     """
 
-    n_items: int = 1_000_000
-    methods: tuple[str, ...] = METHODS
+    items: int = 1_000_000
+    methods: tuple[str, ...] = field(default=tuple(METHODS), metadata={"choices": tuple(METHODS)})
     levels: int = BUDGET["--levels"]
     codebook_size: int = BUDGET["--codebook-size"]
     epochs: int = 1
@@ -115,14 +116,14 @@ class SpeedConfig:
             raise ValueError(f"other_batch_sizes={self.other_batch_sizes}: every size must be >= 1")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"methods={unknown}: expected names from {METHODS}")
-        positive = ("n_items", "levels", "codebook_size", "epochs", "kmeans_iters", "encode_batch_size", "threads",
+            raise ValueError(f"methods={unknown}: expected names from {tuple(METHODS)}")
+        positive = ("items", "levels", "codebook_size", "epochs", "kmeans_iters", "encode_batch_size", "threads",
                     "text_dim", "tags_dim")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        if self.n_items < self.codebook_size:
-            raise ValueError(f"n_items={self.n_items}: k-means needs at least codebook_size={self.codebook_size} items")
+        if self.items < self.codebook_size:
+            raise ValueError(f"items={self.items}: k-means needs at least codebook_size={self.codebook_size} items")
         if self.titles < 0:
             raise ValueError(f"titles={self.titles}: expected >= 0 (0 skips the MiniLM row)")
 
@@ -218,13 +219,13 @@ def measure_encode(
     floor = timed(floor_codes, inputs.concatenated, inputs.concatenated[: cfg.codebook_size], cfg.encode_batch_size)
     encode = timed(model.encode, x, batch_size=cfg.encode_batch_size)
     codes = encode.result
-    if tuple(codes.shape) != (cfg.n_items, cfg.levels):
-        raise RuntimeError(f"encode returned shape {tuple(codes.shape)}, expected ({cfg.n_items}, {cfg.levels})")
+    if tuple(codes.shape) != (cfg.items, cfg.levels):
+        raise RuntimeError(f"encode returned shape {tuple(codes.shape)}, expected ({cfg.items}, {cfg.levels})")
     others = {size: timed(model.encode, x, batch_size=size).seconds for size in cfg.other_batch_sizes}
     return codes, {
         "batch_size": cfg.encode_batch_size,
         "seconds": encode.seconds,
-        "items_per_second": per_second(cfg.n_items, encode.seconds),
+        "items_per_second": per_second(cfg.items, encode.seconds),
         "peak_rss_gib": encode.peak_rss_gib,
         "rss_before_gib": encode.rss_before_gib,
         "floor_seconds": floor.seconds,
@@ -241,11 +242,12 @@ def run_method(cfg: SpeedConfig, method: str, inputs: Inputs) -> dict:
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = build_tokenizer(tok, {name: x.shape[1] for name, x in inputs.modalities.items()})
-    x = inputs.modalities if method in MULTIMODAL else inputs.concatenated
-    n = cfg.n_items
+    # the concatenation already exists (the modalities are views of it): no copy
+    x = inputs.modalities if METHODS[method].multimodal else inputs.concatenated
+    n = cfg.items
     # k-means init (RQ-KMeans: the whole fit), then the training epochs of the learned tokenizers
     init = timed(model.init_codebooks, x, seed=cfg.seed)
-    if method == "rqkmeans":
+    if not isinstance(model, LearnedTokenizer):
         training = {"what": "its k-means init is the fit", "seconds": init.seconds,
                     "items_per_second": per_second(n, init.seconds)}  # fmt: skip
     else:
@@ -319,7 +321,7 @@ def rss_cell(peak: float, before: float) -> str:
 
 def table(cfg: SpeedConfig, records: list[dict], reference: dict, minilm: dict | None) -> str:
     """The Markdown table: the floor, torch.cdist, one row per method, MiniLM."""
-    n = cfg.n_items
+    n = cfg.items
     others = " / ".join(f"{size:,}" for size in cfg.other_batch_sizes)
     header = ["encoder", f"k-means init s ({cfg.kmeans_iters} iters/level)", "training", "train items/s",
               f"encode s (batch {cfg.encode_batch_size:,})", "encode items/s", "encode / floor",
@@ -353,23 +355,14 @@ def table(cfg: SpeedConfig, records: list[dict], reference: dict, minilm: dict |
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    defaults = SpeedConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", dest="n_items", type=int, default=defaults.n_items)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(defaults.methods))
-    ints = ("levels", "codebook_size", "epochs", "kmeans_iters", "encode_batch_size", "threads", "text_dim", "tags_dim",
-            "titles", "seed")  # fmt: skip
-    for name in ints:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--other-batch-sizes", type=int, nargs="*", default=list(defaults.other_batch_sizes))
-    parser.add_argument("--results-dir", type=Path, default=defaults.results_dir)
-    parser.add_argument("--name", default=defaults.name)
-    cfg = SpeedConfig(**vars(parser.parse_args(argv)))
+    parser = parser_for("python -m benchmarks.tokenizer_speed", "Training and encoding items/s of every tokenizer method.")
+    add_config_arguments(parser, SpeedConfig)
+    cfg = parse_config(parser, SpeedConfig, argv)
 
     torch.set_num_threads(cfg.threads)
     start, load_before = time.perf_counter(), os.getloadavg()
     # inputs: generated once, shared by every method
-    generated = timed(synthetic_inputs, cfg.n_items, {"tags": cfg.tags_dim, "text": cfg.text_dim}, cfg.seed)
+    generated = timed(synthetic_inputs, cfg.items, {"tags": cfg.tags_dim, "text": cfg.text_dim}, cfg.seed)
     inputs = generated.result
     log.info("inputs: %s in %.1fs", {k: tuple(v.shape) for k, v in inputs.modalities.items()}, generated.seconds)
     # the reference searches, every method, then the text model

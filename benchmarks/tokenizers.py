@@ -1,4 +1,4 @@
-"""Tokenizer benchmark: every method at the same code budget (DESIGN.md section 6, issue 3).
+"""Tokenizer benchmark: every method at the same code budget.
 
     python -m benchmarks.tokenizers                                  # ml-100k + synthetic-tok, 3 seeds
     python -m benchmarks.tokenizers --datasets artifacts/ml-100k --seeds 0 --epochs 20
@@ -25,10 +25,9 @@ Writes ``benchmarks/results/tokenizers.json`` (every run and its metrics) and
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
+from sidrank.cli import add_config_arguments, parse_config, parser_for
 from tokenizer.train import TokenizerConfig, TokenizerInputs, fit_and_measure, load_inputs
 
 log = logging.getLogger("benchmarks.tokenizers")
@@ -60,7 +60,7 @@ class TokenizerBenchConfig:
 
     Args:
         datasets: dataset folders (ingested; modalities are built if missing).
-        variants: names from :data:`VARIANTS`.
+        variants: tokenizer variants (VARIANTS: a method and its overrides).
         seeds: tokenizer seeds (init and batch order).
         levels: P, code positions of every variant.
         codebook_size: K.
@@ -71,7 +71,7 @@ class TokenizerBenchConfig:
     """
 
     datasets: tuple[Path, ...] = (Path("artifacts/ml-100k"), Path("artifacts/synthetic-tok"))
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = field(default=tuple(VARIANTS), metadata={"choices": tuple(VARIANTS)})
     seeds: tuple[int, ...] = (0, 1, 2)
     levels: int = 4
     codebook_size: int = 64
@@ -174,18 +174,9 @@ def summarise(runs: list[dict], has_clusters: bool) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    defaults = TokenizerBenchConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, nargs="+", default=list(defaults.datasets))
-    parser.add_argument("--variants", nargs="+", default=list(defaults.variants))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    for name in ("levels", "codebook_size", "epochs", "batch_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--name", default=defaults.name)
-    args = parser.parse_args(argv)
-    cfg = TokenizerBenchConfig(**{**vars(args), "datasets": tuple(args.datasets), "variants": tuple(args.variants),
-                                  "seeds": tuple(args.seeds)})
+    parser = parser_for("python -m benchmarks.tokenizers", "Every tokenizer method at the same code budget, fitted and measured.")
+    add_config_arguments(parser, TokenizerBenchConfig)
+    cfg = parse_config(parser, TokenizerBenchConfig, argv)
 
     start = time.perf_counter()
     results, tables = {}, []

@@ -150,7 +150,7 @@ def test_missing_modality_rows_are_masked_out_of_the_losses() -> None:
 def test_bad_inputs_and_config() -> None:
     xs, _ = planted(50)
     model = MMQ(config())
-    with pytest.raises(DataError, match="'tags' is absent"):
+    with pytest.raises(DataError, match=r"\['tags'\] are configured but absent"):
         model.encode({"text": xs["text"]})
     with pytest.raises(DataError, match=r"'text' has shape \(50, 31\)"):
         model.encode({"text": xs["text"][:, :31], "tags": xs["tags"]})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenizer.quantizer import ResidualQuantizer, kmeans, nearest, sinkhorn_codes, sq_distances, sum_sq_error
+from tokenizer.settings import QuantizerConfig
 
 
 def blobs(
@@ -43,7 +44,7 @@ def test_kmeans_more_centres_than_distinct_points() -> None:
 
 def test_kmeans_init_beats_random_codebook() -> None:
     x, _ = blobs(centres=8, dim=16, spread=0.3)
-    rq = ResidualQuantizer(16, levels=2, codebook_size=8)
+    rq = ResidualQuantizer(16, levels=2, quantizer=QuantizerConfig(codebook_size=8))
     random_error = sum_sq_error(rq.decode(rq.encode(x)), x)
     rq.init_from(x)
     init_error = sum_sq_error(rq.decode(rq.encode(x)), x)
@@ -51,7 +52,7 @@ def test_kmeans_init_beats_random_codebook() -> None:
 
 
 def test_losses_on_hand_example() -> None:
-    rq = ResidualQuantizer(2, levels=2, codebook_size=2, beta=0.25)
+    rq = ResidualQuantizer(2, levels=2, quantizer=QuantizerConfig(codebook_size=2, beta=0.25))
     with torch.no_grad():
         rq.codebooks.copy_(torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.5]]]))
     x = torch.tensor([[0.1, 0.0], [1.0, 1.6]])
@@ -67,7 +68,7 @@ def test_losses_on_hand_example() -> None:
 def test_round_trip_decode_encode_equals_forward() -> None:
     x, _ = blobs(centres=6, dim=12, spread=0.5)
     for sinkhorn_last in (False, True):
-        rq = ResidualQuantizer(12, levels=3, codebook_size=8, sinkhorn_last=sinkhorn_last)
+        rq = ResidualQuantizer(12, levels=3, quantizer=QuantizerConfig(codebook_size=8, sinkhorn_last=sinkhorn_last))
         rq.init_from(x)
         rq.eval()
         out = rq(x)
@@ -79,7 +80,7 @@ def test_round_trip_decode_encode_equals_forward() -> None:
 
 def test_straight_through_and_codebook_gradients() -> None:
     x = torch.randn(20, 4, requires_grad=True)
-    rq = ResidualQuantizer(4, levels=2, codebook_size=4)
+    rq = ResidualQuantizer(4, levels=2, quantizer=QuantizerConfig(codebook_size=4))
     out = rq(x)
     out.quantized.sum().backward(retain_graph=True)
     torch.testing.assert_close(x.grad, torch.ones_like(x))  # identity gradient through the quantizer
@@ -92,7 +93,7 @@ def test_straight_through_and_codebook_gradients() -> None:
 
 def test_dead_codes_are_reset_onto_residuals() -> None:
     x, _ = blobs(centres=4, dim=8, spread=0.2)
-    rq = ResidualQuantizer(8, levels=1, codebook_size=4, dead_code_window=2)
+    rq = ResidualQuantizer(8, levels=1, quantizer=QuantizerConfig(codebook_size=4, dead_code_window=2))
     rq.init_from(x)
     with torch.no_grad():
         rq.codebooks[0, 3] = 1e3  # a code nothing will ever choose
@@ -116,6 +117,6 @@ def test_sinkhorn_balances_a_skewed_assignment() -> None:
 
 def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="codebook_size=0"):
-        ResidualQuantizer(4, codebook_size=0)
+        ResidualQuantizer(4, quantizer=QuantizerConfig(codebook_size=0))
     with pytest.raises(ValueError, match="init='best'"):
         kmeans(torch.randn(10, 2), 2, init="best")

@@ -1,4 +1,4 @@
-"""Issue 4: the tokenizer speed benchmark's structure, batched encoding, one place per default.
+"""The tokenizer speed benchmark's structure, batched encoding, one place per default.
 
 Tiny sizes and structure only: nothing here asserts a speed.
 """
@@ -16,10 +16,12 @@ from benchmarks import tokenizer_speed
 from tokenizer import defaults
 from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig
 from tokenizer.mmq import MMQ, MMQConfig
+from tokenizer.encoder import QuantizedEncoder
+from tokenizer.methods import METHODS, TokenizerConfig, build_tokenizer
 from tokenizer.quantizer import ResidualQuantizer, kmeans
 from tokenizer.rqkmeans import RQKMeans
 from tokenizer.rqvae import RQVAE
-from tokenizer.train import METHODS, MULTIMODAL, TokenizerConfig, build_tokenizer
+from tokenizer.settings import NetworkConfig, QuantizerConfig
 
 N_ITEMS, LEVELS, K = 300, 4, 8
 TINY = ["--items", str(N_ITEMS), "--levels", str(LEVELS), "--codebook-size", str(K), "--kmeans-iters", "2",
@@ -68,7 +70,7 @@ def test_encode_is_the_same_in_any_batch_size(method: str) -> None:
                           latent_dim=8, kmeans_iters=2)  # fmt: skip
     torch.manual_seed(0)
     model = build_tokenizer(cfg, {"tags": 6, "text": 12})
-    x = xs if method in MULTIMODAL else torch.cat(list(xs.values()), dim=1)
+    x = METHODS[method].inputs(xs)
     model.init_codebooks(x, seed=0)
     model.eval()
     codes = model.encode(x)
@@ -77,20 +79,24 @@ def test_encode_is_the_same_in_any_batch_size(method: str) -> None:
 
 
 def test_model_defaults_are_the_cli_defaults() -> None:
-    """Every default the classes share with TokenizerConfig (the only place the CLI reads) is
-    TokenizerConfig's; before issue 4 the quantizer classes defaulted to K=32 and the CLI to 64."""
-    shared = ("levels", "codebook_size", "latent_dim", "hidden_dims", "beta", "kmeans_iters", "dead_code_window")
-    cli = {name: getattr(TokenizerConfig, name) for name in shared}
-    for target in (ResidualQuantizer, RQKMeans, RQVAE, MMRQVAEConfig, MMQConfig):
+    """Every default the classes share with TokenizerConfig (the only config the CLI reads) is
+    TokenizerConfig's: each shared setting is declared once, in its setting group."""
+    cli = TokenizerConfig(dataset=Path("."))
+    groups = {"quantizer": QuantizerConfig, "network": NetworkConfig}
+    for target in (ResidualQuantizer, QuantizedEncoder, RQKMeans, RQVAE):
         params = inspect.signature(target).parameters
-        for name in shared:
-            # MM-RQ-VAE's levels are per modality, not P: a different setting of the same name
-            if name in params and not (target is MMRQVAEConfig and name == "levels"):
-                assert params[name].default == cli[name], (target.__name__, name)
-    assert inspect.signature(kmeans).parameters["iters"].default == TokenizerConfig.kmeans_iters
+        assert params["levels"].default == cli.levels, target.__name__
+        for name, group in groups.items():
+            if name in params:
+                assert params[name].default == cli.part(group), (target.__name__, name)
+    # MM-RQ-VAE's levels are per modality, not P: a different setting of the same name
+    for config in (MMRQVAEConfig({"tags": 8}), MMQConfig({"tags": 8})):
+        for group in groups.values():
+            assert config.part(group) == cli.part(group), (type(config).__name__, group.__name__)
+    assert inspect.signature(kmeans).parameters["iters"].default == cli.kmeans_iters
     learned = (RQVAE, MMRQVAE, MMQ)
     for fit in [*(cls.fit for cls in learned), *(cls.train_epochs for cls in learned)]:
         params = inspect.signature(fit).parameters
         assert (params["epochs"].default, params["batch_size"].default, params["lr"].default) == (
-            TokenizerConfig.epochs, TokenizerConfig.batch_size, TokenizerConfig.lr,
+            cli.epochs, cli.batch_size, cli.lr,
         )  # fmt: skip

@@ -27,6 +27,8 @@ from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig
 from tokenizer.mmq import MMQ, MMQConfig
 from tokenizer.rqkmeans import RQKMeans
 from tokenizer.rqvae import RQVAE
+from tokenizer.methods import build_tokenizer
+from tokenizer.settings import NetworkConfig, QuantizerConfig
 from tokenizer.train import TokenizerConfig, main
 
 CLUSTERS = 8
@@ -87,8 +89,8 @@ def test_reconstruction_metrics_on_hand_example() -> None:
 def test_rqkmeans_recovers_planted_clusters() -> None:
     views, clusters = planted()
     x = concat(views)
-    model = RQKMeans(x.shape[1], levels=3, codebook_size=8)
-    error = model.fit(x, seed=0)
+    model = RQKMeans(x.shape[1], levels=3, quantizer=QuantizerConfig(codebook_size=8))
+    [error] = model.fit(x, seed=0)
     codes = model.encode(x).numpy()
     nmi = normalized_mutual_info_score(clusters, codes[:, 0])
     assert nmi > 0.8 and nmi > shuffled_nmi(clusters, codes[:, 0]) + 0.7
@@ -100,7 +102,8 @@ def test_rqvae_loss_decreases_and_recovers_planted_clusters() -> None:
     views, clusters = planted()
     x = concat(views)
     torch.manual_seed(0)
-    model = RQVAE(x.shape[1], latent_dim=16, hidden_dims=(64,), levels=2, codebook_size=8, dead_code_window=10)
+    network, quantizer = NetworkConfig(latent_dim=16, hidden_dims=(64,)), QuantizerConfig(codebook_size=8, dead_code_window=10)
+    model = RQVAE(x.shape[1], levels=2, network=network, quantizer=quantizer)
     history = model.fit(x, epochs=40, batch_size=64, lr=3e-3, seed=0)
     assert history[-1] < 0.6 * history[0]
     codes = model.encode(x).numpy()
@@ -194,6 +197,8 @@ def test_cli_rqkmeans_writes_sid_contract_and_fits_on_train_items_only(
     assert run_cli(paths, "--method", "rqkmeans", "--epochs", "7")["version"] == version  # an RQ-VAE-only knob
     assert run_cli(paths, "--method", "rqkmeans", "--modalities", "text", "tags")["version"] == version  # = all
     assert run_cli(paths, "--method", "rqkmeans", "--seed", "1")["version"] != version
+    # --config replays a run from its metrics.json (the saved options, flags given beside it winning)
+    assert main(["--config", str(out / "metrics.json"), "--dataset", str(paths.root)])["version"] == version
 
 
 def test_cli_rqvae_smoke(tmp_path: Path) -> None:
@@ -319,8 +324,7 @@ def test_benchmark_variants_share_one_code_budget_and_nmi_on_hand_example() -> N
     for variant in VARIANTS:
         cfg = variant_config(bench, base, variant, seed=1)
         assert (cfg.levels, cfg.codebook_size, cfg.seed) == (4, 16, 1)
-        if cfg.method in train.MULTIMODAL:
-            assert cfg.model_config({"tags": 8, "text": 32}).n_positions == 4, variant
+        assert build_tokenizer(cfg, {"tags": 8, "text": 32}).n_positions == 4, variant
     codes = np.array([[0, 5], [0, 6], [1, 7], [1, 7]])
     figures = nmi_figures(codes, np.array([3, 3, 4, 4]))
     assert figures["nmi_first_level"] == pytest.approx(1.0) and figures["nmi_best_position"] == pytest.approx(1.0)

@@ -1,10 +1,10 @@
-"""The one place that sets the tokenizers' shared defaults (issue 4).
+"""The tokenizers' shared default values, one name each.
 
-:class:`tokenizer.train.TokenizerConfig` (what the command line reads), the
-quantizer, the tokenizer classes and the multimodal model configs all take
-their defaults from these names, so a model built in Python without options is
-the model the CLI builds. Settings of one model only (MM-RQ-VAE's loss weights,
-MMQ's expert counts) stay in that model's config, which TokenizerConfig reads.
+The setting groups of :mod:`tokenizer.settings` (which the command line, the
+model classes and their configs all read) and the fit signatures take their
+defaults from these names, so a model built in Python without options is the
+model the CLI builds. Settings of one method only (MM-RQ-VAE's loss weights,
+MMQ's experts) keep their defaults in that method's setting group.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pure loss functions shared by the multimodal tokenizers (../shared/DESIGN.md section 6).
+"""Pure loss functions shared by the multimodal tokenizers.
 
 * :func:`gaussian_mmd`: squared maximum mean discrepancy with a Gaussian
   kernel, MM-RQ-VAE's reconstruction and cross-modal alignment loss (MME-SID).

@@ -1,16 +1,22 @@
-"""Quality figures of a semantic-ID assignment (../shared/DESIGN.md section 6).
+"""Quality figures of a semantic-ID assignment.
 
 Every tokenizer reports the same dictionary from :func:`tokenizer_metrics`:
 how well the codes reconstruct the content, how much of each codebook is used,
-and how often distinct items end up with the same (prefix of a) SID.
+and how often distinct items end up with the same (prefix of a) SID;
+:func:`sid_metrics` adds the reconstruction per modality, so a published
+version of any method, stage 1 or fine-tuned, reports the same figures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import normalized_mutual_info_score
+
+from tokenizer.losses import present_rows
 
 
 def reconstruction_metrics(x: np.ndarray, recon: np.ndarray) -> dict[str, float]:
@@ -83,6 +89,42 @@ def tokenizer_metrics(
     if clusters is not None:
         result["nmi_first_level"] = float(normalized_mutual_info_score(clusters, codes[:, 0]))
     return result
+
+
+def modality_metrics(items: Mapping[str, torch.Tensor], recon: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """Reconstruction error and cosine per modality over the items that HAVE it (non-zero rows)."""
+    result = {}
+    for name, x in items.items():
+        present = present_rows(x)
+        figures: dict[str, float] = {"n_present": int(present.sum())}
+        if figures["n_present"]:
+            figures.update(reconstruction_metrics(x[present].numpy(), recon[name][present].numpy()))
+        result[name] = figures
+    return result
+
+
+def sid_metrics(
+    codes: np.ndarray,
+    codebook_size: int,
+    items: Mapping[str, torch.Tensor],
+    recon: Mapping[str, torch.Tensor],
+    clusters: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """:func:`tokenizer_metrics` of codes [N, P], the reconstruction measured on the modalities
+    side by side in sorted name order (as for every method), plus ``per_modality`` figures.
+
+    Args:
+        codes: [N, P] SIDs of the items.
+        codebook_size: K.
+        items: name -> [N, D_m] inputs (all-zero row = modality missing).
+        recon: name -> [N, D_m] their reconstructions through ``codes``.
+        clusters: [N] planted clusters (synthetic data), for the NMI.
+    """
+    names = sorted(items)
+    x, x_recon = (torch.cat([d[name] for name in names], dim=1).numpy() for d in (items, recon))
+    metrics = tokenizer_metrics(codes, codebook_size, x=x, recon=x_recon, clusters=clusters)
+    metrics["per_modality"] = modality_metrics(items, recon)
+    return metrics
 
 
 def summary_line(metrics: dict) -> str:

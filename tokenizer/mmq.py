@@ -1,7 +1,7 @@
-"""MMQ stage 1: multimodal mixture-of-quantization (Xu et al. 2025; ../shared/DESIGN.md section 6).
+"""MMQ stage 1: multimodal mixture-of-quantization (Xu et al. 2025).
 
 Experts, each an MLP encoder with its OWN residual codebooks
-(:class:`tokenizer.quantizer.ResidualQuantizer`):
+(:class:`tokenizer.encoder.QuantizedEncoder`):
 
 * ``n_shared_experts`` shared experts read all modalities concatenated (sorted
   by name) and quantize with ``shared_levels`` levels each;
@@ -28,8 +28,12 @@ of ``m``'s specific experts, and ``m``'s orthogonality pairs. They still enter
 the shared experts and the gates as zeros (input, never a target). At encode
 time the specific codes of a missing modality are those of the encoder's
 output for a zero input, so all items lacking ``m`` share ``m``'s specific
-codes. A configured modality absent from the input, or all zeros for every
-item, is a :class:`DataError`.
+codes. A configured modality absent from the input, or present for fewer fit
+items than the codebook size, is a :class:`DataError`.
+
+Decoding: the gates read the item's content, so :meth:`MMQ.reconstruct`
+(items through their codes) is the faithful reconstruction; :meth:`MMQ.decode`
+of codes alone gates as for an item without content (a zero input).
 
 SID layout (P code positions, one codebook [K, latent_dim] per position):
 shared codes first, then specific codes; within each group experts in order
@@ -53,35 +57,22 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from sidrank.schema import DataError
-from tokenizer.defaults import (
-    BATCH_SIZE,
-    BETA,
-    CODEBOOK_SIZE,
-    DEAD_CODE_WINDOW,
-    ENCODE_BATCH_SIZE,
-    EPOCHS,
-    HIDDEN_DIMS,
-    KMEANS_ITERS,
-    LATENT_DIM,
-    LR,
-)
+from tokenizer.defaults import ENCODE_BATCH_SIZE
+from tokenizer.encoder import QuantizedEncoder, decoder_mlp
+from tokenizer.inputs import fit_rows, n_rows, take
 from tokenizer.losses import orthogonality_loss, present_rows
-from tokenizer.metrics import level_usage
+from tokenizer.multimodal import MultimodalConfig, MultimodalTokenizer
 from tokenizer.quantizer import ResidualQuantizer, sq_distances
-from tokenizer.rqvae import mlp
-
-logger = logging.getLogger(__name__)
+from tokenizer.settings import NetworkConfig, QuantizerConfig, Settings, require_at_least
 
 # helpers
 
@@ -92,62 +83,44 @@ def masked_sq_error(x: Tensor, recon: Tensor, mask: Tensor) -> Tensor:
     return (error * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _index(xs: Mapping[str, Tensor], rows: Tensor | slice) -> dict[str, Tensor]:
-    return {name: x[rows] for name, x in xs.items()}
-
-
-@dataclass
-class MMQConfig:
-    """Architecture of an :class:`MMQ` tokenizer.
+@dataclass(frozen=True, kw_only=True)
+class MMQExperts(Settings):
+    """MMQ's experts and their regulariser.
 
     Args:
-        modality_dims: modality name -> input width d_m; stored sorted by name.
-        latent_dim: Z, width of every expert's latent and codewords.
-        hidden_dims: encoder hidden widths (decoders mirror them).
-        n_shared_experts: experts over all modalities.
-        n_specific_experts: experts per modality.
-        shared_levels: residual levels of each shared expert.
-        specific_levels: residual levels of each specific expert.
-        codebook_size: K, codes per level (the same at every position).
-        beta: commitment weight.
-        ortho_weight: weight of the shared-vs-specific orthogonality loss.
-        kmeans_iters: Lloyd iterations of the codebook initialisation.
-        dead_code_window: training steps between dead-code resets (0 = never).
+        n_shared_experts: MMQ experts over all modalities.
+        n_specific_experts: MMQ experts per modality.
+        shared_levels: MMQ residual levels of each shared expert.
+        specific_levels: MMQ residual levels of each specific expert.
+        ortho_weight: MMQ weight of the shared-vs-specific orthogonality loss.
     """
 
-    modality_dims: dict[str, int]
-    latent_dim: int = LATENT_DIM
-    hidden_dims: tuple[int, ...] = HIDDEN_DIMS
     n_shared_experts: int = 1
     n_specific_experts: int = 1
     shared_levels: int = 2
     specific_levels: int = 1
-    codebook_size: int = CODEBOOK_SIZE
-    beta: float = BETA
     ortho_weight: float = 1.0
-    kmeans_iters: int = KMEANS_ITERS
-    dead_code_window: int = DEAD_CODE_WINDOW
 
     def __post_init__(self) -> None:
-        if not self.modality_dims:
-            raise ValueError("modality_dims={}: expected at least one modality")
-        self.modality_dims = {str(k): int(v) for k, v in sorted(self.modality_dims.items())}
-        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
-        bad = {k: v for k, v in self.modality_dims.items() if v < 1}
-        if bad or any(h < 1 for h in self.hidden_dims):
-            raise ValueError(f"modality_dims={self.modality_dims}, hidden_dims={self.hidden_dims}: widths must be >= 1")
-        positive = ("latent_dim", "n_shared_experts", "n_specific_experts", "shared_levels", "specific_levels")
-        for name in (*positive, "codebook_size", "kmeans_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        for name in ("beta", "ortho_weight", "dead_code_window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        super().__post_init__()
+        require_at_least(self, ("n_shared_experts", "n_specific_experts", "shared_levels", "specific_levels"), 1)
+        require_at_least(self, ("ortho_weight",), 0)
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        """Modality names in the fixed (sorted) order of inputs, experts and SID positions."""
-        return tuple(self.modality_dims)
+
+@dataclass(frozen=True)
+class MMQConfig(MultimodalConfig, QuantizerConfig, NetworkConfig, MMQExperts):
+    """Architecture of an :class:`MMQ` tokenizer: its modalities and the fields of
+    :class:`~tokenizer.settings.QuantizerConfig`, :class:`~tokenizer.settings.NetworkConfig`
+    and :class:`MMQExperts` (every expert has its own quantizer with these settings).
+
+    Args:
+        modality_dims: modality name -> input width d_m; stored sorted by name.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinkhorn_last:
+            raise ValueError("sinkhorn_last=True: method 'mmq' has no Sinkhorn assignment; drop --sinkhorn-last")
 
     @property
     def n_positions(self) -> int:
@@ -162,17 +135,11 @@ class MMQConfig:
             names += [f"{m}.spec{e}/{lv}" for e in range(self.n_specific_experts) for lv in range(self.specific_levels)]
         return names
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MMQConfig:
         """Build from a saved config: ``data["mmq"]`` if present, else ``data`` itself;
         keys that are not fields (dataset, method, version, ...) are ignored."""
-        source = data.get("mmq", data)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in source.items() if k in known})
+        return super().from_dict(data.get("mmq", data))
 
 
 class MMQOutput(NamedTuple):
@@ -208,20 +175,8 @@ class ExpertLatents(NamedTuple):
     specific: dict[str, list[Tensor]]
 
 
-class Expert(nn.Module):
-    """MLP encoder ``d_in -> ... -> Z`` followed by its own residual quantizer."""
-
-    def __init__(self, in_dim: int, cfg: MMQConfig, levels: int) -> None:
-        super().__init__()
-        self.encoder = mlp([in_dim, *cfg.hidden_dims, cfg.latent_dim])
-        self.rq = ResidualQuantizer(
-            cfg.latent_dim,
-            levels=levels,
-            codebook_size=cfg.codebook_size,
-            beta=cfg.beta,
-            kmeans_iters=cfg.kmeans_iters,
-            dead_code_window=cfg.dead_code_window,
-        )
+class Expert(QuantizedEncoder):
+    """An MMQ expert: MLP encoder ``d_in -> ... -> Z`` and its own residual quantizer."""
 
     def soft_codes(self, z: Tensor, tau: float) -> list[Tensor]:
         """Per level [N, K] softmax(-||r_l - c_k||^2 / tau); residuals follow the hard codes."""
@@ -233,7 +188,7 @@ class Expert(nn.Module):
         return probs
 
 
-class MMQ(nn.Module):
+class MMQ(MultimodalTokenizer):
     """Shared/specific mixture-of-quantization tokenizer (see the module docstring).
 
     Shapes: ``xs`` maps each modality name to [N, d_m]; latents are N x Z;
@@ -243,58 +198,30 @@ class MMQ(nn.Module):
         cfg: the architecture.
     """
 
+    cfg: MMQConfig
+
     def __init__(self, cfg: MMQConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         dims, n_spec = cfg.modality_dims, cfg.n_specific_experts
+        network, quantizer = cfg.part(NetworkConfig), cfg.part(QuantizerConfig)
         self.in_dim = sum(dims.values())
-        self.shared = nn.ModuleList(Expert(self.in_dim, cfg, cfg.shared_levels) for _ in range(cfg.n_shared_experts))
+        self.shared = nn.ModuleList(
+            Expert(self.in_dim, levels=cfg.shared_levels, network=network, quantizer=quantizer)
+            for _ in range(cfg.n_shared_experts)
+        )
         self.specific = nn.ModuleDict(
-            {m: nn.ModuleList(Expert(d, cfg, cfg.specific_levels) for _ in range(n_spec)) for m, d in dims.items()}
+            {
+                m: nn.ModuleList(
+                    Expert(d, levels=cfg.specific_levels, network=network, quantizer=quantizer) for _ in range(n_spec)
+                )
+                for m, d in dims.items()
+            }
         )
         self.gates = nn.ModuleDict({m: nn.Linear(self.in_dim, cfg.n_shared_experts + n_spec) for m in dims})
         for gate in self.gates.values():  # start from the uniform mixture
             nn.init.zeros_(gate.weight)
             nn.init.zeros_(gate.bias)
-        self.decoders = nn.ModuleDict(
-            {m: mlp([cfg.latent_dim, *reversed(cfg.hidden_dims), d]) for m, d in dims.items()}
-        )
-
-    @property
-    def n_positions(self) -> int:
-        """P, code positions per SID."""
-        return self.cfg.n_positions
-
-    @property
-    def codebook_size(self) -> int:
-        """K, codes per position."""
-        return self.cfg.codebook_size
-
-    # inputs
-
-    def check_inputs(self, xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The configured modalities of ``xs`` as float32, checked for presence and shape.
-
-        Raises:
-            DataError: a configured modality is absent (or all zeros for every
-                item), has the wrong width, or the modalities disagree on N.
-        """
-        result, n_rows = {}, None
-        for name, dim in self.cfg.modality_dims.items():
-            if name not in xs:
-                raise DataError(
-                    f"modalities: configured modality '{name}' is absent (given: {sorted(xs)}); "
-                    f"build it with `python -m tokenizer.modalities` or drop it from --modalities"
-                )
-            x = torch.as_tensor(xs[name]).float()
-            if x.ndim != 2 or x.shape[1] != dim or (n_rows is not None and x.shape[0] != n_rows):
-                raise DataError(
-                    f"modalities: '{name}' has shape {tuple(x.shape)}, expected ({n_rows or 'N'}, {dim}); "
-                    f"regenerate the modalities or retrain the tokenizer on these"
-                )
-            n_rows = x.shape[0]
-            result[name] = x
-        return result
+        self.decoders = nn.ModuleDict({m: decoder_mlp(d, network) for m, d in dims.items()})
 
     def _concat(self, xs: Mapping[str, Tensor]) -> Tensor:
         return torch.cat([xs[m] for m in self.cfg.modalities], dim=1)
@@ -306,6 +233,13 @@ class MMQ(nn.Module):
         shared = [expert.encoder(x_all) for expert in self.shared]
         specific = {m: [expert.encoder(xs[m]) for expert in experts] for m, experts in self.specific.items()}
         return ExpertLatents(shared, specific)
+
+    def _mix(self, m: str, x_all: Tensor, quantized: list[Tensor]) -> Tensor:
+        """Reconstruction [B, d_m] of modality ``m``: its gate, read from the input ``x_all``
+        [B, D], mixes the quantized outputs [B, Z] of the shared then ``m``'s specific experts."""
+        gate = F.softmax(self.gates[m](x_all), dim=1)  # [B, S + E]
+        mixed = (gate.unsqueeze(-1) * torch.stack(quantized, dim=1)).sum(1)  # [B, Z]
+        return self.decoders[m](mixed)
 
     # training objective
 
@@ -331,9 +265,7 @@ class MMQ(nn.Module):
                 specific_codes.append(codes)
                 quant_loss = quant_loss + loss
                 ortho_terms += [orthogonality_loss(s[masks[m]], z[masks[m]]) for s in latents.shared]
-            gate = F.softmax(self.gates[m](x_all), dim=1)  # [B, S + E]
-            mixed = (gate.unsqueeze(-1) * torch.stack(shared_q + spec_q, dim=1)).sum(1)  # [B, Z]
-            recon[m] = self.decoders[m](mixed)
+            recon[m] = self._mix(m, x_all, shared_q + spec_q)
             recon_loss = recon_loss + masked_sq_error(xs[m], recon[m], masks[m])
         ortho_loss = torch.stack(ortho_terms).mean()
         codes = torch.cat([*shared_codes, *specific_codes], dim=1)
@@ -353,24 +285,18 @@ class MMQ(nn.Module):
         quantized = torch.zeros_like(z).index_put((index,), out.quantized)
         return quantized, codes, out.commit_loss + out.codebook_loss
 
-    def reconstruction_loss(self, xs: Mapping[str, Tensor]) -> Tensor:
-        """Scalar multimodal reconstruction loss of ``xs`` (masked, summed over dims), differentiable."""
-        return self(xs).recon_loss
-
     # codes
 
     def experts_in_sid_order(self) -> list[Expert]:
         """Shared experts, then each modality's specific experts (sorted modality names)."""
         return [*self.shared, *(expert for m in self.cfg.modalities for expert in self.specific[m])]
 
+    def quantizers(self) -> list[ResidualQuantizer]:
+        return [expert.rq for expert in self.experts_in_sid_order()]
+
     def _sid_latents(self, xs: Mapping[str, Tensor]) -> list[Tensor]:
         latents = self.expert_latents(xs)
         return [*latents.shared, *(z for m in self.cfg.modalities for z in latents.specific[m])]
-
-    @property
-    def codebooks(self) -> list[Tensor]:
-        """One [K, Z] codebook per SID position, in SID order (views of the parameters)."""
-        return [e.rq.codebooks[level] for e in self.experts_in_sid_order() for level in range(e.rq.levels)]
 
     def soft_codes(self, xs: Mapping[str, Tensor], tau: float = 1.0) -> list[Tensor]:
         """Per SID position [N, K]: softmax over negative squared distances / ``tau``.
@@ -397,25 +323,50 @@ class MMQ(nn.Module):
     def encode(self, xs: Mapping[str, Tensor], *, batch_size: int = ENCODE_BATCH_SIZE) -> Tensor:
         """Codes [N, P] int64 in SID order, ``batch_size`` items at a time."""
         xs = self.check_inputs(xs)
-        n_rows, experts = next(iter(xs.values())).shape[0], self.experts_in_sid_order()
-        parts = []
-        for start in range(0, n_rows, batch_size):
-            latents = self._sid_latents(_index(xs, slice(start, start + batch_size)))
+        experts, parts = self.experts_in_sid_order(), []
+        for start in range(0, n_rows(xs), batch_size):
+            latents = self._sid_latents(take(xs, slice(start, start + batch_size)))
             parts.append(torch.cat([e.rq.encode(z) for e, z in zip(experts, latents, strict=True)], dim=1))
-        return torch.cat(parts) if parts else torch.zeros(0, self.cfg.n_positions, dtype=torch.long)
+        return torch.cat(parts) if parts else torch.zeros(0, self.n_positions, dtype=torch.long)
 
     @torch.no_grad()
-    def reconstruct(self, xs: Mapping[str, Tensor], *, batch_size: int = ENCODE_BATCH_SIZE) -> dict[str, Tensor]:
-        """Reconstruction [N, d_m] per modality through the hard codes (no usage tracking)."""
+    def decode(self, codes: Tensor) -> dict[str, Tensor]:
+        """Reconstruction [N, d_m] per modality of SIDs ``codes`` [N, P] alone: every gate as
+        for an item without content (see the module docstring; :meth:`reconstruct` reads it)."""
+        return self._decode(codes, None)
+
+    @torch.no_grad()
+    def reconstruct(self, xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Reconstruction [N, d_m] per modality of ``xs`` through its codes, gated by its content;
+        a modality an item lacks adds nothing from its specific experts, as in training."""
         xs = self.check_inputs(xs)
-        n_rows = next(iter(xs.values())).shape[0]
-        was_training = self.training
-        self.eval()
-        try:
-            parts = [self(_index(xs, slice(s, s + batch_size))).recon for s in range(0, n_rows, batch_size)]
-        finally:
-            self.train(was_training)
-        return {m: torch.cat([p[m] for p in parts]) for m in self.cfg.modalities}
+        return self._decode(self.encode(xs), xs)
+
+    def _decode(self, codes: Tensor, xs: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """Per modality [N, d_m] from codes [N, P], ``ENCODE_BATCH_SIZE`` items at a time; ``xs``
+        are the coded items (the gates' input), or None for a zero input."""
+        if len(codes) == 0:
+            return {m: torch.zeros(0, d) for m, d in self.dims.items()}
+        parts = []
+        for start in range(0, len(codes), ENCODE_BATCH_SIZE):
+            rows = slice(start, start + ENCODE_BATCH_SIZE)
+            parts.append(self._decode_batch(codes[rows], None if xs is None else take(xs, rows)))
+        return {m: torch.cat([part[m] for part in parts]) for m in self.cfg.modalities}
+
+    def _decode_batch(self, codes: Tensor, xs: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        experts, n_shared, n_spec = self.experts_in_sid_order(), len(self.shared), self.cfg.n_specific_experts
+        # each expert's quantized output [B, Z]: the sum of its codewords at its positions
+        ends = np.cumsum([expert.rq.levels for expert in experts])
+        outputs = [e.rq.decode(codes[:, end - e.rq.levels : end]) for e, end in zip(experts, ends, strict=True)]
+        x_all = codes.new_zeros(len(codes), self.in_dim, dtype=torch.float) if xs is None else self._concat(xs)
+        recon = {}
+        for i, m in enumerate(self.cfg.modalities):
+            specific = outputs[n_shared + i * n_spec : n_shared + (i + 1) * n_spec]
+            if xs is not None:  # as in training, a modality an item lacks adds nothing of its own
+                present = present_rows(xs[m]).unsqueeze(1)
+                specific = [torch.where(present, q, torch.zeros_like(q)) for q in specific]
+            recon[m] = self._mix(m, x_all, outputs[:n_shared] + specific)
+        return recon
 
     # training
 
@@ -424,62 +375,13 @@ class MMQ(nn.Module):
         """k-means initialise every expert's codebooks on its latents of ``xs``
         (specific experts on the items that have their modality only)."""
         xs = self.check_inputs(xs)
-        masks = [None] * len(self.shared)
+        masks: list[Tensor | None] = [None] * len(self.shared)
         for m in self.cfg.modalities:
-            if not bool(present_rows(xs[m]).any()):
-                raise DataError(
-                    f"modalities: '{m}' is all zeros for every fit item (absent entirely); "
-                    f"rebuild it or drop it from --modalities"
-                )
-            masks += [present_rows(xs[m])] * len(self.specific[m])
+            masks += [fit_rows(xs[m], m, self.codebook_size)] * len(self.specific[m])
         # encoder outputs batch by batch: the experts' hidden layers on a million items would not fit
-        n_rows, step = next(iter(xs.values())).shape[0], ENCODE_BATCH_SIZE
-        batches = [self._sid_latents(_index(xs, slice(s, s + step))) for s in range(0, n_rows, step)]
+        n, step = n_rows(xs), ENCODE_BATCH_SIZE
+        batches = [self._sid_latents(take(xs, slice(s, s + step))) for s in range(0, n, step)]
         latents = [torch.cat(parts) for parts in zip(*batches, strict=True)]
         pairs = zip(self.experts_in_sid_order(), latents, masks, strict=True)
         for i, (expert, z, mask) in enumerate(pairs):
             expert.rq.init_from(z if mask is None else z[mask], seed=seed + 100 * i)
-
-    def train_epochs(
-        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
-    ) -> list[float]:
-        """Train on ``xs`` (modality -> [N, d_m]) with Adam from the current codebooks; returns
-        the mean loss of each epoch."""
-        xs = self.check_inputs(xs)
-        n_rows = next(iter(xs.values())).shape[0]
-        gen = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        log_every = max(1, epochs // 10)
-        history: list[float] = []
-        bar = tqdm(range(epochs), desc="mmq", unit="epoch")
-        for epoch in bar:
-            # one pass over the items in a fresh random order
-            self.train()
-            sums = torch.zeros(4)
-            for batch in torch.randperm(n_rows, generator=gen).split(batch_size):
-                out = self(_index(xs, batch))
-                optimizer.zero_grad()
-                out.loss.backward()
-                optimizer.step()
-                parts = (out.loss, out.recon_loss, out.quant_loss, out.ortho_loss)
-                sums += torch.stack([p.detach() for p in parts]) * len(batch)
-            loss, recon, quant, ortho = (sums / n_rows).tolist()
-            history.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", ortho=f"{ortho:.3f}")
-            # progress: the components move differently (ortho falls fast, recon slowly)
-            if (epoch + 1) % log_every == 0 or epoch == epochs - 1:
-                usage = level_usage(self.encode(xs).numpy(), self.cfg.codebook_size)
-                logger.info(
-                    "mmq epoch %d/%d loss %.4f recon %.4f quant %.4f ortho %.4f usage %s",
-                    *(epoch + 1, epochs, loss, recon, quant, ortho),
-                    "/".join(f"{u:.2f}" for u in usage),
-                )
-        self.eval()
-        return history
-
-    def fit(
-        self, xs: Mapping[str, Tensor], *, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
-    ) -> list[float]:
-        """:meth:`init_codebooks`, then :meth:`train_epochs`; returns the mean loss of each epoch."""
-        self.init_codebooks(xs, seed=seed)
-        return self.train_epochs(xs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

@@ -1,6 +1,6 @@
 """Item modality matrices: title text embeddings and tag/year features.
 
-Contract (../shared/DESIGN.md section 4): ``name -> float32[n_items + 1, d]``,
+Contract: ``name -> float32[n_items + 1, d]``,
 row 0 is padding (zeros), rows are L2-normalised. An all-zero row means the
 modality is missing for that item: an empty title gives a zero ``text`` row,
 an item without tags a zero ``tags`` row (its year alone is not enough).
@@ -16,7 +16,6 @@ order), so a rerun on unchanged titles never loads the encoder.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -29,9 +28,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from sidrank.cli import run_main
 from sidrank.io import read_json, write_json, write_npy
 from sidrank.schema import DataError, require_columns, require_file, validate_modality
 from sidrank.contract import DatasetPaths
+from tokenizer.cli import stage_main
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -43,6 +44,7 @@ TEXT_DIM = 384
 YEAR_BUCKET_YEARS = 5
 ITEM_COLUMNS = ("item_id", "title", "tags", "year")
 INGEST_COMMAND = "python -m ingest <dataset> --out <artifacts>"
+PROG = "python -m tokenizer.modalities"
 
 
 def l2_rows(matrix: np.ndarray) -> np.ndarray:
@@ -208,7 +210,7 @@ class ModalityConfig:
     """What the embed stage runs.
 
     Args:
-        dataset: dataset folder (sidrank.schema.DatasetPaths root).
+        dataset: dataset folder (sidrank.contract.DatasetPaths root).
         batch_size: text encoder batch size.
     """
 
@@ -221,16 +223,17 @@ class ModalityConfig:
             raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
 
 
-def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, required=True)
-    parser.add_argument("--batch-size", type=int, default=ModalityConfig.batch_size)
-    cfg = ModalityConfig(**vars(parser.parse_args(argv)))
+def embed(cfg: ModalityConfig) -> dict[str, np.ndarray]:
+    """The stage: build (or validate) the modalities of ``cfg.dataset`` and print their shapes."""
     arrays = build_modalities(DatasetPaths(cfg.dataset), batch_size=cfg.batch_size)
     print(" ".join(f"{name}={a.shape}" for name, a in arrays.items()))
     return arrays
 
 
+def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
+    description = "Build the item modalities (title text embeddings, tags + year) of a dataset."
+    return stage_main(PROG, description, ModalityConfig, embed, argv)
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)

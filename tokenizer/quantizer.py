@@ -1,10 +1,11 @@
-"""Residual vector quantizer shared by every tokenizer (../shared/DESIGN.md section 6).
+"""Residual vector quantizer shared by every tokenizer.
 
 L levels of K codes each: level l quantizes the residual left by levels < l,
 so an item's semantic ID is the tuple of its L code indices and its quantized
 vector is the sum of the chosen codewords. The module is written once and
 reused by RQ-KMeans (codebooks from :meth:`ResidualQuantizer.init_from` only),
-RQ-VAE and, later, MM-RQ-VAE and MMQ (one quantizer per modality / expert).
+RQ-VAE, MM-RQ-VAE (one per modality) and MMQ (one per expert), each built
+from a :class:`~tokenizer.settings.QuantizerConfig` and its number of levels.
 
 Layout follows lucidrains' ``residual_vq.py``: pure helpers first, then the
 module; its forward returns an :class:`RQOutput` whose fields never depend on
@@ -13,7 +14,7 @@ the reconstruction loss they are added to (averaging over dims collapses
 codebooks).
 
 Example:
-    >>> rq = ResidualQuantizer(8, levels=2, codebook_size=4)
+    >>> rq = ResidualQuantizer(8, levels=2, quantizer=QuantizerConfig(codebook_size=4))
     >>> x = torch.randn(100, 8)
     >>> rq.init_from(x)
     >>> out = rq(x)
@@ -28,7 +29,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tokenizer.defaults import BETA, CODEBOOK_SIZE, DEAD_CODE_WINDOW, ENCODE_BATCH_SIZE, KMEANS_ITERS, LEVELS
+from tokenizer.defaults import ENCODE_BATCH_SIZE, KMEANS_ITERS, LEVELS
+from tokenizer.settings import QuantizerConfig
+
+# Sinkhorn temperature and normalisation rounds of the balanced last level: fixed,
+# so they never enter a version's settings.
+SINKHORN_EPS = 0.05
+SINKHORN_ITERS = 50
 
 # helpers
 
@@ -115,7 +122,7 @@ def kmeans(
     return centroids, nearest(x, centroids)
 
 
-def sinkhorn_codes(dists: Tensor, *, eps: float = 0.05, iters: int = 50) -> Tensor:
+def sinkhorn_codes(dists: Tensor, *, eps: float = SINKHORN_EPS, iters: int = SINKHORN_ITERS) -> Tensor:
     """Balanced assignment: argmax of the entropic optimal transport plan.
 
     Rows (items) and columns (codes) are alternately normalised so that every
@@ -163,48 +170,32 @@ class RQOutput(NamedTuple):
 class ResidualQuantizer(nn.Module):
     """L-level residual quantizer with K codes per level.
 
+    Shapes: input x is N x D, codes N x L, codebooks L x K x D.
+
     Args:
         dim: D, width of the vectors to quantize.
         levels: L.
-        codebook_size: K.
-        beta: commitment weight (VQ-VAE, van den Oord et al. 2017).
-        kmeans_iters: Lloyd iterations used by :meth:`init_from`.
-        dead_code_window: every this many training forwards, codes that no
-            batch in the window used are replaced by random residuals of the
-            current batch; 0 disables the reset.
-        sinkhorn_last: assign the last level by balanced Sinkhorn assignment
-            while training; :meth:`encode` stays nearest-code, so an item's
-            codes never depend on the other items of its batch.
-        sinkhorn_eps: temperature of the Sinkhorn assignment.
-        sinkhorn_iters: normalisation rounds of the Sinkhorn assignment.
+        quantizer: codebook size K, commitment weight, k-means iterations of
+            :meth:`init_from`, dead-code window (every this many training
+            forwards, codes that no batch in the window used are replaced by
+            random residuals of the current batch; 0 disables the reset) and
+            whether the last level is assigned by balanced Sinkhorn assignment
+            while training (:meth:`encode` stays nearest-code, so an item's
+            codes never depend on the other items of its batch).
     """
 
     usage: Tensor  # [L, K] times each code was chosen in the current reset window
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        levels: int = LEVELS,
-        codebook_size: int = CODEBOOK_SIZE,
-        beta: float = BETA,
-        kmeans_iters: int = KMEANS_ITERS,
-        dead_code_window: int = DEAD_CODE_WINDOW,
-        sinkhorn_last: bool = False,
-        sinkhorn_eps: float = 0.05,
-        sinkhorn_iters: int = 50,
-    ) -> None:
+    def __init__(self, dim: int, *, levels: int = LEVELS, quantizer: QuantizerConfig = QuantizerConfig()) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("levels", levels), ("codebook_size", codebook_size)):
+        for name, value in (("dim", dim), ("levels", levels)):
             if value < 1:
                 raise ValueError(f"{name}={value}: expected >= 1")
-        if beta < 0 or dead_code_window < 0:
-            raise ValueError(f"beta={beta}, dead_code_window={dead_code_window}: expected >= 0")
-        self.levels, self.codebook_size, self.beta = levels, codebook_size, beta
-        self.kmeans_iters, self.dead_code_window = kmeans_iters, dead_code_window
-        self.sinkhorn_last, self.sinkhorn_eps, self.sinkhorn_iters = sinkhorn_last, sinkhorn_eps, sinkhorn_iters
-        self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, dim) / dim**0.5)
-        self.register_buffer("usage", torch.zeros(levels, codebook_size, dtype=torch.long), persistent=False)
+        self.levels, self.codebook_size, self.beta = levels, quantizer.codebook_size, quantizer.beta
+        self.kmeans_iters, self.dead_code_window = quantizer.kmeans_iters, quantizer.dead_code_window
+        self.sinkhorn_last = quantizer.sinkhorn_last
+        self.codebooks = nn.Parameter(torch.randn(levels, self.codebook_size, dim) / dim**0.5)
+        self.register_buffer("usage", torch.zeros(levels, self.codebook_size, dtype=torch.long), persistent=False)
         self._steps = 0
 
     @torch.no_grad()
@@ -257,7 +248,7 @@ class ResidualQuantizer(nn.Module):
             # item's SID never depends on which other items are encoded with it.
             if self.sinkhorn_last and track and level == self.levels - 1:
                 dists = sq_distances(residual, codebook)
-                code = sinkhorn_codes(dists, eps=self.sinkhorn_eps, iters=self.sinkhorn_iters)
+                code = sinkhorn_codes(dists)
             else:
                 code = nearest(residual, codebook)
             if track:
