@@ -29,6 +29,7 @@ Writes ``benchmarks/results/feature_store.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def online_tables(path: Path) -> dict[str, str]:
 
 def bench_materialize(repo: Path) -> dict:
     store = feature_store(repo)
-    start, end = publish.stamp_range(repo / "data")
+    start, end = publish.stamp_range(repo)
     began = time.perf_counter()
     store.materialize(start.to_pydatetime(), end.to_pydatetime())
     feast_s = time.perf_counter() - began
@@ -138,9 +139,11 @@ def bench_materialize(repo: Path) -> dict:
     }
 
 
-def entity_frame(dataset: Path) -> pd.DataFrame:
+def entity_frame(dataset: Path, repo: Path) -> pd.DataFrame:
+    """The events as entity rows of the repository's default SID version."""
     events = pd.read_parquet(dataset / "events.parquet", columns=list(contract.ENTITY_COLUMNS))
     events["event_timestamp"] = from_micros(to_micros(events["event_timestamp"]))
+    events[contract.SID_VERSION] = contract.RepoPaths(repo).published_sid_version()
     return events
 
 
@@ -150,8 +153,8 @@ def service_views(store, service: str) -> list[tuple[str, list[str], str, list[s
     for projection in store.get_feature_service(service).feature_view_projections:
         view = store.get_feature_view(projection.name)
         keys = [e.name for e in view.entity_columns]
-        views.append((view.batch_source.path, keys, view.batch_source.timestamp_field,
-                      [f.name for f in projection.features]))
+        path = Path(store.config.repo_path) / view.batch_source.path
+        views.append((str(path), keys, view.batch_source.timestamp_field, [f.name for f in projection.features]))
     return views
 
 
@@ -186,7 +189,7 @@ def _same_values(asof: pa.Table, pandas_rows: pd.DataFrame, features: list[str])
 
 
 def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) -> dict:
-    entity = entity_frame(dataset)
+    entity = entity_frame(dataset, repo)
     asof_store = feature_store(repo)
     service = asof_store.get_feature_service(contract.FEATURE_SERVICE)
     views = service_views(asof_store, contract.FEATURE_SERVICE)
@@ -198,7 +201,9 @@ def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) ->
     equal = len(asof_rows) == len(pandas_rows) == len(entity) and _same_values(asof_rows, pandas_rows, features)
     sample = entity.sample(n=min(cfg.stock_sample, len(entity)), random_state=cfg.seed)
     sample_asof_s, sample_asof = _timed_retrieval(asof_store, sample, service)
-    stock_s, stock_rows = _timed_retrieval(feature_store(repo, "duckdb"), sample, service)
+    # The stock duckdb store reads relative source paths from the working directory.
+    with contextlib.chdir(repo.resolve()):
+        stock_s, stock_rows = _timed_retrieval(feature_store(repo, "duckdb"), sample, service)
     return {
         "entity_rows": len(entity), "features": len(features),
         "asof_s": asof_s, "asof_rows_out": len(asof_rows), "pandas_s": pandas_s, "pandas_rows_out": len(pandas_rows),
@@ -208,7 +213,7 @@ def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) ->
     }
 
 
-def sqlite_reader(store, service) -> Callable[[tuple[int, list[int]]], None]:
+def sqlite_reader(store, service, sid_version: str) -> Callable[[tuple[int, list[int]]], None]:
     """Read (user id, item ids)'s rows of every view of ``service`` straight from the sqlite online store.
 
     The same keys and tables Feast's online read touches, one SELECT per view,
@@ -223,17 +228,19 @@ def sqlite_reader(store, service) -> Callable[[tuple[int, list[int]]], None]:
     version = store.config.entity_key_serialization_version
     views = []
     for projection in service.feature_view_projections:
-        join_key = store.get_feature_view(projection.name).join_keys[0]
-        views.append((f'"{store.project}_{projection.name}"', join_key))
+        join_keys = store.get_feature_view(projection.name).join_keys
+        views.append((f'"{store.project}_{projection.name}"', join_keys))
 
-    def key(join_key: str, value: int) -> bytes:
-        entity = EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=value)])
+    def key(join_keys: list[str], value: int) -> bytes:
+        # The id key first; the SID views are also keyed by sid_version.
+        values = [Value(int64_val=value)] + [Value(string_val=sid_version)] * (len(join_keys) - 1)
+        entity = EntityKey(join_keys=join_keys, entity_values=values)
         return serialize_entity_key(entity, entity_key_serialization_version=version)
 
     def read(request: tuple[int, list[int]]) -> None:
         user, items = request
-        for table, join_key in views:
-            keys = [key(join_key, user)] if join_key == "user_id" else [key(join_key, i) for i in items]
+        for table, join_keys in views:
+            keys = [key(join_keys, user)] if join_keys[0] == "user_id" else [key(join_keys, i) for i in items]
             sql = f"SELECT entity_key, feature_name, value, event_ts FROM {table} WHERE entity_key IN "
             conn.execute(sql + f"({','.join('?' * len(keys))})", keys).fetchall()
 
@@ -248,12 +255,14 @@ def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
     requests = [(int(rng.integers(1, n_users + 1)), rng.integers(1, n_items + 1, cfg.candidates).tolist())
                 for _ in range(cfg.requests + WARMUP_REQUESTS)]
 
+    version = contract.RepoPaths(repo).published_sid_version()
+
     def feast_read(request: tuple[int, list[int]]) -> None:
         user, items = request
-        rows = [{"user_id": user, "item_id": i} for i in items]
+        rows = [{"user_id": user, "item_id": i, contract.SID_VERSION: version} for i in items]
         assert len(store.get_online_features(features=service, entity_rows=rows).to_df()) == len(items)
 
-    feast_s, direct_s = time_each(feast_read, requests), time_each(sqlite_reader(store, service), requests)
+    feast_s, direct_s = time_each(feast_read, requests), time_each(sqlite_reader(store, service, version), requests)
     return {"requests": cfg.requests, "candidates": cfg.candidates,
             "feast": latency_stats(feast_s[WARMUP_REQUESTS:]),
             "direct_sqlite": latency_stats(direct_s[WARMUP_REQUESTS:])}

@@ -163,7 +163,7 @@ def run(cfg: ServingBenchConfig) -> dict:
     e2e, server = http_latencies(ranker, requests, cfg.warmup)
     timed = requests[cfg.warmup:]
     forward = forward_latencies(ranker, timed)
-    read_sqlite = sqlite_reader(ranker.online.store, ranker.online.service)
+    read_sqlite = sqlite_reader(ranker.online.store, ranker.online.service, ranker.online.sid_version)
     time_each(read_sqlite, requests[: cfg.warmup])
     stats = summarise(e2e, server, forward, time_each(read_sqlite, timed))
     p99 = stats["end_to_end_http"]["p99_ms"]

@@ -1,92 +1,114 @@
-"""Feast objects of the SID ranker: entities, sources, feature views, services.
+"""Feast definitions of the SID ranker: entities, sources, feature views and the ranker's feature service.
 
-Declarative only: `python -m features.publish` writes the tables into data/
-and runs `feast apply`; the ranker asks for a feature service by name.
-Sources use absolute paths beside this file because the duckdb offline store
-reads a relative path from the working directory, not from the repo.
+Declarations only, so `feast plan` and `feast apply` work on a fresh checkout.
+The parquet tables under data/ are written by
+`python -m features.publish --dataset D --repo feature_repo`, which then runs
+`feast apply` and `feast materialize`.
 
-SID versions: data/sid_versions.json (written by the publish step) lists every
-published tokenizer version V with its Feast-safe name N. Each gets its own
-sources (data/item_sids/N.parquet, data/user_sid_history/N.parquet), views
-(`item_sid_N_fv`, `user_sid_history_N_fv`) and service `ranker_N`, so
-publishing a new version never removes an older one; `ranker_v1` serves the
-default version.
+Source paths are relative to this folder: the project's offline store
+(features/offline_store.py) and online store (features/online_store.py)
+resolve them against the repository, so a copy of the folder works wherever
+it lies and from any working directory (`feast -c <repo> ...`).
 """
 
-import json
 from datetime import timedelta
-from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, Project, ValueType
 from feast.types import Array, Int64, String
 
-DATA = Path(__file__).resolve().parent / "data"
-
-# A ttl of 0 never expires a row, offline (the ibis/duckdb join skips the
-# expiry filter when `not ttl`) and online; None is stored as 0 by the registry.
+# A ttl of 0 never expires a row, offline and online: counts and profiles stay
+# valid until a newer row replaces them.
 NEVER_EXPIRES = timedelta(0)
-
-
-def _published(name: str) -> dict:
-    # Written by the publish step; `feast apply` alone has nothing to declare.
-    path = DATA / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run `python -m features.publish --dataset D`, not `feast apply`")
-    return json.loads(path.read_text())
-
-
-# Profile columns differ per dataset (none for Amazon); the feature pipeline records them.
-PROFILE_COLUMNS = sorted(_published("feature_meta.json")["user_profile"])
-SID_VERSIONS = _published("sid_versions.json")
 
 # The project; its name must match feature_store.yaml.
 project = Project(name="sidrank", description="CTR ranking with multimodal semantic IDs")
 
-# A user; join key of the user behaviour and profile views.
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="dense user id from 1")
+# A user: join key of the user behaviour, profile and SID-history views.
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.INT64,
+    description="Dense user id from 1, assigned by the ingest step",
+)
 
-# An item; join key of the item behaviour, content and SID views.
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="dense item id from 1")
+# An item: join key of the item behaviour, content and SID views.
+item = Entity(
+    name="item",
+    join_keys=["item_id"],
+    value_type=ValueType.INT64,
+    description="Dense item id from 1, assigned by the ingest step",
+)
 
-# Causal user state after all events <= t, stamped t + 1 us.
+# A tokenizer version: the SID views hold every published version side by side
+# and a request names the one it wants, so a new version never hides an older one.
+sid_version = Entity(
+    name="sid_version",
+    join_keys=["sid_version"],
+    value_type=ValueType.STRING,
+    description="Semantic-ID tokenizer version, e.g. rqvae-822439f417 (see data/sid_versions.json)",
+)
+
+# Causal user state after all events <= t, stamped t + 1 us so an event never sees its own label.
 user_behaviour_source = FileSource(
     name="user_behaviour_source",
-    path=str(DATA / "user_behaviour.parquet"),
+    path="data/user_behaviour.parquet",
     timestamp_field="event_timestamp",
+    description="User event counts and recent positive items, one row per user and event time",
 )
 
 # Causal item counts after all events <= t, stamped t + 1 us.
 item_behaviour_source = FileSource(
     name="item_behaviour_source",
-    path=str(DATA / "item_behaviour.parquet"),
+    path="data/item_behaviour.parquet",
     timestamp_field="event_timestamp",
+    description="Item event counts, one row per item and event time",
 )
 
-# Static profile ids, stamped 1970-01-01.
+# Static profile ids, stamped 1970-01-01; 0 where the dataset has no such column.
 user_profile_source = FileSource(
     name="user_profile_source",
-    path=str(DATA / "user_profile.parquet"),
+    path="data/user_profile.parquet",
     timestamp_field="event_timestamp",
+    description="Vocabulary ids of the user profile columns, one row per user",
 )
 
 # Static tag ids and release-year buckets, stamped 1970-01-01.
 item_content_source = FileSource(
     name="item_content_source",
-    path=str(DATA / "item_content.parquet"),
+    path="data/item_content.parquet",
     timestamp_field="event_timestamp",
+    description="Tag ids and release-year bucket, one row per item",
 )
 
-# Event and positive counts and the last 20 positive items of a user.
+# SID codes of every published tokenizer version, stamped when the version became valid.
+item_sid_source = FileSource(
+    name="item_sid_source",
+    path="data/item_sids.parquet",
+    timestamp_field="event_timestamp",
+    description="Semantic-ID codes, one row per item and SID version",
+)
+
+# SID prefixes of the users' recent positive items, per version, stamped as user_behaviour.
+user_sid_history_source = FileSource(
+    name="user_sid_history_source",
+    path="data/user_sid_history.parquet",
+    timestamp_field="event_timestamp",
+    description="SID prefixes of hist_items, one row per user, event time and SID version",
+)
+
+# Event and positive counts and the recent positive items of a user.
 user_behaviour_fv = FeatureView(
     name="user_behaviour_fv",
     entities=[user],
     ttl=NEVER_EXPIRES,
     schema=[
-        Field(name="user_count", dtype=Int64),
-        Field(name="user_pos_count", dtype=Int64),
-        Field(name="hist_items", dtype=Array(Int64)),
+        Field(name="user_id", dtype=Int64),
+        Field(name="user_count", dtype=Int64, description="Events of the user before the row"),
+        Field(name="user_pos_count", dtype=Int64, description="Positive events of the user before the row"),
+        Field(name="hist_items", dtype=Array(Int64), description="Last 20 positive item ids, most recent first"),
     ],
     source=user_behaviour_source,
+    description="Causal behaviour of a user: counts and recent positive items",
 )
 
 # Event and positive counts of an item.
@@ -94,21 +116,31 @@ item_behaviour_fv = FeatureView(
     name="item_behaviour_fv",
     entities=[item],
     ttl=NEVER_EXPIRES,
-    schema=[Field(name="item_count", dtype=Int64), Field(name="item_pos_count", dtype=Int64)],
+    schema=[
+        Field(name="item_id", dtype=Int64),
+        Field(name="item_count", dtype=Int64, description="Events of the item before the row"),
+        Field(name="item_pos_count", dtype=Int64, description="Positive events of the item before the row"),
+    ],
     source=item_behaviour_source,
+    description="Causal behaviour of an item: event and positive counts",
 )
 
-# Vocabulary ids of the user profile columns (`<col>_id`); absent when the dataset has none.
-user_profile_fv = (
-    FeatureView(
-        name="user_profile_fv",
-        entities=[user],
-        ttl=NEVER_EXPIRES,
-        schema=[Field(name=column, dtype=Int64) for column in PROFILE_COLUMNS],
-        source=user_profile_source,
-    )
-    if PROFILE_COLUMNS
-    else None
+# Profile ids of a user (0 = unknown): the profile columns of every ingest source (MovieLens,
+# synthetic; Amazon has none), 0 where a dataset lacks the column.
+user_profile_fv = FeatureView(
+    name="user_profile_fv",
+    entities=[user],
+    ttl=NEVER_EXPIRES,
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        Field(name="age_id", dtype=Int64, description="Age group id, 0 unknown"),
+        Field(name="gender_id", dtype=Int64, description="Gender id, 0 unknown"),
+        Field(name="occupation_id", dtype=Int64, description="Occupation id, 0 unknown"),
+        Field(name="zip_code_id", dtype=Int64, description="Zip-code prefix id, 0 unknown"),
+        Field(name="segment_id", dtype=Int64, description="Synthetic user segment id, 0 unknown"),
+    ],
+    source=user_profile_source,
+    description="Static user profile ids; the ranker reads the columns its dataset has (feature meta)",
 )
 
 # Tag ids and release-year bucket of an item.
@@ -116,60 +148,54 @@ item_content_fv = FeatureView(
     name="item_content_fv",
     entities=[item],
     ttl=NEVER_EXPIRES,
-    schema=[Field(name="tag_ids", dtype=Array(Int64)), Field(name="year_bucket", dtype=Int64)],
+    schema=[
+        Field(name="item_id", dtype=Int64),
+        Field(name="tag_ids", dtype=Array(Int64), description="Tag ids from 1"),
+        Field(name="year_bucket", dtype=Int64, description="5-year release bucket, 0 unknown"),
+    ],
     source=item_content_source,
+    description="Static item content: tags and release-year bucket",
 )
 
-# The views every service shares.
-SHARED_VIEWS = [
-    view for view in (user_behaviour_fv, item_behaviour_fv, user_profile_fv, item_content_fv) if view is not None
-]
+# The semantic ID of an item under one tokenizer version.
+item_sid_fv = FeatureView(
+    name="item_sid_fv",
+    entities=[item, sid_version],
+    ttl=NEVER_EXPIRES,
+    schema=[
+        Field(name="item_id", dtype=Int64),
+        Field(name="sid_version", dtype=String),
+        Field(name="sid_codes", dtype=Array(Int64), description="One code per level, each in [0, codebook size)"),
+    ],
+    source=item_sid_source,
+    description="Semantic-ID codes of an item, keyed by item and SID version",
+)
 
+# The depth-1 and depth-2 SID prefixes of a user's recent positive items under one tokenizer version.
+user_sid_history_fv = FeatureView(
+    name="user_sid_history_fv",
+    entities=[user, sid_version],
+    ttl=NEVER_EXPIRES,
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        Field(name="sid_version", dtype=String),
+        Field(name="hist_sid_p1", dtype=Array(Int64), description="Encoded depth-1 SID prefixes of hist_items"),
+        Field(name="hist_sid_p2", dtype=Array(Int64), description="Encoded depth-2 SID prefixes of hist_items"),
+    ],
+    source=user_sid_history_source,
+    description="SID prefixes of a user's recent positive items, keyed by user and SID version",
+)
 
-def _sid_version_objects(version: str, name: str) -> dict[str, object]:
-    """Sources, views and service of one SID version, keyed by their names."""
-    tags = {"sid_version": version}
-    # The P semantic-ID codes of an item and the tokenizer version that produced them, stamped when valid.
-    item_sid_source = FileSource(
-        name=f"item_sid_{name}_source", path=str(DATA / "item_sids" / f"{name}.parquet"),
-        timestamp_field="event_timestamp", tags=tags,
-    )
-    item_sid_fv = FeatureView(
-        name=f"item_sid_{name}_fv",
-        entities=[item],
-        ttl=NEVER_EXPIRES,
-        schema=[Field(name="sid_codes", dtype=Array(Int64)), Field(name="sid_version", dtype=String)],
-        source=item_sid_source,
-        tags=tags,
-    )
-    # The depth-1 and depth-2 SID prefixes of a user's recent positive items, stamped as user_behaviour.
-    history_source = FileSource(
-        name=f"user_sid_history_{name}_source", path=str(DATA / "user_sid_history" / f"{name}.parquet"),
-        timestamp_field="event_timestamp", tags=tags,
-    )
-    history_fv = FeatureView(
-        name=f"user_sid_history_{name}_fv",
-        entities=[user],
-        ttl=NEVER_EXPIRES,
-        schema=[Field(name="hist_sid_p1", dtype=Array(Int64)), Field(name="hist_sid_p2", dtype=Array(Int64))],
-        source=history_source,
-        tags=tags,
-    )
-    # Everything a ranker trained on this SID version reads.
-    service = FeatureService(name=f"ranker_{name}", features=[*SHARED_VIEWS, item_sid_fv, history_fv], tags=tags)
-    return {obj.name: obj for obj in (item_sid_source, item_sid_fv, history_source, history_fv, service)}
-
-
-SID_OBJECTS = {
-    version: _sid_version_objects(version, entry["name"]) for version, entry in SID_VERSIONS["versions"].items()
-}
-# Feast collects module attributes only: one attribute per object, named as the object.
-globals().update({name: obj for objects in SID_OBJECTS.values() for name, obj in objects.items()})
-_DEFAULT = SID_OBJECTS[SID_VERSIONS["default"]]
-
-# Everything the default ranker configuration reads: the default SID version.
+# Everything the ranker reads; requests name user_id, item_id and sid_version.
 ranker_v1 = FeatureService(
     name="ranker_v1",
-    features=[*SHARED_VIEWS, *(obj for obj in _DEFAULT.values() if isinstance(obj, FeatureView))],
-    tags={"sid_version": SID_VERSIONS["default"]},
+    features=[
+        user_behaviour_fv,
+        item_behaviour_fv,
+        user_profile_fv,
+        item_content_fv,
+        item_sid_fv,
+        user_sid_history_fv,
+    ],
+    description="Features of the DLRM/DCN ranker, for any published SID version",
 )

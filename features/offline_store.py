@@ -5,10 +5,14 @@ feature row of its key and keeps the latest with a window: a user or item
 with n events costs ~n^2/2 joined rows, which at 10M events with popular
 items means billions of rows. DuckDB's ``ASOF LEFT JOIN`` finds the latest
 feature row per entity row by a sort-merge, so the join grows like
-n log n. Everything else (``feast apply``, ``feast materialize``, the online
-path, the registry) is Feast's duckdb store unchanged; the feature views,
-their sources, ttl, field mappings and join-key maps are read from Feast's
-registry as the stock store reads them.
+n log n. The feature views, their sources, ttl, field mappings and join-key
+maps are read from Feast's registry as the stock store reads them.
+
+Relative source paths are read against the repository (``repo_path``), here
+and in ``feast materialize``: the stock duckdb store reads them against the
+working directory, so a repository declaring ``data/x.parquet`` would only
+work when run from its own folder. Everything else is Feast's duckdb store
+unchanged.
 
 Semantics equal the stock join (tests/test_offline_store.py compares them):
 for each entity row, the feature row of the same join key with the greatest
@@ -23,8 +27,10 @@ Selected in ``feature_repo/feature_store.yaml``::
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +38,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from feast import FeatureView
+from feast import FeatureView, FileSource
+from feast.data_source import DataSource
 from feast.infra.offline_stores.duckdb import DuckDBOfflineStore, DuckDBOfflineStoreConfig
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.offline_stores.offline_utils import infer_event_timestamp_from_entity_df
@@ -61,21 +68,28 @@ def _literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _parquet_path(view: FeatureView, repo_path: Path) -> str:
-    source = view.batch_source
+def parquet_path(source: DataSource, repo_path: Path, what: str) -> str:
+    """The file of a parquet FileSource, a relative path taken from the repository folder."""
     path = getattr(source, "path", None)
-    if not path or not str(path).endswith(".parquet"):
+    if not isinstance(source, FileSource) or not path or not str(path).endswith(".parquet"):
         raise DataError(
-            f"feature view '{view.name}': the as-of offline store reads parquet FileSources only, got {source!r}; "
+            f"{what}: the as-of offline store reads parquet FileSources only, got {source!r}; "
             f"use a FileSource with a .parquet path or the stock 'duckdb' offline store"
         )
-    path = Path(path)
-    return str(path if path.is_absolute() else repo_path / path)
+    return FileSource.get_uri_for_file_path(repo_path, str(path))
+
+
+def in_repo(source: DataSource, config: RepoConfig) -> DataSource:
+    """``source`` with its path resolved against the repository (a copy; the registry's object is left alone)."""
+    resolved = copy.deepcopy(source)
+    resolved.file_options.uri = parquet_path(source, Path(config.repo_path), f"data source '{source.name}'")
+    return resolved
 
 
 def _view_select(view: FeatureView, features: list[str], repo_path: Path, alias: str) -> tuple[str, list[str]]:
     """SQL of one view's rows (renamed to registry names, one row per key and time) and its join keys."""
     source = view.batch_source
+    what = f"feature view '{view.name}'"
     # field_mapping maps source column -> feature name.
     to_source = {new: old for old, new in source.field_mapping.items()}
     keys = list((view.projection.join_key_map or {e.name: e.name for e in view.entity_columns}).keys())
@@ -89,7 +103,7 @@ def _view_select(view: FeatureView, features: list[str], repo_path: Path, alias:
         dedup = f"QUALIFY row_number() OVER (PARTITION BY {partition}, {ts} ORDER BY {_quote(created)} DESC) = 1"
     sql = (
         f"{alias} AS (SELECT {', '.join(columns)}, CAST({ts} AS TIMESTAMPTZ) AS __ts "
-        f"FROM read_parquet({_literal(_parquet_path(view, repo_path))}) {dedup})"
+        f"FROM read_parquet({_literal(parquet_path(source, repo_path, what))}) {dedup})"
     )
     return sql, keys
 
@@ -173,7 +187,39 @@ class AsofRetrievalJob(RetrievalJob):
 
 
 class AsofDuckDBOfflineStore(DuckDBOfflineStore):
-    """DuckDB offline store whose ``get_historical_features`` is an as-of join (see module doc)."""
+    """DuckDB offline store whose ``get_historical_features`` is an as-of join and whose paths are the repo's."""
+
+    @staticmethod
+    def pull_latest_from_table_or_query(
+        config: RepoConfig,
+        data_source: DataSource,
+        join_key_columns: list[str],
+        feature_name_columns: list[str],
+        timestamp_field: str,
+        created_timestamp_column: str | None,
+        start_date: datetime,
+        end_date: datetime,
+    ) -> RetrievalJob:
+        return DuckDBOfflineStore.pull_latest_from_table_or_query(
+            config, in_repo(data_source, config), join_key_columns, feature_name_columns, timestamp_field,
+            created_timestamp_column, start_date, end_date,
+        )
+
+    @staticmethod
+    def pull_all_from_table_or_query(
+        config: RepoConfig,
+        data_source: DataSource,
+        join_key_columns: list[str],
+        feature_name_columns: list[str],
+        timestamp_field: str,
+        created_timestamp_column: str | None = None,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+    ) -> RetrievalJob:
+        return DuckDBOfflineStore.pull_all_from_table_or_query(
+            config, in_repo(data_source, config), join_key_columns, feature_name_columns, timestamp_field,
+            created_timestamp_column, start_date, end_date,
+        )
 
     @staticmethod
     def get_historical_features(

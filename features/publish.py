@@ -2,31 +2,30 @@
 
     python -m features.publish --dataset artifacts/ml-100k [--repo feature_repo] [--no-materialize] [--no-set-default]
 
-is the same as these plain commands (run from the project root), where V is
-the SID version in ``features/feature_meta.json`` and N its Feast-safe name
-(``sidrank.contract.sid_version_name``: ``rqvae-822439f417`` -> ``rqvae_822439f417``):
+For the SID version V of ``<dataset>/features/feature_meta.json`` it writes
+the files ``feature_repo/definitions.py`` reads (``sidrank.contract.RepoPaths``
+names each) and then runs the real Feast CLI:
 
-    cp artifacts/ml-100k/features/{user_behaviour,item_behaviour,user_profile,item_content}.parquet feature_repo/data/
-    cp artifacts/ml-100k/features/item_sids.parquet feature_repo/data/item_sids/N.parquet
-    cp artifacts/ml-100k/features/user_sid_history.parquet feature_repo/data/user_sid_history/N.parquet
-    cp artifacts/ml-100k/features/feature_meta.json feature_repo/data/feature_meta/N.json
-    cp artifacts/ml-100k/features/feature_meta.json feature_repo/data/feature_meta.json   # unless --no-set-default
-    # add V to feature_repo/data/sid_versions.json (and make it the default)
-    feast -c feature_repo apply
-    feast -c feature_repo materialize 1970-01-01T00:00:00+00:00 <latest stamp + 1 s>
+- ``data/{user_behaviour,item_behaviour,item_content}.parquet``: copies;
+- ``data/user_profile.parquet``: the profile columns the repository declares
+  (``contract.USER_PROFILE_FEATURES``), 0 (unknown) for those the dataset lacks;
+- ``data/item_sids.parquet``, ``data/user_sid_history.parquet``: V's rows
+  replaced, every other published version's rows kept, keyed by ``sid_version``;
+- ``data/feature_meta/<name>.json`` (and ``data/feature_meta.json`` when V
+  becomes the default) and, last, ``data/sid_versions.json``;
+- ``feast -c <repo> apply`` and
+  ``feast -c <repo> materialize <earliest stamp> <latest stamp + 1 s>``.
 
-SID versions (../shared/DESIGN.md section 8): publishing a version adds its
-views (``item_sid_<N>_fv``, ``user_sid_history_<N>_fv``) and its service
-``ranker_<N>`` and keeps every version published before from the same
-events, so training rows of an older tokenizer stay retrievable. The default
-version (the last published unless ``--no-set-default``) is also served by
-``ranker_v1``. Versions published from other events are dropped from the
-registry (their history prefixes would not match the new counts).
+SID versions: the one feature service ``ranker_v1`` serves every published
+version; a request names its version through the ``sid_version`` key, so
+publishing a version never hides an older one. The default version (the
+last published unless ``--no-set-default``) is what a request without a
+version gets. Versions published from other events are dropped, rows
+included: their history prefixes would not match the new counts.
 
-Every copy is atomic per file and the Feast steps run the real `feast` CLI of
-this environment; a failing step raises with the CLI's stderr. Materialize
-covers every stamp: a first `materialize-incremental` on historical data would
-load nothing (../shared/DESIGN.md section 8).
+Every file is written atomically; a failing Feast step raises with the CLI's
+stderr. Materialize covers every stamp: a first ``materialize-incremental``
+of a view with ttl 0 starts a year before now and would miss older events.
 """
 
 from __future__ import annotations
@@ -37,18 +36,29 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from features.build import SHARED_TABLES
+from sidrank import contract
+from sidrank.contract import DatasetPaths, RepoPaths
 from sidrank.io import atomic_path, read_json, write_json
 from sidrank.schema import DataError, require_file
-from sidrank.contract import DatasetPaths
-from sidrank import contract
 
 log = logging.getLogger(__name__)
+
+PROG = "python -m features.publish"
+# Copied as they are; user_profile is conformed to the declared profile columns.
+COPIED_TABLES = tuple(table for table in SHARED_TABLES if table != "user_profile")
+# Rows per batch when rewriting a SID-version table: bounds memory at 10M+ events.
+BATCH_ROWS = 1_000_000
 
 
 @dataclass
@@ -59,8 +69,9 @@ class PublishConfig:
         dataset: dataset folder whose ``features/`` were written by ``features.build``.
         repo: the Feast repository (holds ``feature_store.yaml``).
         materialize: also fill the online store.
-        set_default: make this SID version the default (``ranker_v1`` and
-            ``data/feature_meta.json``); otherwise only add it.
+        set_default: make this SID version the repository's default (what a
+            request without a version gets, and ``data/feature_meta.json``);
+            otherwise only add it.
     """
 
     dataset: Path
@@ -78,7 +89,7 @@ def feast_executable() -> str:
     """The `feast` CLI installed beside this interpreter (the venv's, not one on PATH)."""
     candidate = Path(sys.executable).parent / "feast"
     if not candidate.exists():
-        raise DataError(f"{candidate}: not found; install feast[duckdb] into this environment (`make venv`)")
+        raise DataError(f"{candidate}: not found; install requirements.txt into this environment (`make venv`)")
     return str(candidate)
 
 
@@ -92,23 +103,17 @@ def run_feast(repo: Path, *args: str) -> str:
     return done.stdout
 
 
-def _copy(source: Path, target: Path) -> Path:
+def copy_file(source: Path, target: Path) -> Path:
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
     return target
-
-
-def read_registry(data: Path) -> dict:
-    """``data/sid_versions.json``: ``{"default": V, "versions": {V: entry}}``; empty when none published."""
-    path = data / contract.SID_VERSIONS_FILE
-    return read_json(path) if path.exists() else {"default": None, "versions": {}}
 
 
 def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: bool) -> dict:
     """The registry with the version of ``meta`` (a feature_meta.json) added.
 
     Versions from other events are dropped; a different version with the same
-    Feast name is an error (its views would overwrite this one's).
+    file name is an error (its feature meta would overwrite this one's).
     """
     version = str(meta["sid_version"])
     name = contract.sid_version_name(version)
@@ -119,13 +124,12 @@ def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: b
             continue
         if other != version and entry["name"] == name:
             raise DataError(
-                f"{source}: column 'sid_version' '{version}' has the Feast name '{name}' of the published "
+                f"{source}: column 'sid_version' '{version}' has the file name '{name}' of the published "
                 f"version '{other}'; rename one tokenizer version"
             )
         versions[other] = entry
     versions[version] = {
         "name": name,
-        "service": contract.sid_service(version),
         "sid_levels": int(meta["sid_levels"]),
         "sid_codebook_size": int(meta["sid_codebook_size"]),
         "events_sha256": meta.get("events_sha256", ""),
@@ -135,73 +139,171 @@ def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: b
     return {"default": default, "versions": dict(sorted(versions.items()))}
 
 
-def copy_tables(features: Path, data: Path, *, set_default: bool = True) -> dict:
-    """Copy one SID version's tables and meta into the repo's data folder and register it.
+def conform_profile(table: pa.Table, source: Path) -> pa.Table:
+    """``user_id``, ``event_timestamp`` and every declared profile feature (0 = unknown where absent).
+
+    Raises:
+        DataError: a profile column the repository does not declare (the
+            ranker would ask for a feature the service does not serve).
+    """
+    keys = ["user_id", "event_timestamp"]
+    undeclared = sorted(set(table.column_names) - set(keys) - set(contract.USER_PROFILE_FEATURES))
+    if undeclared:
+        raise DataError(
+            f"{source}: profile column(s) {undeclared} are not declared in the Feast repository (declared: "
+            f"{list(contract.USER_PROFILE_FEATURES)}); add a Field to user_profile_fv in definitions.py and to "
+            f"sidrank.contract.USER_PROFILE_FEATURES"
+        )
+    zeros = pa.array(np.zeros(len(table), np.int64))
+    columns = {name: table.column(name) for name in keys}
+    for name in contract.USER_PROFILE_FEATURES:
+        columns[name] = table.column(name).cast(pa.int64()) if name in table.column_names else zeros
+    return pa.table(columns)
+
+
+def _version_batches(source: Path, version: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The schema and record batches of one version's table, its ``sid_version`` column set to ``version``."""
+    file = pq.ParquetFile(source)
+    names = [name for name in file.schema_arrow.names if name != contract.SID_VERSION]
+    schema = pa.schema([*(file.schema_arrow.field(n) for n in names), pa.field(contract.SID_VERSION, pa.string())])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in file.iter_batches(BATCH_ROWS):
+            if contract.SID_VERSION in batch.schema.names:
+                found = pc.unique(batch.column(contract.SID_VERSION)).to_pylist()
+                if found != [version]:
+                    raise DataError(
+                        f"{source}: column '{contract.SID_VERSION}' holds {found[:3]}, the feature meta says "
+                        f"'{version}'; re-run `python -m features.build`"
+                    )
+            columns = [batch.column(n) for n in names] + [pa.array([version] * len(batch), pa.string())]
+            yield pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    return schema, batches()
+
+
+def merge_version_rows(source: Path, target: Path, version: str, keep: set[str]) -> set[str]:
+    """Rewrite ``target`` with its rows of the versions in ``keep`` (other than ``version``) plus ``source``'s.
+
+    Streams batch by batch, atomically. Returns the versions whose rows were
+    kept, so a registered version without rows (its table deleted by hand) is
+    dropped from the registry rather than served empty.
+    """
+    schema, new_batches = _version_batches(source, version)
+    keep = set(keep) - {version}
+    kept: set[str] = set()
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        if target.exists() and keep:
+            old = pq.ParquetFile(target)
+            if contract.SID_VERSION not in old.schema_arrow.names:
+                raise DataError(f"{target}: no '{contract.SID_VERSION}' column; delete {target.parent} and republish")
+            for batch in old.iter_batches(BATCH_ROWS, columns=schema.names):
+                rows = pa.Table.from_batches([batch]).filter(
+                    pc.is_in(batch.column(contract.SID_VERSION), value_set=pa.array(sorted(keep), pa.string()))
+                )
+                if len(rows):
+                    kept |= set(pc.unique(rows.column(contract.SID_VERSION)).to_pylist())
+                    writer.write_table(rows.cast(schema))
+        for batch in new_batches:
+            writer.write_batch(batch)
+    return kept
+
+
+def copy_tables(features: Path, repo: Path, *, set_default: bool = True) -> dict:
+    """Write one SID version's tables and meta into the repository's data folder and register it.
 
     Returns:
         The updated registry (also written to ``data/sid_versions.json``, last).
     """
+    paths = RepoPaths(repo)
     made_by = f"python -m features.build --dataset {features.parent}"
     meta_path = require_file(features / contract.FEATURE_META_FILE, made_by)
     meta = read_json(meta_path)
     if "sid_version" not in meta:
         raise DataError(f"{meta_path}: no 'sid_version'; re-run `{made_by}`")
-    registry = updated_registry(read_registry(data), meta, meta_path, set_default=set_default)
-    name = contract.sid_version_name(meta["sid_version"])
-    for table in SHARED_TABLES:
-        _copy(require_file(features / f"{table}.parquet", made_by), data / f"{table}.parquet")
+    version = str(meta["sid_version"])
+    registry = updated_registry(paths.read_sid_registry(), meta, meta_path, set_default=set_default)
+    for table in COPIED_TABLES:
+        copy_file(require_file(features / f"{table}.parquet", made_by), paths.table(table))
+    profile = require_file(features / "user_profile.parquet", made_by)
+    with atomic_path(paths.table("user_profile")) as tmp:
+        pq.write_table(conform_profile(pq.read_table(profile), profile), tmp)
+    present = set(registry["versions"])
     for table in contract.SID_VERSION_TABLES:
-        _copy(require_file(features / f"{table}.parquet", made_by), data / table / f"{name}.parquet")
-    _copy(meta_path, data / contract.FEATURE_META_DIR / f"{name}.json")
-    if registry["default"] == meta["sid_version"]:
-        _copy(meta_path, data / contract.FEATURE_META_FILE)
-    write_json(registry, data / contract.SID_VERSIONS_FILE)
+        kept = merge_version_rows(require_file(features / f"{table}.parquet", made_by), paths.table(table), version,
+                                  set(registry["versions"]))
+        present &= kept | {version}
+    for lost in sorted(set(registry["versions"]) - present):
+        log.warning("dropping SID version %s from the registry: its rows are not in %s; republish it", lost, paths.data)
+        del registry["versions"][lost]
+    if registry["default"] not in registry["versions"]:
+        registry["default"] = version
+    copy_file(meta_path, paths.feature_meta_path(version))
+    if registry["default"] == version:
+        copy_file(meta_path, paths.default_feature_meta_path)
+    for path in (paths.data / contract.FEATURE_META_DIR).glob("*.json"):
+        if path.stem not in {entry["name"] for entry in registry["versions"].values()}:
+            path.unlink()
+    write_json(registry, paths.sid_registry)
     log.info("SID versions %s, default %s", sorted(registry["versions"]), registry["default"])
     return registry
 
 
-def published_tables(data: Path, registry: dict) -> list[Path]:
+def published_tables(repo: Path) -> list[Path]:
     """Every parquet file the repository's views read."""
-    names = [entry["name"] for entry in registry["versions"].values()]
-    return [data / f"{t}.parquet" for t in SHARED_TABLES] + [
-        data / t / f"{n}.parquet" for t in contract.SID_VERSION_TABLES for n in names
-    ]
+    paths = RepoPaths(repo)
+    return [paths.table(t) for t in (*SHARED_TABLES, *contract.SID_VERSION_TABLES)]
 
 
-def stamp_range(data: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
+def stamp_range(repo: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
     """Earliest stamp and latest stamp + 1 s over all published tables (every SID version)."""
-    paths = published_tables(data, read_registry(data))
-    stamps = [pd.read_parquet(path, columns=["event_timestamp"]).iloc[:, 0] for path in paths]
-    return min(s.min() for s in stamps), max(s.max() for s in stamps) + pd.Timedelta(seconds=1)
+    stamps = [pq.read_table(path, columns=["event_timestamp"]).column(0) for path in published_tables(repo)]
+    start = min(pd.Timestamp(pc.min(s).as_py()) for s in stamps)
+    end = max(pd.Timestamp(pc.max(s).as_py()) for s in stamps)
+    return start, end + pd.Timedelta(seconds=1)
 
 
 def publish(config: PublishConfig) -> tuple[pd.Timestamp, pd.Timestamp] | None:
-    """Copy the tables, ``feast apply`` and (unless disabled) ``feast materialize`` all stamps.
+    """Write the tables, ``feast apply`` and (unless disabled) ``feast materialize`` all stamps.
 
     Returns:
         The materialized (start, end) range, or None without materialization.
     """
-    data = config.repo / "data"
-    copy_tables(DatasetPaths(config.dataset).features, data, set_default=config.set_default)
+    copy_tables(DatasetPaths(config.dataset).features, config.repo, set_default=config.set_default)
     log.info("%s", run_feast(config.repo, "apply").strip())
     if not config.materialize:
         return None
-    start, end = stamp_range(data)
+    start, end = stamp_range(config.repo)
     log.info("%s", run_feast(config.repo, "materialize", start.isoformat(), end.isoformat()).strip())
     return start, end
 
 
-def main(argv: list[str] | None = None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
-    """CLI entry: ``python -m features.publish --dataset D [--repo R] [--no-materialize] [--no-set-default]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder")
-    parser.add_argument("--repo", type=Path, default=PublishConfig.repo, help="Feast repository folder")
-    parser.add_argument("--no-materialize", dest="materialize", action="store_false", help="skip the online store")
+def arg_parser() -> argparse.ArgumentParser:
+    """The CLI; every option's help shows its default."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--dataset", type=Path, required=True,
+        help="dataset folder whose features/ were written by `python -m features.build` (required)",
+    )
+    parser.add_argument(
+        "--repo", type=Path, default=PublishConfig.repo,
+        help="Feast repository folder, the one holding feature_store.yaml (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--materialize", action=argparse.BooleanOptionalAction, default=PublishConfig.materialize,
+        help="also fill the online store with `feast materialize` (default: %(default)s)",
+    )
     parser.add_argument(
         "--set-default", action=argparse.BooleanOptionalAction, default=PublishConfig.set_default,
-        help="make this SID version the default (ranker_v1, data/feature_meta.json)",
+        help="make this SID version the repository's default, the one a request without a version gets "
+             "(default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """CLI entry: ``python -m features.publish --dataset D [--repo R] [--no-materialize] [--no-set-default]``."""
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = PublishConfig(**vars(args))
     log.info("config %s", dataclasses.asdict(config))

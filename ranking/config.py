@@ -28,7 +28,7 @@ class TrainConfig:
         feature_meta: None means ``<repo>/data/feature_meta/<version name>.json``
             with ``sid_version``, else ``<repo>/data/feature_meta.json`` (the default version).
         sid_version: tokenizer version to train on; None means the feature meta's.
-        service: Feast feature service name; None means ``ranker_<version name>``.
+        service: Feast feature service name; None means ``contract.FEATURE_SERVICE`` (every SID version).
         epochs: maximum epochs.
         batch_size: global batch (split evenly across ranks).
         sparse_optimizer: fused optimizer of the embedding tables (model.SPARSE_OPTIMIZERS).
@@ -85,8 +85,8 @@ class TrainConfig:
         return self.feature_meta or contract.RepoPaths(self.repo).feature_meta_path(meta.sid_version)
 
     def service_for(self, meta: contract.FeatureMeta) -> str:
-        """The feature service of the rows: ``service`` or the one of the meta's SID version."""
-        return self.service or contract.sid_service(meta.sid_version)
+        """The feature service of the rows: ``service`` or the ranker's (it serves every SID version)."""
+        return self.service or contract.FEATURE_SERVICE
 
     def rows_path_for(self, meta: contract.FeatureMeta) -> Path:
         """``rows`` or the per-version, per-service cache (``DatasetPaths.rows_cache``)."""

@@ -1,14 +1,17 @@
-"""Training rows from the feature store, point-in-time correct (ranking/contract.py).
+"""Training rows from the feature store, point-in-time correct (sidrank/contract.py).
 
 One row per labelled event: Feast joins, for each (user_id, item_id,
-event_timestamp), the latest feature row of every view of the feature service
-stamped at or before the event. Behaviour rows are stamped 1 us after the
-events they count, so a row never sees its own label (features/build.py).
+sid_version, event_timestamp), the latest feature row of every view of the
+feature service stamped at or before the event. Behaviour rows are stamped
+1 us after the events they count, so a row never sees its own label
+(features/build.py). The SID version is a key of the request, the same for
+every row: the SID views hold every published version side by side. The
+profile columns are those of the version's feature meta: the repository
+declares more, 0 (unknown) for a dataset without them, and those are left out.
 
-    rows = load_training_rows(Path("feature_repo"), events)                      # default SID version
-    rows = load_training_rows(Path("feature_repo"), events, service=contract.sid_service(version),
-                              expected_sid_version=version)             # any published version
-    write_training_rows(Path("feature_repo"), events, Path("rows.parquet"))      # streamed, for 10M+ events
+    rows = load_training_rows(Path("feature_repo"), events)                         # default SID version
+    rows = load_training_rows(Path("feature_repo"), events, sid_version=version)    # any published version
+    write_training_rows(Path("feature_repo"), events, Path("rows.parquet"))         # streamed, for 10M+ events
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -46,7 +48,7 @@ def _feature_store(repo: Path):
 
 
 def _feature_service(store, repo: Path, service: str):
-    """The named service, or a DataError listing the services (one per published SID version)."""
+    """The named service, or a DataError listing the repository's services."""
     from feast.errors import FeatureServiceNotFoundException
 
     try:
@@ -54,8 +56,8 @@ def _feature_service(store, repo: Path, service: str):
     except FeatureServiceNotFoundException:
         known = sorted(s.name for s in store.list_feature_services())
         raise DataError(
-            f"{repo}: no feature service '{service}' (published: {known}); publish its SID version with "
-            f"`python -m features.build --sid-version V` and `python -m features.publish`"
+            f"{repo}: no feature service '{service}' (applied: {known}); declare it in {repo}/definitions.py "
+            f"and run `python -m features.publish --dataset D --repo {repo}`"
         ) from None
 
 
@@ -68,21 +70,15 @@ def row_chunks(row_ids: np.ndarray, max_rows: int = MAX_ENTITY_ROWS) -> list[np.
     return np.split(order, np.arange(max_rows, len(order), max_rows))
 
 
-def _check_versions(rows: pa.Table, repo: Path, service: str, expected: str | None) -> None:
-    versions = rows.column(contract.SID_VERSION)
-    if versions.null_count:
-        missing = rows.filter(versions.is_null()).column("row_id")
+def _check_sids(rows: pa.Table, repo: Path, version: str) -> None:
+    """Every row holds a SID: the version is published, so a missing one means an event before its stamp."""
+    codes = rows.column(contract.SID_CODES)
+    if codes.null_count:
+        missing = rows.filter(codes.is_null()).column("row_id")
         raise DataError(
-            f"{repo}: {len(missing)} rows (e.g. row_id {missing[0]}) got no SID from the item SID view: their "
-            f"event_timestamp precedes the SID table's stamp; stamp the SID version at or before the first event "
-            f"and re-run `python -m features.build` and `python -m features.publish`"
-        )
-    found = sorted(pc.unique(versions).to_pylist())
-    if expected is not None and found != [expected]:
-        raise DataError(
-            f"{repo}: feature service '{service}' serves SIDs of sid_version {found}, expected '{expected}'; "
-            f"ask for service '{contract.sid_service(expected)}', or publish that version with "
-            f"`python -m features.build --sid-version {expected}` and `python -m features.publish`"
+            f"{repo}: {len(missing)} rows (e.g. row_id {missing[0]}) got no SID of sid_version '{version}' from the "
+            f"item SID view: their event_timestamp precedes the SID table's stamp; stamp the SID version at or "
+            f"before the first event and re-run `python -m features.build` and `python -m features.publish`"
         )
 
 
@@ -91,7 +87,7 @@ def retrieve_rows(
     events: pd.DataFrame,
     *,
     service: str = contract.FEATURE_SERVICE,
-    expected_sid_version: str | None = None,
+    sid_version: str | None = None,
     max_rows_per_call: int = MAX_ENTITY_ROWS,
 ) -> Iterator[pa.Table]:
     """Join the feature service onto labelled events: checked Arrow chunks in ascending ``row_id``.
@@ -101,18 +97,20 @@ def retrieve_rows(
         events: rows with ``contract.ENTITY_COLUMNS`` (row_id, user_id, item_id,
             event_timestamp, label); other columns are ignored.
         service: feature service name.
-        expected_sid_version: if given, every row's SID must come from it.
+        sid_version: the published SID version whose SIDs are joined; None
+            means the repository's default version.
         max_rows_per_call: entity rows per ``get_historical_features`` call
             and per chunk; Arrow keeps the list features compact.
 
     Yields:
-        ``contract.ENTITY_COLUMNS`` plus the service's features, the caller's
+        ``contract.ENTITY_COLUMNS``, ``sid_version`` and the service's
+        features but the profile columns the dataset lacks, the caller's
         timestamps. Rows without an earlier behaviour row hold null counts
         and lists.
 
     Raises:
-        DataError: missing columns, rows lost or duplicated by the store, a
-            row without SID, or a tokenizer version other than the expected one.
+        DataError: missing columns, rows lost or duplicated by the store, an
+            unpublished SID version or a row without SID.
     """
     require_columns(events, contract.ENTITY_COLUMNS, "events")
     if events.empty:
@@ -120,27 +118,33 @@ def retrieve_rows(
     if events["row_id"].duplicated().any():
         repeated = events.loc[events["row_id"].duplicated(), "row_id"].iloc[0]
         raise DataError(f"events: column 'row_id' repeats {repeated}; row ids must be unique")
+    store = _feature_store(repo)
+    features = _feature_service(store, repo, service)
+    version = contract.RepoPaths(repo).published_sid_version(sid_version)
+    profile = contract.RepoPaths(repo).feature_meta(version).user_profile
+    absent = [c for c in contract.USER_PROFILE_FEATURES if c not in profile]
     entity_df = events[list(contract.ENTITY_COLUMNS)].reset_index(drop=True)
+    entity_df[contract.SID_VERSION] = version
     # The duckdb store holds microseconds and refuses (ArrowInvalid) entity
     # timestamps with a sub-us part; the features were grouped floored too.
     entity_df["event_timestamp"] = from_micros(to_micros(entity_df["event_timestamp"]))
-    store = _feature_store(repo)
-    features = _feature_service(store, repo, service)
     chunks = row_chunks(entity_df["row_id"].to_numpy(), max_rows_per_call)
     for positions in tqdm(chunks, desc="feast rows", unit="chunk", disable=len(chunks) == 1):
         part = entity_df.iloc[positions]
         rows = store.get_historical_features(entity_df=part, features=features).to_arrow().sort_by("row_id")
+        rows = rows.drop_columns([c for c in absent if c in rows.column_names])
         # The `file` offline store silently collapses rows sharing (key, timestamp): never trust the count.
         if len(rows) != len(part) or not np.array_equal(rows.column("row_id").to_numpy(), part["row_id"].to_numpy()):
             raise DataError(
                 f"{repo}: the offline store returned {len(rows)} rows for {len(part)} events; use the as-of duckdb "
                 f"offline store (feature_store.yaml) and unique row_id values"
             )
-        _check_versions(rows, repo, service, expected_sid_version)
+        _check_sids(rows, repo, version)
         # Hand back the caller's timestamps, not the floored ones.
         stamps = pa.array(events["event_timestamp"].iloc[positions], from_pandas=True)
         yield rows.set_column(rows.schema.get_field_index("event_timestamp"), "event_timestamp", stamps)
-    log.info("%d training rows from service %s (%d calls)", len(entity_df), service, len(chunks))
+    log.info("%d training rows of SID version %s from service %s (%d calls)", len(entity_df), version, service,
+             len(chunks))
 
 
 def arrow_to_frame(rows: pa.Table) -> pd.DataFrame:
@@ -177,26 +181,31 @@ class OnlineFeatures:
     Args:
         repo: the Feast repository, published and materialized.
         service: feature service name.
+        sid_version: the published SID version whose SIDs are read; None
+            means the repository's default version.
     """
 
-    def __init__(self, repo: Path, service: str = contract.FEATURE_SERVICE) -> None:
+    def __init__(self, repo: Path, service: str = contract.FEATURE_SERVICE, sid_version: str | None = None) -> None:
         self.store = _feature_store(repo)
         self.service = _feature_service(self.store, repo, service)
+        self.sid_version = contract.RepoPaths(repo).published_sid_version(sid_version)
 
     def __call__(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
         """Latest materialized features of one user against candidate items.
 
         Returns:
             One row per item id, in the given order, with ``user_id``,
-            ``item_id`` and the service's features (None where the store has
-            no row for the user or item).
+            ``item_id``, ``sid_version`` and the service's features (None
+            where the store has no row for the user or item).
         """
-        entity_rows = [{"user_id": int(user_id), "item_id": int(item)} for item in item_ids]
+        key = {"user_id": int(user_id), contract.SID_VERSION: self.sid_version}
+        entity_rows = [{**key, "item_id": int(item)} for item in item_ids]
         return self.store.get_online_features(features=self.service, entity_rows=entity_rows).to_df()
 
 
 def online_features(
-    repo: Path, user_id: int, item_ids: list[int], *, service: str = contract.FEATURE_SERVICE
+    repo: Path, user_id: int, item_ids: list[int], *, service: str = contract.FEATURE_SERVICE,
+    sid_version: str | None = None,
 ) -> pd.DataFrame:
     """One read through a fresh :class:`OnlineFeatures` (a server keeps one instead)."""
-    return OnlineFeatures(repo, service)(user_id, item_ids)
+    return OnlineFeatures(repo, service, sid_version)(user_id, item_ids)

@@ -179,7 +179,7 @@ class Ranker:
                 f"runs (one interrupted?); retrain into a fresh --out"
             )
         self.model, self.meta, self.features = loaded.model, loaded.meta, loaded.features
-        self.online = OnlineFeatures(cfg.repo, self.service)
+        self.online = OnlineFeatures(cfg.repo, self.service, self.sid_version)
         # One request at a time: the sqlite store and the model are shared, and 2 cores gain nothing from overlap.
         self._lock = threading.Lock()
         self.rank(1, [1])  # warm-up, and the service's columns are checked before the first real request
@@ -187,15 +187,11 @@ class Ranker:
                  self.service, self.sid_version)
 
     def read(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
-        """The online store's latest features of ``user_id`` against ``item_ids`` (one row per item)."""
-        online = self.online(user_id, item_ids)
-        versions = set(online[contract.SID_VERSION].dropna())
-        if versions - {self.sid_version}:
-            raise DataError(
-                f"{self.cfg.repo}: service '{self.service}' serves SIDs of {sorted(versions)}, the checkpoint "
-                f"needs '{self.sid_version}'; serve with --service {contract.sid_service(self.sid_version)}"
-            )
-        return online
+        """The online store's latest features of ``user_id`` against ``item_ids`` (one row per item).
+
+        The SIDs are those of the checkpoint's version: it is a key of every request.
+        """
+        return self.online(user_id, item_ids)
 
     def encode(self, online: pd.DataFrame, user_id: int) -> tuple[Candidates, Batch]:
         """Online rows -> cold-start flags and one batch of all candidates, encoded as in training."""

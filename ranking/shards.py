@@ -74,7 +74,7 @@ def load_rows(
         if path.exists() and (cfg.rows is not None or path.stat().st_mtime >= max(p.stat().st_mtime for p in sources)):
             return
         n_rows = write_training_rows(
-            cfg.repo, events, path, service=cfg.service_for(meta), expected_sid_version=meta.sid_version
+            cfg.repo, events, path, service=cfg.service_for(meta), sid_version=meta.sid_version
         )
         log.info("wrote %d training rows to %s", n_rows, path)
 

@@ -11,8 +11,9 @@ Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet`` and
 the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``.
 
 SID versions: ``--sid-version V`` trains on any published version (its
-feature meta ``<repo>/data/feature_meta/<name>.json`` and service
-``ranker_<name>``); the default is the repository's default version. Rows
+feature meta ``<repo>/data/feature_meta/<name>.json``; the rows come from
+the one service ``ranker_v1`` with V as a key); the default is the
+repository's default version. Rows
 are cached per version and service. MME-SID options: ``--sid-init codebook``
 starts the SID tables from ``<dataset>/sids/<V>/codebooks.pt``
 (ranking/sid_init.py), ``--fusion freq`` gates item-id and SID embeddings by

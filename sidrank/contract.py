@@ -11,12 +11,14 @@ cache) and a Feast repository's generated data (:class:`RepoPaths`: SID
 version registry, default version, per-version feature meta). Every stage
 asks these; none builds such a path itself.
 
-SID versions (docs/architecture.md): every published tokenizer
-version keeps its own feature views and service ``ranker_<name>`` (see
-:func:`sid_version_name`), so rows of an older version stay retrievable;
-``ranker_v1`` serves the default version. The SID codes and the users'
-history prefixes (``hist_sid_p1`` / ``hist_sid_p2``, which depend on the
-codes) live in the per-version views; counts, profile and content are shared.
+SID versions: the feature store holds the SIDs of every published tokenizer
+version side by side, keyed by ``sid_version`` like users by ``user_id``, and
+serves them all through the one feature service ``ranker_v1``: a request
+names its version, so publishing a new one never hides an older one. The SID
+codes and the users' history prefixes (``hist_sid_p1`` / ``hist_sid_p2``,
+which depend on the codes) are per version; counts, profile and content are
+shared. The repository's default version is the one a request without a
+version gets (:meth:`RepoPaths.published_sid_version`).
 
 Missing values after the point-in-time join are legitimate (a user or item
 with no earlier events has no behaviour row yet): counts read as 0 and lists
@@ -34,15 +36,18 @@ from pathlib import Path
 from sidrank.io import write_text
 from sidrank.schema import DataError, require_file
 
-# The default service: the SID version published last (or with --set-default).
+# The ranker's feature service; every published SID version is read through it (sid_version is a key).
 FEATURE_SERVICE = "ranker_v1"
 # The default version's table sizes; every published version also has FEATURE_META_DIR/<name>.json.
 FEATURE_META_FILE = "feature_meta.json"
 FEATURE_META_DIR = "feature_meta"
-# Published SID versions (see sid_registry_entry), read by feature_repo/definitions.py.
+# Published SID versions and the default one (RepoPaths.read_sid_registry), written by features.publish.
 SID_VERSIONS_FILE = "sid_versions.json"
-# Per-version tables: <repo>/data/<table>/<name>.parquet, one Feast source and view each.
+# Tables keyed by (entity, sid_version): <repo>/data/<table>.parquet holds the rows of every published version.
 SID_VERSION_TABLES = ("item_sids", "user_sid_history")
+# The user profile features the Feast repository declares (user_profile_fv): those of every
+# ingest source. A dataset without one publishes 0 (unknown) and its feature meta omits it.
+USER_PROFILE_FEATURES = ("age_id", "gender_id", "occupation_id", "zip_code_id", "segment_id")
 
 # Columns carried from the entity dataframe.
 ENTITY_COLUMNS = ("row_id", "user_id", "item_id", "event_timestamp", "label")
@@ -67,23 +72,15 @@ LATEST = "LATEST"
 
 
 def sid_version_name(version: str) -> str:
-    """Feast-safe name of a tokenizer version: ``rqvae-822439f417`` -> ``rqvae_822439f417``.
+    """File-safe name of a tokenizer version: ``rqvae-822439f417`` -> ``rqvae_822439f417``.
 
-    Used in the per-version source, view and service names
-    (``item_sid_<name>_fv``, ``user_sid_history_<name>_fv``, ``ranker_<name>``)
-    and file names, so two versions that differ only in punctuation would
-    collide; the publish step refuses that.
+    Names the per-version files (feature meta, rows cache), so two versions
+    that differ only in punctuation would collide; the publish step refuses that.
     """
     name = re.sub(r"[^0-9A-Za-z_]", "_", version.strip())
     if not name:
         raise ValueError(f"version={version!r}: expected a non-empty tokenizer version")
     return name
-
-
-def sid_service(version: str) -> str:
-    """The feature service that serves SID version ``version`` (shared views plus its SID views)."""
-    return f"ranker_{sid_version_name(version)}"
-
 
 
 def encode_prefix(codes: "list[int] | tuple[int, ...]", codebook_size: int) -> int:
@@ -198,10 +195,9 @@ class DatasetPaths:
         """Where ``ranking.train`` caches the Feast rows of SID ``version`` read through ``service``.
 
         ``rows/<version name>/<service>.parquet``, the service defaulting to
-        the version's own (:func:`sid_service`); rows of different versions
-        never share a file.
+        :data:`FEATURE_SERVICE`; rows of different versions never share a file.
         """
-        return self.root / "rows" / sid_version_name(version) / f"{service or sid_service(version)}.parquet"
+        return self.root / "rows" / sid_version_name(version) / f"{service or FEATURE_SERVICE}.parquet"
 
 
 def read_feature_meta(path: str | Path) -> FeatureMeta:
@@ -223,6 +219,9 @@ def read_feature_meta(path: str | Path) -> FeatureMeta:
 @dataclass(frozen=True)
 class RepoPaths:
     """The generated data of a Feast repository (``<repo>/data``), written by ``features.publish``.
+
+    Feast finds the same files through ``feature_store.yaml`` and the source
+    paths in ``definitions.py``, all relative to the repository folder.
 
     Args:
         repo: the Feast repository folder (``feature_repo``).
@@ -247,12 +246,13 @@ class RepoPaths:
         return self.data / "online_store.db"
 
     def table(self, name: str) -> Path:
-        """A table every SID version shares (behaviour, profile, content)."""
+        """A feature table: a shared one, or one of SID_VERSION_TABLES with the rows of every version."""
         return self.data / f"{name}.parquet"
 
-    def version_table(self, name: str, version: str) -> Path:
-        """A per-version table (one of SID_VERSION_TABLES) of SID ``version``."""
-        return self.data / name / f"{sid_version_name(version)}.parquet"
+    @property
+    def default_feature_meta_path(self) -> Path:
+        """The feature meta of the default SID version."""
+        return self.data / FEATURE_META_FILE
 
     def feature_meta_path(self, version: str) -> Path:
         return self.data / FEATURE_META_DIR / f"{sid_version_name(version)}.json"
@@ -272,22 +272,35 @@ class RepoPaths:
             )
         return default
 
+    def published_sid_version(self, version: str | None = None) -> str:
+        """``version`` (None: the default version), checked to be published here.
+
+        Raises:
+            DataError: the version is not published, naming the published ones
+                and the commands that publish it.
+        """
+        if version is None:
+            return self.default_sid_version()
+        published = sorted(self.read_sid_registry()["versions"])
+        if version not in published:
+            raise DataError(
+                f"{self.sid_registry}: SID version '{version}' is not published in {self.repo} (published: "
+                f"{published}); run `python -m features.build --dataset D --sid-version {version}` and "
+                f"`python -m features.publish --dataset D --repo {self.repo} --no-set-default`"
+            )
+        return version
+
     def feature_meta(self, version: str | None = None) -> FeatureMeta:
         """The feature meta of SID ``version`` (None: the default version).
 
         Raises:
-            DataError: the version is not published here, naming the published
-                ones and the commands that publish it.
+            DataError: the version is not published here (see
+                :meth:`published_sid_version`) or its meta disagrees.
         """
-        version = self.default_sid_version() if version is None else version
-        path = self.feature_meta_path(version)
-        if not path.exists():
-            published = sorted(self.read_sid_registry()["versions"])
-            raise DataError(
-                f"{path}: SID version '{version}' is not published in {self.repo} (published: {published}); run "
-                f"`python -m features.build --dataset D --sid-version {version}` and "
-                f"`python -m features.publish --dataset D --repo {self.repo} --no-set-default`"
-            )
+        version = self.published_sid_version(version)
+        path = require_file(
+            self.feature_meta_path(version), f"python -m features.publish --dataset D --repo {self.repo}"
+        )
         meta = read_feature_meta(path)
         if meta.sid_version != version:
             raise DataError(f"{path}: key 'sid_version' is '{meta.sid_version}', expected '{version}'; republish it")

@@ -3,7 +3,8 @@
 Offline store duckdb, online store sqlite, the real `feast` CLI for apply and
 materialize (features/publish.py), ranking/rows.py for retrieval. Two SID
 versions with different code lengths are published into the same repository:
-the first stays the default (``ranker_v1``), both stay retrievable.
+the first stays the default, both stay retrievable through the one service
+``ranker_v1`` with the version as a key, offline and online.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_features import SID_VERSION, T0, build, publish_copy, random_events, write_dataset, write_sid_version
+
+from feast import FeatureStore
 
 from features import publish
 from sidrank.protocol import assign_protocol_split
@@ -36,8 +39,8 @@ class Published(NamedTuple):
     paths: DatasetPaths
     repo: Path
     events: pd.DataFrame
-    rows: pd.DataFrame  # ranker_v1: the default version, SID_VERSION
-    rows_2: pd.DataFrame  # ranker_test_v2
+    rows: pd.DataFrame  # the default version, SID_VERSION
+    rows_2: pd.DataFrame  # SID_VERSION_2, asked for by name
 
 
 def normalise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -52,11 +55,11 @@ def normalise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def feature_table(repo: Path, name: str, version: str = SID_VERSION) -> pd.DataFrame:
-    """A published table: shared ones in data/, per-version ones in data/<table>/<version name>.parquet."""
-    data = repo / "data"
+    """A published table; of a SID-version table, the rows of ``version`` without the key column."""
+    table = pd.read_parquet(contract.RepoPaths(repo).table(name))
     if name in contract.SID_VERSION_TABLES:
-        return pd.read_parquet(data / name / f"{contract.sid_version_name(version)}.parquet")
-    return pd.read_parquet(data / f"{name}.parquet")
+        table = table[table[contract.SID_VERSION] == version].drop(columns=contract.SID_VERSION)
+    return table.reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +74,10 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     write_sid_version(paths, SID_VERSION_2, levels=LEVELS_2, codebook_size=CODES_2, rng=np.random.default_rng(7))
     build(paths)
     publish.main(["--dataset", str(paths.root), "--repo", str(repo), "--no-set-default", "--no-materialize"])
-    rows_2 = load_training_rows(
-        repo, events, service=contract.sid_service(SID_VERSION_2), expected_sid_version=SID_VERSION_2
-    )
+    # Feast's own materialize, in-process: the CLI would add a ~10 s interpreter start.
+    start, end = publish.stamp_range(repo)
+    FeatureStore(repo_path=str(repo)).materialize(start.to_pydatetime(), end.to_pydatetime())
+    rows_2 = load_training_rows(repo, events, sid_version=SID_VERSION_2)
     return Published(paths, repo, events, load_training_rows(repo, events), rows_2)
 
 
@@ -101,10 +105,12 @@ def test_values_equal_the_source_tables_as_of_each_row(published: Published, ver
         # Point-in-time semantics re-implemented with pandas: latest stamp <= the row's time.
         expected = pd.merge_asof(expected, table, on="event_timestamp", by=key, allow_exact_matches=True)
     expected = normalise(expected.sort_values("row_id", ignore_index=True))
-    for column in [c for c in rows.columns if c not in contract.ENTITY_COLUMNS]:
+    for column in [c for c in rows.columns if c not in (*contract.ENTITY_COLUMNS, contract.SID_VERSION)]:
         assert rows[column].tolist() == expected[column].tolist(), column
     assert (rows[contract.SID_VERSION] == version).all()
     assert rows["age_id"].notna().all() and rows["year_bucket"].notna().all()  # 1970 stamps never expire
+    # Declared by the repository, published as 0, absent from this dataset's feature meta: not in its rows.
+    assert "occupation_id" not in rows and (feature_table(published.repo, "user_profile")["occupation_id"] == 0).all()
 
 
 def test_two_sid_versions_come_back_intact_and_different(published: Published) -> None:
@@ -115,31 +121,33 @@ def test_two_sid_versions_come_back_intact_and_different(published: Published) -
     assert (v1[contract.HIST_SID_PREFIXES[0]] != v2[contract.HIST_SID_PREFIXES[0]]).any()
     shared = [c for c in v1.columns if c not in (contract.SID_CODES, contract.SID_VERSION, *contract.HIST_SID_PREFIXES)]
     assert v1[shared].equals(v2[shared])
-    data = published.repo / "data"
-    registry = json.loads((data / contract.SID_VERSIONS_FILE).read_text())
+    paths = contract.RepoPaths(published.repo)
+    registry = paths.read_sid_registry()
     assert registry["default"] == SID_VERSION and sorted(registry["versions"]) == [SID_VERSION, SID_VERSION_2]
-    metas = {v: json.loads((data / contract.FEATURE_META_DIR / f"{contract.sid_version_name(v)}.json").read_text())
-             for v in (SID_VERSION, SID_VERSION_2)}
+    metas = {v: json.loads(paths.feature_meta_path(v).read_text()) for v in (SID_VERSION, SID_VERSION_2)}
     assert [(m["sid_levels"], m["sid_codebook_size"]) for m in metas.values()] == [(3, 4), (LEVELS_2, CODES_2)]
-    assert json.loads((data / contract.FEATURE_META_FILE).read_text()) == metas[SID_VERSION]  # --no-set-default
-    # Asking a version's service for another version's SIDs names both.
-    with pytest.raises(DataError, match=f"serves SIDs of sid_version \\['{SID_VERSION_2}'\\], expected "
-                                        f"'{SID_VERSION}'; ask for service 'ranker_test_v1'"):
-        load_training_rows(published.repo, published.events.iloc[:5], service=contract.sid_service(SID_VERSION_2),
-                           expected_sid_version=SID_VERSION)
-    with pytest.raises(DataError, match="no feature service 'ranker_test_v3'.*'ranker_test_v2', 'ranker_v1'"):
-        load_training_rows(published.repo, published.events.iloc[:5], service="ranker_test_v3")
+    assert json.loads(paths.default_feature_meta_path.read_text()) == metas[SID_VERSION]  # --no-set-default
+    # One table per SID view holds both versions, every item once per version.
+    sids = pd.read_parquet(paths.table("item_sids"))
+    assert sids.groupby(contract.SID_VERSION)["item_id"].apply(sorted).to_dict() == {
+        v: list(range(1, N_ITEMS + 1)) for v in (SID_VERSION, SID_VERSION_2)
+    }
+    with pytest.raises(DataError, match=f"SID version 'test-v3' is not published .*'{SID_VERSION}', '{SID_VERSION_2}'"):
+        load_training_rows(published.repo, published.events.iloc[:5], sid_version="test-v3")
+    with pytest.raises(DataError, match=r"no feature service 'ranker_v2' \(applied: \['ranker_v1'\]\)"):
+        load_training_rows(published.repo, published.events.iloc[:5], service="ranker_v2")
 
 
 def test_registry_adds_versions_drops_other_events_and_refuses_name_clashes(tmp_path: Path) -> None:
     meta = {"sid_version": "a-1", "sid_levels": 3, "sid_codebook_size": 8, "events_sha256": "e1"}
-    registry = publish.updated_registry(publish.read_registry(tmp_path), meta, tmp_path, set_default=False)
-    assert registry["default"] == "a-1" and registry["versions"]["a-1"]["service"] == "ranker_a_1"
+    empty = contract.RepoPaths(tmp_path).read_sid_registry()
+    registry = publish.updated_registry(empty, meta, tmp_path, set_default=False)
+    assert registry["default"] == "a-1" and registry["versions"]["a-1"]["name"] == "a_1"
     registry = publish.updated_registry(registry, {**meta, "sid_version": "b"}, tmp_path, set_default=False)
     assert registry["default"] == "a-1" and sorted(registry["versions"]) == ["a-1", "b"]
     registry = publish.updated_registry(registry, {**meta, "sid_version": "c"}, tmp_path, set_default=True)
     assert registry["default"] == "c" and sorted(registry["versions"]) == ["a-1", "b", "c"]
-    with pytest.raises(DataError, match="'a.1' has the Feast name 'a_1' of the published version 'a-1'"):
+    with pytest.raises(DataError, match="'a.1' has the file name 'a_1' of the published version 'a-1'"):
         publish.updated_registry(registry, {**meta, "sid_version": "a.1"}, tmp_path, set_default=True)
     other_events = publish.updated_registry(registry, {**meta, "events_sha256": "e2"}, tmp_path, set_default=False)
     assert other_events == {"default": "a-1", "versions": {"a-1": other_events["versions"]["a-1"]}}
@@ -174,10 +182,10 @@ def test_chunked_retrieval_returns_the_same_rows(published: Published) -> None:
 
 
 def test_sid_version_and_missing_sid_are_errors(published: Published) -> None:
-    with pytest.raises(DataError, match=f"sid_version \\['{SID_VERSION}'\\], expected 'other'"):
-        load_training_rows(published.repo, published.events.iloc[:5], expected_sid_version="other")
+    with pytest.raises(DataError, match=f"SID version 'other' is not published .*\\['{SID_VERSION}'"):
+        load_training_rows(published.repo, published.events.iloc[:5], sid_version="other")
     early = published.events.iloc[:3].assign(event_timestamp=T0 - pd.Timedelta(days=1))
-    with pytest.raises(DataError, match="3 rows .* got no SID"):
+    with pytest.raises(DataError, match=f"3 rows .* got no SID of sid_version '{SID_VERSION}'"):
         load_training_rows(published.repo, early)
     with pytest.raises(DataError, match="row_id"):
         load_training_rows(published.repo, pd.concat([published.events.iloc[:2]] * 2))
@@ -192,22 +200,25 @@ def test_online_store_serves_the_latest_values(published: Published) -> None:
     assert [list(h) for h in online[contract.HIST_ITEMS]] == [list(user_last[contract.HIST_ITEMS])] * len(item_ids)
     item_last = feature_table(published.repo, "item_behaviour").groupby("item_id").last()
     assert online["item_pos_count"].tolist() == item_last.loc[item_ids, "item_pos_count"].tolist()
-    sids = feature_table(published.repo, "item_sids").set_index("item_id")
-    assert [list(c) for c in online[contract.SID_CODES]] == [list(sids.at[i, contract.SID_CODES]) for i in item_ids]
+    assert (online[contract.SID_VERSION] == SID_VERSION).all()
+    # Both versions side by side: each request gets the codes of the version it names.
+    for version in (SID_VERSION, SID_VERSION_2):
+        online = online_features(published.repo, user_id, item_ids, sid_version=version)
+        sids = feature_table(published.repo, "item_sids", version).set_index("item_id")
+        assert [list(c) for c in online[contract.SID_CODES]] == [list(sids.at[i, contract.SID_CODES]) for i in item_ids]
+        history = feature_table(published.repo, "user_sid_history", version).groupby("user_id").last().loc[user_id]
+        assert [list(h) for h in online["hist_sid_p2"]] == [list(history["hist_sid_p2"])] * len(item_ids)
 
 
 def test_registered_views_never_expire(published: Published) -> None:
-    from feast import FeatureStore
-
     store = FeatureStore(repo_path=str(published.repo))
-    shared = ["item_behaviour_fv", "item_content_fv", "user_behaviour_fv", "user_profile_fv"]
-    services = (("ranker_v1", "test_v1"), ("ranker_test_v1", "test_v1"), ("ranker_test_v2", "test_v2"))
-    for service_name, version in services:
-        service = store.get_feature_service(service_name)
-        names = sorted(p.name for p in service.feature_view_projections)
-        assert names == sorted([*shared, f"item_sid_{version}_fv", f"user_sid_history_{version}_fv"]), service_name
-    views = [view.name for view in store.list_feature_views()]
-    assert len(views) == len(shared) + 4 and all(store.get_feature_view(name).ttl == timedelta(0) for name in views)
+    assert [service.name for service in store.list_feature_services()] == [contract.FEATURE_SERVICE]
+    views = sorted(view.name for view in store.list_feature_views())
+    service = store.get_feature_service(contract.FEATURE_SERVICE)
+    assert sorted(p.name for p in service.feature_view_projections) == views
+    assert views == ["item_behaviour_fv", "item_content_fv", "item_sid_fv", "user_behaviour_fv", "user_profile_fv",
+                     "user_sid_history_fv"]
+    assert all(store.get_feature_view(name).ttl == timedelta(0) for name in views)
 
 
 def test_failing_feast_command_raises_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

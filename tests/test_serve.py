@@ -48,7 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     paths = write_dataset(root / "data", events, N_USERS, N_ITEMS)
     repo = publish_copy(paths, root / "repo", materialize=False)
     # Feast's own materialize, in-process: the `feast materialize` CLI would add a ~10 s interpreter start.
-    start, end = publish.stamp_range(repo / "data")
+    start, end = publish.stamp_range(repo)
     FeatureStore(repo_path=str(repo)).materialize(start.to_pydatetime(), end.to_pydatetime())
     run = root / "run"
     train.main(["--dataset", str(paths.root), "--repo", str(repo), "--out", str(run), *TRAIN_ARGS])
@@ -82,8 +82,7 @@ def test_served_scores_equal_the_offline_models_for_the_same_rows(served: Served
     later = served.events["event_timestamp"].max() + pd.Timedelta(days=1)
     entity = pd.DataFrame({"row_id": np.arange(len(items)), "user_id": user, "item_id": items,
                            "event_timestamp": later, "label": 0})
-    rows = load_training_rows(served.repo, entity, service=served.ranker.service,
-                              expected_sid_version=SID_VERSION)
+    rows = load_training_rows(served.repo, entity, service=served.ranker.service, sid_version=SID_VERSION)
     expected = dict(zip(items, offline_scores(served.ranker, rows)))
     got = scores_by_item(result)
     assert sorted(got) == items
@@ -106,7 +105,7 @@ def test_unknown_user_is_scored_as_cold(served: Served) -> None:
 
 def test_new_item_is_scored_through_its_sid_and_a_featureless_item_is_flagged(served: Served) -> None:
     ranker, new, absent = served.ranker, N_ITEMS + 1, N_ITEMS + 2
-    view = f"item_sid_{contract.sid_version_name(SID_VERSION)}_fv"
+    view = "item_sid_fv"
     stamp = served.events["event_timestamp"].max() + pd.Timedelta(days=2)
 
     def publish_sid(codes: list[int], at: pd.Timestamp) -> dict[int, dict]:

@@ -154,8 +154,8 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
     rows = pd.read_parquet(rows_path)
     calls = []
 
-    def fake_write_training_rows(repo, events, path, *, service, expected_sid_version):
-        calls.append((Path(repo), len(events), service, expected_sid_version))
+    def fake_write_training_rows(repo, events, path, *, service, sid_version):
+        calls.append((Path(repo), len(events), service, sid_version))
         write_parquet(rows, path)
         return len(rows)
 
@@ -165,9 +165,9 @@ def test_world_size_one_builds_rows_once_and_trains_sid_only(tmp_path: Path, mon
     metrics = train.main(argv)
 
     # The service and the cache of the feature meta's SID version.
-    assert calls == [(tmp_path, N_ROWS, "ranker_rq_test", META.sid_version)]
-    assert (dataset / "rows" / "rq_test" / "ranker_rq_test.parquet").exists()
-    assert metrics["service"] == "ranker_rq_test"
+    assert calls == [(tmp_path, N_ROWS, "ranker_v1", META.sid_version)]
+    assert (dataset / "rows" / "rq_test" / "ranker_v1.parquet").exists()
+    assert metrics["service"] == "ranker_v1"
     assert metrics["world_size"] == 1 and set(map(tuple, metrics["plan"].values())) == {(0,)}
     assert "t_item" not in metrics["plan"] and "t_sid_0" in metrics["plan"]
     assert metrics["test_auc"] > 0.7
@@ -241,8 +241,8 @@ def test_sid_version_selects_meta_service_and_cache_and_names_both_versions(tmp_
     base = ["--dataset", str(dataset), "--repo", str(repo), "--out", str(tmp_path / "run")]
     cfg = config_from_args([*base, "--sid-version", "rq-test"])
     assert cfg.feature_meta_path(META) == repo / "data" / "feature_meta" / f"{contract.sid_version_name(META.sid_version)}.json"
-    assert cfg.service_for(META) == "ranker_rq_test"
-    assert cfg.rows_path_for(META) == dataset / "rows" / "rq_test" / "ranker_rq_test.parquet"
+    assert cfg.service_for(META) == "ranker_v1"
+    assert cfg.rows_path_for(META) == dataset / "rows" / "rq_test" / "ranker_v1.parquet"
     # A version the repository never published: the error lists what is published.
     registry = {"default": "rq-test", "versions": {"rq-test": {"name": "rq_test"}}}
     write_json(registry, repo / "data" / contract.SID_VERSIONS_FILE)
