@@ -41,7 +41,8 @@ from benchmarks.throughput import PHASES, ThroughputConfig
 from sidrank.io import read_json, write_json
 from sidrank import contract
 from ranking.batches import DENSE_FEATURES, FeatureConfig, SparseTable, SplitTensors, build_split, sparse_tables
-from ranking.model import ModelConfig, build_model, shard_model
+from ranking.model import ModelConfig, build_model
+from ranking.sharding import shard_model
 from ranking.config import TrainConfig
 from ranking.distributed import init_distributed, rank_share
 
@@ -50,6 +51,10 @@ N_YEAR_BUCKETS = 10
 INPUT_DIST_LABEL = "## input_dist (KJT all-to-all, waited) ##"
 PROFILE_TOP = 8
 
+
+# The architecture both implementations share: DLRM with the dense MLP (the
+# numeric embeddings and target attention have no plain counterpart here).
+DLRM_CONFIG = ModelConfig(numeric="mlp")
 
 def _popular_ids(rng: np.random.Generator, perm: np.ndarray, size: int, zipf: float) -> np.ndarray:
     """``size`` ids in 1..len(perm), P(popularity rank r) ~ r^-zipf, the ranks scattered over the table by perm."""
@@ -114,7 +119,7 @@ class PlainDLRM(nn.Module):
 
     Example::
 
-        model = PlainDLRM([SparseTable("t_item", 20, ("item_id", "hist_items"))], n_dense=7, cfg=ModelConfig())
+        model = PlainDLRM([SparseTable("t_item", 20, ("item_id", "hist_items"))], n_dense=7, cfg=DLRM_CONFIG)
         bags = [(torch.tensor([3, 4]), torch.tensor([0, 1])), (torch.tensor([5]), torch.tensor([0, 0]))]
         logits = model(torch.rand(2, 7), bags)  # [2]
     """
@@ -172,7 +177,7 @@ def probe_input_dist(dmp: nn.Module, clock: list[float]) -> None:
 def torchrec_trainer(tables: list[SparseTable], split: SplitTensors, seed: int) -> Trainer:
     """ranking/train.py's model, plan and optimizers, with the input-distribution probe."""
     torch.manual_seed(seed)
-    model = build_model(tables, len(DENSE_FEATURES), ModelConfig(), device="meta")
+    model = build_model(tables, len(DENSE_FEATURES), DLRM_CONFIG, device="meta")
     dmp, opt, plan = shard_model(
         model, tables, sparse_optimizer=TrainConfig.sparse_optimizer, lr_sparse=TrainConfig.lr_sparse,
         lr_dense=TrainConfig.lr_dense, ddr_cap_bytes=int(TrainConfig.ddr_cap_gb * 2**30),
@@ -196,7 +201,7 @@ def plain_trainer(tables: list[SparseTable], split: SplitTensors, seed: int) -> 
     ``split`` is not read: plain PyTorch has no planner to feed.
     """
     torch.manual_seed(seed)
-    model = PlainDLRM(tables, len(DENSE_FEATURES), ModelConfig())
+    model = PlainDLRM(tables, len(DENSE_FEATURES), DLRM_CONFIG)
     net = DistributedDataParallel(model) if dist.get_world_size() > 1 else model
     sgd = torch.optim.SGD(model.tables.parameters(), lr=TrainConfig.lr_sparse)
     adam = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("tables.")],
@@ -303,7 +308,7 @@ def worker(job_path: Path) -> None:
             del trainer
         if dist.get_rank() == 0:
             write_json({"rows_s": rows_s, "encode_s": encode_s, "runs": runs, "tables": [t._asdict() for t in tables],
-                        "emb_dim": ModelConfig().emb_dim}, job["out"])
+                        "emb_dim": DLRM_CONFIG.emb_dim}, job["out"])
     finally:
         if created:
             dist.destroy_process_group()

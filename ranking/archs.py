@@ -1,7 +1,7 @@
 """The ranker's small dense building blocks (no distribution inside; DMP shards only the tables).
 
 Shape symbols: B rows, N numeric features, T bins, D embedding width,
-H history length, F interaction features.
+H history length.
 
 - :class:`PiecewiseLinearEmbedding`: numeric features as embeddings, so the
   interaction sees a count or a rate like a sparse feature (Gorishniy et al.
@@ -9,7 +9,6 @@ H history length, F interaction features.
 - :class:`TargetAttention`: DIN's activation unit (Zhou et al. 2018): the
   candidate queries the user's history, so the history vector depends on what
   is being ranked.
-- :class:`DotInteraction`: DLRM's pairwise dot products plus the features themselves.
 """
 
 from __future__ import annotations
@@ -69,28 +68,6 @@ class PiecewiseLinearEmbedding(nn.Module):
         return torch.relu(torch.einsum("bnt,ntd->bnd", encoded, self.weight) + self.bias)
 
 
-class MLPNumeric(nn.Module):
-    """Numeric features -> one D-vector through an MLP (DLRM's dense arch; the ablation of the PLE).
-
-    Args:
-        n_features: N.
-        hidden: hidden layer sizes.
-        dim: D.
-    """
-
-    def __init__(self, n_features: int, hidden: tuple[int, ...], dim: int) -> None:
-        super().__init__()
-        sizes = [n_features, *hidden, dim]
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, numeric: torch.Tensor) -> torch.Tensor:
-        """[B, N] -> [B, 1, D]."""
-        return self.mlp(numeric).unsqueeze(1)
-
-
 class TargetAttention(nn.Module):
     """DIN attention: weights from an MLP over (query, key, query - key, query * key), masked softmax.
 
@@ -115,49 +92,3 @@ class TargetAttention(nn.Module):
         scores = self.unit(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
         weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask
         return torch.einsum("bh,bhd->bd", weights, keys)
-
-
-class DotInteraction(nn.Module):
-    """DLRM's interaction over F feature vectors: [B, F, D] -> [B, F * D + F (F - 1) / 2].
-
-    Args:
-        n_features: F.
-    """
-
-    def __init__(self, n_features: int) -> None:
-        super().__init__()
-        self.n_features = n_features
-        rows, cols = torch.triu_indices(n_features, n_features, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-
-    def output_size(self, dim: int) -> int:
-        """Width of the output for features of width ``dim``."""
-        return self.n_features * dim + len(self.rows)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, F, D] -> [B, F * D + F (F - 1) / 2]."""
-        dots = torch.bmm(features, features.transpose(1, 2))[:, self.rows, self.cols]
-        return torch.cat([features.flatten(1), dots], dim=1)
-
-
-class OverArch(nn.Module):
-    """The top MLP: [B, I] -> [B] logits, with dropout before every layer.
-
-    Args:
-        in_features: I.
-        layers: hidden sizes; the logit layer is appended.
-        dropout: drop probability.
-    """
-
-    def __init__(self, in_features: int, layers: tuple[int, ...], dropout: float) -> None:
-        super().__init__()
-        sizes = [in_features, *layers]
-        blocks: list[nn.Module] = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            blocks += [nn.Dropout(dropout), nn.Linear(n_in, n_out), nn.ReLU()]
-        blocks += [nn.Dropout(dropout), nn.Linear(sizes[-1], 1)]
-        self.mlp = nn.Sequential(*blocks)
-
-    def forward(self, interaction: torch.Tensor) -> torch.Tensor:
-        return self.mlp(interaction).squeeze(-1)

@@ -27,7 +27,7 @@ log1p of the history length. Missing counts (no earlier events) read as 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -50,6 +50,7 @@ DENSE_FEATURES = (
     "item_pos_rate",
     "log_hist_len",
 )
+HISTORY_MODES = ("pooled", "attention")
 MIN_PREFIX_BUCKETS = 4096
 PREFIX_BUCKETS_PER_ITEM = 4
 
@@ -61,11 +62,17 @@ _MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
 class SparseTable(NamedTuple):
-    """One embedding table: its name, row count and the features that look it up."""
+    """One embedding table: its name, row count, the features that look it up, and how.
+
+    ``pooled`` tables sum each feature's ids into one vector per row
+    (EmbeddingBagCollection); the others return every id's vector
+    (EmbeddingCollection), which target attention needs for the history.
+    """
 
     name: str
     num_embeddings: int
     features: tuple[str, ...]
+    pooled: bool = True
 
 
 @dataclass
@@ -81,6 +88,11 @@ class FeatureConfig:
             ``max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * n_items)``.
         rate_prior_pos: pseudo-positives ``a`` of the smoothed rates.
         rate_prior_neg: pseudo-negatives ``b`` of the smoothed rates.
+        history: ``pooled`` sums the history items (and their SID prefixes)
+            into bags; ``attention`` looks them up one by one, in the tables
+            the candidate item and its prefixes use, for target attention.
+        profile_columns: user-profile columns to use; None means all of the
+            feature meta's.
     """
 
     use_user_id: bool = True
@@ -89,8 +101,14 @@ class FeatureConfig:
     prefix_buckets: int | None = None
     rate_prior_pos: float = 1.0
     rate_prior_neg: float = 1.0
+    history: str = field(default="pooled", metadata={"choices": HISTORY_MODES})
+    profile_columns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {HISTORY_MODES}, got {self.history!r}")
+        if self.profile_columns is not None:
+            self.profile_columns = tuple(self.profile_columns)
         if self.prefix_buckets is not None and self.prefix_buckets < 1:
             raise ValueError(f"prefix_buckets must be >= 1 or None, got {self.prefix_buckets}")
         for name in ("rate_prior_pos", "rate_prior_neg"):
@@ -124,20 +142,49 @@ def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
     return (x % np.uint64(buckets)).astype(np.int64)
 
 
+def profile_columns(meta: contract.FeatureMeta, cfg: FeatureConfig) -> dict[str, int]:
+    """The user-profile feature columns in use -> vocabulary size."""
+    if cfg.profile_columns is None:
+        return dict(meta.user_profile)
+    unknown = sorted(set(cfg.profile_columns) - set(meta.user_profile))
+    if unknown:
+        raise DataError(f"profile_columns {unknown}: not in the feature meta's {sorted(meta.user_profile)}")
+    return {column: meta.user_profile[column] for column in cfg.profile_columns}
+
+
+def history_depths(meta: contract.FeatureMeta) -> int:
+    """SID prefix depths the feature store keeps for history items (1..this)."""
+    return len(contract.HIST_SID_PREFIXES[: meta.sid_levels])
+
+
 def sparse_tables(meta: contract.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
-    """The embedding tables of a feature selection, in KJT key order."""
+    """The embedding tables of a feature selection, in KJT key order (pooled tables first).
+
+    Under ``history="attention"`` the candidate's item id and its SID
+    prefixes of depth 1..``history_depths`` share unpooled tables with the
+    same features of every history item, so one row learns from both roles;
+    deeper candidate prefixes stay pooled.
+    """
+    attention = cfg.history == "attention"
     tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))] if cfg.use_user_id else []
     if cfg.use_item_id:
-        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", contract.HIST_ITEMS)))
-    tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in meta.user_profile.items()]
+        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", contract.HIST_ITEMS), pooled=not attention))
+    tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in profile_columns(meta, cfg).items()]
     tables.append(SparseTable("t_tag", meta.n_tags + 1, (contract.ITEM_TAGS,)))
     tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
     if cfg.use_sid:
-        L, K = meta.sid_levels, meta.sid_codebook_size
+        L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
         tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]
-        prefix_features = tuple(f"sid_prefix_{d}" for d in range(2, L + 1)) + contract.HIST_SID_PREFIXES[:L]
-        tables.append(SparseTable("t_sid_prefix", cfg.n_prefix_buckets(meta), prefix_features))
-    return tables
+        history = contract.HIST_SID_PREFIXES[:L]
+        if attention:
+            shared = tuple(f"sid_prefix_{d}" for d in range(1, history_depths(meta) + 1))
+            tables.append(SparseTable("t_sid_prefix", buckets, shared + history, pooled=False))
+            deep = tuple(f"sid_prefix_{d}" for d in range(history_depths(meta) + 1, L + 1))
+            tables += [SparseTable("t_sid_prefix_deep", buckets, deep)] if deep else []
+        else:
+            prefixes = tuple(f"sid_prefix_{d}" for d in range(2, L + 1))
+            tables.append(SparseTable("t_sid_prefix", buckets, prefixes + history))
+    return sorted(tables, key=lambda table: not table.pooled)
 
 
 def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +240,7 @@ def _sid_codes(rows: pd.DataFrame, meta: contract.FeatureMeta, source: str, allo
 def _sid_features(
     rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
-    """SID positions, hashed item prefixes (depth 2..L) and hashed history prefix bags.
+    """SID positions, hashed item prefixes (depth 1..L) and hashed history prefix lists.
 
     A row without a SID (``allow_missing_sid``) looks up the unknown row 0 of
     every position table and no prefix: there is no prefix to hash.
@@ -202,8 +249,8 @@ def _sid_features(
     L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
     known = codes[:, 0] >= 0
     feats = {f"sid_{lvl}": (codes[:, lvl] + 1, np.ones(len(rows), np.int64)) for lvl in range(L)}
-    prefix = codes[known, 0]
-    for d in range(2, L + 1):
+    prefix = np.zeros(int(known.sum()), np.int64)
+    for d in range(1, L + 1):
         prefix = prefix * K + codes[known, d - 1]  # mixed radix, as contract.encode_prefix
         feats[f"sid_prefix_{d}"] = (prefix_bucket(prefix, d, buckets), known.astype(np.int64))
     for depth, column in enumerate(contract.HIST_SID_PREFIXES[:L], start=1):
@@ -226,7 +273,7 @@ def _sparse_features(
         values, lengths = _list_column(rows, contract.HIST_ITEMS, source)
         check_ids_in_range(values, meta.n_items + 1, f"{source}: column '{contract.HIST_ITEMS}'")
         feats[contract.HIST_ITEMS] = (values, lengths)
-    for column, size in meta.user_profile.items():
+    for column, size in profile_columns(meta, cfg).items():
         feats[column] = (_int_column(rows, column, size, source), ones)
     values, lengths = _list_column(rows, contract.ITEM_TAGS, source)
     check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{contract.ITEM_TAGS}'")
@@ -270,6 +317,18 @@ def _gather_jagged(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Te
 
 
 @dataclass
+class RankerBatch(Batch):
+    """TorchRec's Batch plus the unpooled features: dense [B, N], pooled KJT, sequence KJT (or None), labels [B]."""
+
+    sequence_features: KeyedJaggedTensor | None = None
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> RankerBatch:
+        moved = super().to(device, non_blocking)
+        sequence = None if self.sequence_features is None else self.sequence_features.to(device, non_blocking)
+        return RankerBatch(moved.dense_features, moved.sparse_features, moved.labels, sequence)
+
+
+@dataclass
 class SplitTensors:
     """One split encoded once; :meth:`batch` gathers any subset of its rows.
 
@@ -277,6 +336,7 @@ class SplitTensors:
 
     Args:
         keys: sparse feature names in KJT order.
+        n_pooled: the first ``n_pooled`` keys feed pooled tables, the rest unpooled ones.
         dense: [N, F] float32.
         labels: [N] float32 0/1.
         row_ids: [N] int64, ascending.
@@ -285,6 +345,7 @@ class SplitTensors:
     """
 
     keys: tuple[str, ...]
+    n_pooled: int
     dense: torch.Tensor
     labels: torch.Tensor
     row_ids: torch.Tensor
@@ -298,17 +359,22 @@ class SplitTensors:
         """Mean ids per row of every sparse feature (the sharding planner's cost input)."""
         return {k: (offs[-1] / max(len(self), 1)).item() for k, offs in zip(self.keys, self.offsets)}
 
-    def batch(self, index: torch.Tensor) -> Batch:
-        """Rows ``index`` ([B] int64) as a Batch: dense [B, F], KJT of B rows per key, labels [B]."""
+    def _kjt(self, index: torch.Tensor, keys: slice) -> KeyedJaggedTensor:
+        """One KJT of B rows per key of ``self.keys[keys]``."""
         lengths, values = [], []
-        for vals, offs in zip(self.values, self.offsets):
+        for vals, offs in zip(self.values[keys], self.offsets[keys]):
             starts = offs.index_select(0, index)
             lens = offs.index_select(0, index + 1) - starts
             values.append(_gather_jagged(vals, starts, lens))
             lengths.append(lens)
-        kjt = KeyedJaggedTensor(keys=list(self.keys), values=torch.cat(values), lengths=torch.cat(lengths))
+        return KeyedJaggedTensor(keys=list(self.keys[keys]), values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def batch(self, index: torch.Tensor) -> RankerBatch:
+        """Rows ``index`` ([B] int64): dense [B, F], a pooled and (if any) an unpooled KJT, labels [B]."""
+        pooled = self._kjt(index, slice(0, self.n_pooled))
+        sequence = self._kjt(index, slice(self.n_pooled, None)) if self.n_pooled < len(self.keys) else None
         dense, labels = self.dense.index_select(0, index), self.labels.index_select(0, index)
-        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+        return RankerBatch(dense_features=dense, sparse_features=pooled, labels=labels, sequence_features=sequence)
 
 
 def build_split(
@@ -332,7 +398,7 @@ def build_split(
     if rows.empty:
         raise DataError(f"{source}: no rows; the split is empty, check the 'split' column of events.parquet")
     needed = ["row_id", "label", "user_id", contract.ITEM_TAGS, contract.HIST_ITEMS, *contract.ITEM_SCALAR_COLUMNS]
-    needed += [*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS, *meta.user_profile]
+    needed += [*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS, *profile_columns(meta, cfg)]
     needed += ["item_id"] if cfg.use_item_id else []
     needed += [contract.SID_CODES, *contract.HIST_SID_PREFIXES[: meta.sid_levels]] if cfg.use_sid else []
     require_columns(rows, needed, source)
@@ -340,11 +406,13 @@ def build_split(
         raise DataError(f"{source}: column 'label' must be 0/1; rebuild the events with the ingest stage")
     rows = rows.sort_values("row_id", kind="stable")
     feats = _sparse_features(rows, meta, cfg, source, allow_missing_sid)
-    keys = tuple(f for table in sparse_tables(meta, cfg) for f in table.features)
-    assert set(keys) == set(feats), (keys, sorted(feats))
+    tables = sparse_tables(meta, cfg)
+    keys = tuple(f for table in tables for f in table.features)
+    assert set(keys) <= set(feats), (keys, sorted(feats))
     offsets = [np.concatenate([[0], np.cumsum(feats[k][1])]) for k in keys]
     return SplitTensors(
         keys=keys,
+        n_pooled=sum(len(table.features) for table in tables if table.pooled),
         dense=torch.from_numpy(dense_features(rows, cfg, source)),
         labels=torch.from_numpy(rows["label"].to_numpy(np.float32)),
         row_ids=torch.from_numpy(rows["row_id"].to_numpy(np.int64)),

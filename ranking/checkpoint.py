@@ -13,12 +13,11 @@ from typing import Any, NamedTuple
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torchrec.models.dlrm import DLRMTrain
 
 from sidrank import contract
 from sidrank.schema import DataError
 from ranking.batches import DENSE_FEATURES, FeatureConfig, sparse_tables
-from ranking.model import ModelConfig, build_model
+from ranking.model import ModelConfig, RankerTrain, build_model
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def save_checkpoint(state: dict[str, Any], out: Path) -> None:
 class Loaded(NamedTuple):
     """A checkpoint loaded for serving: the model, the table sizes it was built with, its features, its config."""
 
-    model: DLRMTrain
+    model: RankerTrain
     meta: contract.FeatureMeta
     features: FeatureConfig
     config: dict
@@ -73,7 +72,10 @@ def load_checkpoint(checkpoint: Path, meta: contract.FeatureMeta) -> Loaded:
     features, model_cfg = FeatureConfig(**config["features"]), ModelConfig(**config["model"])
 
     def rows_of(table: str, default: int) -> int:
-        found = [shape[0] - 1 for key, shape in shapes.items() if key.endswith(f"embedding_bags.{table}.weight")]
+        found = [
+            shape[0] - 1 for key, shape in shapes.items()
+            if key.endswith((f"embedding_bags.{table}.weight", f"embeddings.{table}.weight"))
+        ]
         return found[0] if found else default
 
     meta = dataclasses.replace(meta, n_users=rows_of("t_user", meta.n_users), n_items=rows_of("t_item", meta.n_items))

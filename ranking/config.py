@@ -10,7 +10,8 @@ from sidrank.cli import add_config_arguments, parse_config, parser_for
 from sidrank.contract import DatasetPaths
 from sidrank.schema import DataError
 from ranking.batches import FeatureConfig
-from ranking.model import SPARSE_OPTIMIZERS, ModelConfig
+from ranking.model import ModelConfig
+from ranking.sharding import SPARSE_OPTIMIZERS
 
 
 @dataclass
@@ -77,6 +78,10 @@ class TrainConfig:
             contract.sid_version_name(self.sid_version)  # raises on an empty name
         if self.model.fusion == "freq" and not (self.features.use_item_id and self.features.use_sid):
             raise ValueError("fusion='freq' fuses the item-id and SID embeddings: it needs use_item_id and use_sid")
+        if self.model.fusion == "freq" and self.features.history != "pooled":
+            raise ValueError("fusion='freq' gates the pooled item-id slot: it needs history='pooled'")
+        if self.features.history == "attention" and not (self.features.use_item_id or self.features.use_sid):
+            raise ValueError("history='attention' attends over item ids or SID prefixes: it needs use_item_id or use_sid")
         if self.model.sid_init == "codebook" and not self.features.use_sid:
             raise ValueError("sid_init='codebook' initialises the SID tables: it needs use_sid")
 

@@ -1,74 +1,67 @@
-"""The ranker: TorchRec's DLRM (dot interaction) or DLRM_DCN (DCNv2) over our tables.
+"""The ranker: TorchRec's DLRM archs over our tables, numeric embeddings and target attention.
 
-Shape symbols: B batch, F sparse features, D embedding dim, N dense features.
-All tables share D (TorchRec's DLRM requires it; on CPU D must be a multiple
-of 4). The variant is picked at construction; TorchRec's ``DLRMTrain`` adds
-the BCE loss and returns ``loss, (loss, logits, labels)`` detached.
-:func:`shard_model` places the tables across the ranks of the process group.
+Shape symbols: B batch, F pooled features, D embedding dim, N dense features,
+H history length. All tables share D (the dot interaction needs it; on CPU D
+must be a multiple of 4). Variants are picked at construction, never by flags
+inside ``forward``:
+
+- ``numeric="ple"``: each dense feature also enters the interaction as its own
+  D-vector (:class:`~ranking.archs.PiecewiseLinearEmbedding`); ``mlp`` keeps
+  DLRM's dense MLP alone.
+- ``FeatureConfig.history="attention"``: the candidate item (id + SID prefix
+  n-grams) queries the user's history items through shared unpooled tables
+  (:class:`HistoryAttentionArch`, DIN); ``pooled`` sums the history into bags.
+- ``arch``: TorchRec's dot ``InteractionArch`` or DCNv2 ``InteractionDCNArch``.
+
+:class:`RankerTrain` adds the BCE loss (and the L2 of the batch's embedding
+rows) and returns ``loss, (bce, logits, labels)`` detached, like TorchRec's
+``DLRMTrain``. :func:`shard_model` places the tables across the ranks.
 
 Two options from MME-SID (Wang et al. 2025), both off by default:
 
 - ``sid_init="codebook"``: each SID position table starts from that
   position's tokenizer codebook, PCA-projected to D and scaled to the default
-  init's std (:func:`codebook_table_weights`), loaded into the (sharded)
-  tables after DMP by :func:`load_table_weights`; against the "catastrophic
-  forgetting" of the tokenizer's geometry by a randomly initialised table.
+  init's std (ranking/sid_init.py), loaded into the (sharded) tables after DMP;
+  against the "catastrophic forgetting" of the tokenizer's geometry.
 - ``fusion="freq"``: the item-id slot becomes a gate-weighted mix of the
   item-id embedding and the item's SID embedding, the gate driven by the
-  item's frequency (:class:`FrequencyGate`); swapped in as a submodule of
-  :class:`FusedDLRM` / :class:`FusedDLRM_DCN`, TorchRec's DLRMs with the
-  fusion between the sparse arch and the interaction.
+  item's frequency (:class:`FrequencyGate`).
 
 Example::
 
     tables = [SparseTable("t_user", 10, ("user_id",)), SparseTable("t_item", 20, ("item_id",))]
-    model = build_model(tables, n_dense=7, cfg=ModelConfig(arch="dcn"), device="cpu")
+    model = build_model(tables, n_dense=7, cfg=ModelConfig(arch="dcn", numeric="mlp"), device="cpu")
     loss, (_, logits, _) = model(batch)  # logits [B]
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingType
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, OverArch, SparseArch
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from sidrank import contract
 from sidrank.schema import is_sid_code_column
-from ranking.batches import DENSE_FEATURES, SparseTable
+from ranking.archs import PiecewiseLinearEmbedding, TargetAttention
+from ranking.batches import DENSE_FEATURES, RankerBatch, SparseTable
 
-# The optimizers the fused CPU kernel implements (DESIGN.md section 9). Its
-# weight_decay is silently ignored on CPU, so none is offered. SGD moves a row
-# in proportion to its gradient, so rarely seen ids (most users here) drift
-# little from init; row-wise Adagrad normalises the first steps to ~lr each.
-SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "rowwise_adagrad": RowWiseAdagrad,
-}
 
+ARCHS = ("dlrm", "dcn")
+NUMERIC = ("ple", "mlp")
 SID_INITS = ("random", "codebook")
 FUSIONS = ("none", "freq")
 # The dense column the fusion gate reads: log1p of the item's causal event count.
 FREQUENCY_FEATURE = "log_item_count"
 
-# Row-wise is GPU-only; column-wise splits only dims > 128 (no min_partition given).
-FUSED_SHARDING_TYPES = [
-    t.value for t in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE)
-]
 
 
 @dataclass
@@ -86,9 +79,16 @@ class ModelConfig:
             (SID position tables from the tokenizer codebooks).
         fusion: ``none`` or ``freq`` (frequency-gated item-id / SID fusion;
             needs both the item-id and the SID features).
+        numeric: ``ple`` adds one piecewise-linear embedding per dense
+            feature to the interaction (bins from train quantiles); ``mlp``
+            is the dense MLP alone.
+        numeric_bins: T, bins of each numeric feature (``ple``).
+        attention_hidden: hidden width of the target-attention unit.
+        dropout: dropout on the interaction output.
+        l2_embedding: weight of the squared norm of the embedding rows each batch looks up.
     """
 
-    arch: str = field(default="dlrm", metadata={"choices": ("dlrm", "dcn")})
+    arch: str = field(default="dlrm", metadata={"choices": ARCHS})
     emb_dim: int = 16
     dense_layers: tuple[int, ...] = (64,)
     over_layers: tuple[int, ...] = (128, 64)
@@ -96,10 +96,22 @@ class ModelConfig:
     dcn_low_rank: int = 16
     sid_init: str = field(default="random", metadata={"choices": SID_INITS})
     fusion: str = field(default="none", metadata={"choices": FUSIONS})
+    numeric: str = field(default="ple", metadata={"choices": NUMERIC})
+    numeric_bins: int = 16
+    attention_hidden: int = 36
+    dropout: float = 0.0
+    l2_embedding: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.numeric not in NUMERIC:
+            raise ValueError(f"numeric must be one of {NUMERIC}, got {self.numeric!r}")
+        for name in ("numeric_bins", "attention_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1 or self.l2_embedding < 0:
+            raise ValueError(f"dropout must be in [0, 1) and l2_embedding >= 0, got {self.dropout}, {self.l2_embedding}")
         if self.sid_init not in SID_INITS:
             raise ValueError(f"sid_init must be one of {SID_INITS}, got {self.sid_init!r}")
         if self.fusion not in FUSIONS:
@@ -202,144 +214,209 @@ class FrequencyGate(nn.Module):
         return torch.cat([sparse[:, :i], fused.unsqueeze(1), sparse[:, i + 1 :]], dim=1)
 
 
-class _FusionForward:
-    """TorchRec's DLRM.forward with ``self.fusion`` between the sparse arch and the interaction."""
+class HistoryAttentionArch(nn.Module):
+    """The candidate and its history through shared unpooled tables, then target attention.
 
-    def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
-        embedded_dense = self.dense_arch(dense_features)
-        embedded_sparse = self.fusion(self.sparse_arch(sparse_features), dense_features)
-        return self.over_arch(self.inter_arch(dense_features=embedded_dense, sparse_features=embedded_sparse))
+    The candidate's vector is the sum of its unpooled features' embeddings
+    (item id plus SID prefixes, as n-grams summed with the id); history item
+    j's vector is the sum of the same tables' embeddings of item j, so a row
+    learns from both roles. Shapes: B rows, H history length, D width.
+
+    Args:
+        embedding_collection: unpooled tables; each one's features are the
+            candidate's (``item_id``, ``sid_prefix_<d>``) and the history's
+            (``hist_items``, ``hist_sid_p<d>``).
+        candidate_features: the candidate's feature names.
+        history_features: the history's feature names (parallel lists, same lengths).
+        history_length: H.
+        attention: the attention unit.
+
+    Example::
+
+        arch = HistoryAttentionArch(ec, ["item_id"], ["hist_items"], 20, TargetAttention(16))
+        vectors, lookups = arch(kjt)  # [B, 2, D] (candidate, attended history), [B, 1 + H, D]
+    """
+
+    def __init__(
+        self,
+        embedding_collection: EmbeddingCollection,
+        candidate_features: Sequence[str],
+        history_features: Sequence[str],
+        history_length: int,
+        attention: TargetAttention,
+    ) -> None:
+        super().__init__()
+        self.embedding_collection = embedding_collection
+        self.candidate_features = list(candidate_features)
+        self.history_features = list(history_features)
+        self.history_length = history_length
+        self.attention = attention
+
+    def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KJT of the candidate and history features -> ([B, 2, D], the looked-up vectors [B, 1 + H, D])."""
+        looked_up = self.embedding_collection(features)
+        # A candidate without a SID (serving a new item) has no prefix ids: its padded vector is zero.
+        candidate = sum(looked_up[f].to_padded_dense(desired_length=1)[:, 0] for f in self.candidate_features)
+        history = sum(looked_up[f].to_padded_dense(desired_length=self.history_length) for f in self.history_features)
+        lengths = looked_up[self.history_features[0]].lengths()
+        mask = torch.arange(self.history_length, device=lengths.device) < lengths.unsqueeze(1)
+        attended = self.attention(candidate, history, mask)
+        return torch.stack([candidate, attended], dim=1), torch.cat([candidate.unsqueeze(1), history], dim=1)
 
 
-class FusedDLRM(_FusionForward, DLRM):
-    """TorchRec's DLRM (dot interaction: B x (D + F(F+1)/2) into the over arch) with a fusion submodule."""
+class SIDRanker(nn.Module):
+    """TorchRec's DLRM archs around our tables, numeric embeddings and target attention.
 
-    def __init__(self, *, fusion: nn.Module, **dlrm_kwargs) -> None:
-        super().__init__(**dlrm_kwargs)
-        self.fusion = fusion
+    dense [B, N] -> DenseArch -> [B, D]; pooled KJT -> SparseArch -> fusion ->
+    [B, F, D]; optionally numeric embeddings [B, N, D] and the history arch's
+    [B, 2, D] join the sparse stack; TorchRec's InteractionArch (dot) or
+    InteractionDCNArch (DCNv2) over dense + stack; dropout; OverArch -> [B].
+
+    Args:
+        sparse_arch: TorchRec SparseArch over the pooled tables.
+        dense_arch: TorchRec DenseArch, N -> D.
+        numeric_arch: :class:`PiecewiseLinearEmbedding` or None (the plain dense path only).
+        history_arch: :class:`HistoryAttentionArch` or None (pooled history bags).
+        fusion: :class:`NoFusion` or :class:`FrequencyGate` on the pooled stack.
+        inter_arch: TorchRec InteractionArch or InteractionDCNArch.
+        over_arch: TorchRec OverArch ending in one logit.
+        dropout: probability on the interaction output.
+    """
+
+    def __init__(
+        self,
+        *,
+        sparse_arch: SparseArch,
+        dense_arch: DenseArch,
+        numeric_arch: nn.Module | None,
+        history_arch: HistoryAttentionArch | None,
+        fusion: nn.Module,
+        inter_arch: nn.Module,
+        over_arch: OverArch,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch, self.dense_arch, self.numeric_arch = sparse_arch, dense_arch, numeric_arch
+        self.history_arch, self.fusion, self.inter_arch = history_arch, fusion, inter_arch
+        # Identity at 0: a zero-probability Dropout would still draw from the RNG in training.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.over_arch = over_arch
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The tables' weights (the fused sparse optimizer's); every other parameter is dense."""
+        tables = [self.sparse_arch, *([self.history_arch.embedding_collection] if self.history_arch else [])]
+        return [p for module in tables for p in module.parameters()]
+
+    def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch -> (logits [B], mean squared norm of the embeddings looked up per row [])."""
+        dense = batch.dense_features
+        pooled = self.sparse_arch(batch.sparse_features)
+        stack, looked_up = [self.fusion(pooled, dense)], [pooled.flatten(1)]
+        if self.numeric_arch is not None:
+            stack.append(self.numeric_arch(dense))
+        if self.history_arch is not None:
+            vectors, history = self.history_arch(batch.sequence_features)
+            stack.append(vectors)
+            looked_up.append(history.flatten(1))
+        interaction = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=torch.cat(stack, dim=1))
+        l2 = torch.cat(looked_up, dim=1).pow(2).sum(1).mean()
+        return self.over_arch(self.dropout(interaction)).squeeze(-1), l2
 
 
-class FusedDLRM_DCN(_FusionForward, DLRM_DCN):
-    """TorchRec's DLRM_DCN (DCNv2 on B x (F + 1) * D into the over arch) with a fusion submodule."""
+class RankerTrain(nn.Module):
+    """BCE (+ ``l2`` x the squared norm of the batch's embedding rows): ``loss, (bce, logits, labels)`` detached.
 
-    def __init__(self, *, fusion: nn.Module, **dlrm_kwargs) -> None:
-        super().__init__(**dlrm_kwargs)
-        self.fusion = fusion
+    The L2 term regularises only the rows a batch touches, which is what a
+    weight decay on sparse tables would do if the fused CPU kernels offered one.
+    """
 
+    def __init__(self, model: SIDRanker, l2: float) -> None:
+        super().__init__()
+        self.model, self.l2 = model, l2
+        self.loss_fn = nn.BCEWithLogitsLoss()
 
-def _dlrm(ebc: EmbeddingBagCollection, n_dense: int, cfg: ModelConfig, fusion: nn.Module) -> DLRM:
-    return FusedDLRM(
-        fusion=fusion,
-        embedding_bag_collection=ebc,
-        dense_in_features=n_dense,
-        dense_arch_layer_sizes=[*cfg.dense_layers, cfg.emb_dim],
-        over_arch_layer_sizes=[*cfg.over_layers, 1],
-    )
-
-
-def _dcn(ebc: EmbeddingBagCollection, n_dense: int, cfg: ModelConfig, fusion: nn.Module) -> DLRM:
-    return FusedDLRM_DCN(
-        fusion=fusion,
-        embedding_bag_collection=ebc,
-        dense_in_features=n_dense,
-        dense_arch_layer_sizes=[*cfg.dense_layers, cfg.emb_dim],
-        over_arch_layer_sizes=[*cfg.over_layers, 1],
-        dcn_num_layers=cfg.dcn_layers,
-        dcn_low_rank_dim=cfg.dcn_low_rank,
-    )
-
-
-ARCHS: dict[str, Callable[[EmbeddingBagCollection, int, ModelConfig, nn.Module], DLRM]] = {"dlrm": _dlrm, "dcn": _dcn}
+    def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits, l2 = self.model(batch)
+        bce = self.loss_fn(logits, batch.labels.float())
+        loss = bce + self.l2 * l2 if self.l2 > 0 else bce
+        return loss, (bce.detach(), logits.detach(), batch.labels.detach())
 
 
 def build_fusion(tables: Sequence[SparseTable], cfg: ModelConfig) -> nn.Module:
-    """The fusion submodule of ``cfg.fusion`` for the features of ``tables`` (in KJT order)."""
+    """The fusion submodule of ``cfg.fusion`` for the pooled features of ``tables`` (in KJT order)."""
     if cfg.fusion == "none":
         return NoFusion()
-    names = [f for t in tables for f in t.features]
+    names = [f for t in tables if t.pooled for f in t.features]
     sid_features = [f for f in names if is_sid_code_column(f)]
     return FrequencyGate(names, "item_id", sid_features, count_column=DENSE_FEATURES.index(FREQUENCY_FEATURE))
 
 
+def build_history_arch(tables: Sequence[SparseTable], cfg: ModelConfig, device: torch.device | str):
+    """The target-attention arch over the unpooled tables, or None when every table is pooled."""
+    unpooled = [t for t in tables if not t.pooled]
+    if not unpooled:
+        return None
+    configs = [
+        EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=cfg.emb_dim,
+                        feature_names=list(t.features))
+        for t in unpooled
+    ]
+    features = [f for t in unpooled for f in t.features]
+    history = [f for f in features if f.startswith("hist_")]
+    candidate = [f for f in features if not f.startswith("hist_")]
+    return HistoryAttentionArch(
+        EmbeddingCollection(tables=configs, device=torch.device(device)), candidate, history,
+        contract.HISTORY_LENGTH, TargetAttention(cfg.emb_dim, cfg.attention_hidden),
+    )
+
+
 def build_model(
-    tables: Sequence[SparseTable], n_dense: int, cfg: ModelConfig, *, device: torch.device | str = "meta"
-) -> DLRMTrain:
-    """DLRMTrain(DLRM or DLRM_DCN) whose forward maps a Batch to ``loss, (loss, logits [B], labels [B])``.
+    tables: Sequence[SparseTable],
+    n_dense: int,
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "meta",
+    numeric_edges: torch.Tensor | None = None,
+) -> RankerTrain:
+    """RankerTrain(SIDRanker) whose forward maps a RankerBatch to ``loss, (bce, logits [B], labels [B])``.
 
     Args:
-        tables: embedding tables in KJT key order.
-        n_dense: N, columns of ``Batch.dense_features`` [B, N] (``ranking.batches.DENSE_FEATURES``).
+        tables: embedding tables in KJT key order (pooled first).
+        n_dense: N, columns of ``dense_features`` [B, N] (``ranking.batches.DENSE_FEATURES``).
         cfg: architecture.
         device: where the embedding tables live (``meta`` before DMP); dense
             layers are always built on CPU.
+        numeric_edges: [N, T + 1] bin edges fit on train rows for
+            ``numeric="ple"``; None builds placeholders that a checkpoint load fills.
 
     Raises:
         ValueError: ``fusion="freq"`` without the item-id or the SID features.
     """
-    fusion = build_fusion(tables, cfg)
-    ebc = build_ebc(tables, cfg.emb_dim, device)
-    return DLRMTrain(ARCHS[cfg.arch](ebc, n_dense, cfg, fusion))
-
-
-def shard_model(
-    model: DLRMTrain,
-    tables: Sequence[SparseTable],
-    *,
-    sparse_optimizer: str,
-    lr_sparse: float,
-    lr_dense: float,
-    ddr_cap_bytes: int,
-    pooling_factors: Mapping[str, float] | None = None,
-) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
-    """Plan the tables across the ranks of the default process group and wrap the model in DMP.
-
-    Every table gets the fused kernel with its optimizer applied in backward;
-    the MLPs are data-parallel (DDP) with Adam, as in TorchRec's DLRM example.
-
-    Args:
-        model: from :func:`build_model` with ``device="meta"``.
-        tables: the model's tables.
-        sparse_optimizer: a key of SPARSE_OPTIMIZERS.
-        lr_sparse: learning rate of the tables.
-        lr_dense: Adam learning rate of the MLPs.
-        ddr_cap_bytes: host memory per rank the planner may fill.
-        pooling_factors: feature -> mean ids per row (``SplitTensors.pooling_factors``);
-            the planner assumes 1 per feature without them and would put the
-            20-id history bags beside each other on one rank.
-
-    Returns:
-        (model, optimizer, plan) with plan ``{"ranks": {table: [ranks]},
-        "kinds": {table: "sharding_type/kernel"}, "text": printable plan}``.
-    """
-    # Unset, the fused kernel would silently use SGD with lr 0.01.
-    optimizer = SPARSE_OPTIMIZERS[sparse_optimizer]
-    apply_optimizer_in_backward(optimizer, model.model.sparse_arch.parameters(), {"lr": lr_sparse})
-    world = dist.get_world_size()
-    topology = Topology(world_size=world, local_world_size=world, compute_device="cpu", ddr_cap=ddr_cap_bytes)
-    # Fused kernels only: the planner would make small tables data-parallel, and
-    # those train with the dense Adam, so SID and id tables would learn at
-    # rates set by their size, not by the features.
-    pooling = pooling_factors or {}
-    constraints = {
-        t.name: ParameterConstraints(
-            sharding_types=FUSED_SHARDING_TYPES,
-            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
-            pooling_factors=[max(pooling.get(f, 1.0), 1e-3) for f in t.features],
-        )
-        for t in tables
-    }
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adam(p, lr=lr_dense)
+    pooled = [t for t in tables if t.pooled]
+    ebc = build_ebc(pooled, cfg.emb_dim, device)
+    history_arch = build_history_arch(tables, cfg, device)
+    numeric_arch = None
+    if cfg.numeric == "ple":
+        edges = numeric_edges if numeric_edges is not None else torch.zeros(n_dense, cfg.numeric_bins + 1)
+        numeric_arch = PiecewiseLinearEmbedding(edges, cfg.emb_dim)
+    n_stacked = sum(len(t.features) for t in pooled)
+    n_stacked += (n_dense if numeric_arch is not None else 0) + (2 if history_arch is not None else 0)
+    if cfg.arch == "dcn":
+        crossnet = LowRankCrossNet(in_features=(n_stacked + 1) * cfg.emb_dim, num_layers=cfg.dcn_layers,
+                                   low_rank=cfg.dcn_low_rank)
+        inter_arch: nn.Module = InteractionDCNArch(num_sparse_features=n_stacked, crossnet=crossnet)
+        over_in = (n_stacked + 1) * cfg.emb_dim
+    else:
+        inter_arch = InteractionArch(num_sparse_features=n_stacked)
+        over_in = cfg.emb_dim + n_stacked * (n_stacked + 1) // 2
+    model = SIDRanker(
+        sparse_arch=SparseArch(ebc),
+        dense_arch=DenseArch(n_dense, [*cfg.dense_layers, cfg.emb_dim]),
+        numeric_arch=numeric_arch,
+        history_arch=history_arch,
+        fusion=build_fusion(tables, cfg),
+        inter_arch=inter_arch,
+        over_arch=OverArch(over_in, [*cfg.over_layers, 1]),
+        dropout=cfg.dropout,
     )
-    params = [(t, ps) for module in plan.plan.values() for t, ps in module.items()]
-    summary = {
-        "ranks": {t: list(ps.ranks or []) for t, ps in params},
-        "kinds": {t: f"{ps.sharding_type}/{ps.compute_kernel}" for t, ps in params},
-        "text": str(plan),
-    }
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), summary
-
+    return RankerTrain(model, cfg.l2_embedding)

@@ -47,11 +47,13 @@ from sidrank.io import read_json, write_json, write_parquet
 from sidrank.metrics import auc, evaluate_predictions
 from sidrank.protocol import cold_item_ids
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
+from ranking.archs import quantile_bin_edges
 from ranking.batches import DENSE_FEATURES, SplitTensors, build_split, sparse_tables
 from ranking.checkpoint import save_checkpoint
 from ranking.config import TrainConfig, config_from_args, read_meta
 from ranking.distributed import init_distributed, on_every_rank
-from ranking.model import build_model, shard_model
+from ranking.model import build_model
+from ranking.sharding import shard_model
 from ranking.shards import load_rows
 from ranking.sid_init import init_sid_tables
 
@@ -61,10 +63,12 @@ log = logging.getLogger(__name__)
 def train_epoch(
     dmp: DistributedModelParallel, opt: CombinedOptimizer, train: SplitTensors, n_train: int, cfg: TrainConfig,
     epoch: int,
-) -> tuple[float, float]:
-    """One pass over train in global batches, each rank over its shard; (mean loss over ranks, global samples/s).
+) -> tuple[float, float, float]:
+    """One pass over train in global batches, each rank over its shard.
 
-    ``train`` is this rank's shard of the ``n_train`` train rows.
+    ``train`` is this rank's shard of the ``n_train`` train rows. Returns the
+    mean BCE over ranks, the AUC of the logits as they were produced during
+    the epoch (the train curve, free of a second pass) and global samples/s.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     local = cfg.batch_size // world
@@ -75,19 +79,24 @@ def train_epoch(
     n_steps = n_train // cfg.batch_size
     dmp.train()
     loss_sum, start = torch.zeros(()), time.perf_counter()
+    logits, labels = torch.empty(n_steps * local), torch.empty(n_steps * local)
     bar = tqdm(range(n_steps), desc=f"epoch {epoch}", disable=rank != 0, mininterval=1.0)
     for step in bar:
-        loss, _ = dmp(train.batch(order[step * local : (step + 1) * local]))
+        loss, (bce, step_logits, step_labels) = dmp(train.batch(order[step * local : (step + 1) * local]))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss_sum += loss.detach()
+        loss_sum += bce
+        logits[step * local : (step + 1) * local], labels[step * local : (step + 1) * local] = step_logits, step_labels
         if rank == 0 and step % 20 == 0:
             rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{bce.item():.4f}", samples_s=f"{rate:.0f}")
     rate = n_steps * cfg.batch_size / (time.perf_counter() - start)
     dist.all_reduce(loss_sum)
-    return float(loss_sum) / (n_steps * world), rate
+    gathered = [torch.empty(2, len(logits)) for _ in range(world)]
+    dist.all_gather(gathered, torch.stack([logits, labels]))
+    every = torch.cat(gathered, dim=1).numpy()
+    return float(loss_sum) / (n_steps * world), auc(every[1], every[0], what="train auc"), rate
 
 
 def score_split(
@@ -181,7 +190,11 @@ def run(cfg: TrainConfig) -> dict | None:
     # 4. model, sharding plan, optimizers
     with _timed(timings, "shard_s"):
         tables = sparse_tables(meta, cfg.features)
-        model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta")
+        edges = None
+        if cfg.model.numeric == "ple":
+            edges = torch.from_numpy(quantile_bin_edges(splits["train"].dense.numpy(), cfg.model.numeric_bins))
+            dist.broadcast(edges, src=0)  # rank 0's train shard sets every rank's bins
+        model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta", numeric_edges=edges)
         dmp, opt, plan = shard_model(
             model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
             ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30), pooling_factors=splits["train"].pooling_factors(),
@@ -195,14 +208,17 @@ def run(cfg: TrainConfig) -> dict | None:
     local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
     for epoch in range(cfg.epochs):
         with _timed(timings, "train_s"):
-            loss, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch)
+            loss, train_auc, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch)
         with _timed(timings, "eval_s"):
             ids, scores = score_split(dmp, splits["valid"], n_rows["valid"], local)
         # Every rank holds all scores, so every rank takes the same stopping decision.
         assert np.array_equal(ids, split_events["valid"]["row_id"].to_numpy()), "gathered scores out of row order"
         valid_auc = auc(split_events["valid"]["label"].to_numpy(), scores, what="valid auc")
-        history.append({"epoch": epoch, "train_loss": loss, "valid_auc": valid_auc, "samples_per_s": rate})
-        log.info("epoch %d: train loss %.4f, valid auc %.4f, %.0f samples/s", epoch, loss, valid_auc, rate)
+        history.append(
+            {"epoch": epoch, "train_loss": loss, "train_auc": train_auc, "valid_auc": valid_auc, "samples_per_s": rate}
+        )
+        log.info("epoch %d: train loss %.4f, train auc %.4f, valid auc %.4f, %.0f samples/s", epoch, loss,
+                 train_auc, valid_auc, rate)
         if best["epoch"] < 0 or valid_auc > best["auc"]:
             best = {"epoch": epoch, "auc": valid_auc, "state": copy.deepcopy(dmp.state_dict()), "valid": (ids, scores)}
         elif epoch - best["epoch"] >= cfg.patience:
@@ -222,7 +238,7 @@ def run(cfg: TrainConfig) -> dict | None:
         "valid": _predictions(split_events["valid"], *best["valid"]),
         "test": _predictions(split_events["test"], test_ids, test_scores),
     }
-    cold = cold_item_ids(read_json(paths.meta), events, source=str(paths.meta))
+    cold = cold_item_ids(read_json(require_file(paths.meta, "python -m ingest")), events, source=str(paths.meta))
     test, valid = (evaluate_predictions(preds[s], cold_items=cold, source=f"predictions_{s}") for s in ("test", "valid"))
     for name, frame in preds.items():
         write_parquet(frame[["row_id", "label", "score"]], cfg.out / f"predictions_{name}.parquet")

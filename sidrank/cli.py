@@ -152,8 +152,12 @@ def parse_config(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] 
 
     Keys of the saved config that ``cls`` no longer has are an error naming them.
     """
-    parser.add_argument("--config", type=Path, default=None, help="replay the 'config' block of a run's metrics.json")
-    first, _ = parser.parse_known_args(argv)
+    help_text = "replay the 'config' block of a run's metrics.json; flags given beside it win"
+    parser.add_argument("--config", type=Path, default=None, help=help_text)
+    # Its own parser: the full one would demand the required flags that the saved config supplies.
+    replay = argparse.ArgumentParser(add_help=False)
+    replay.add_argument("--config", type=Path, default=None)
+    first, _ = replay.parse_known_args(argv)
     if first.config is not None:
         saved = saved_config(first.config)
         known = {a.dest for a in parser._actions}  # argparse exposes no public list of destinations

@@ -1,13 +1,16 @@
-"""ranking.model on a tiny batch, single process (no DMP); the frequency-gated item-id / SID fusion."""
+"""ranking.model and ranking.archs on a tiny batch, single process (no DMP): variants, target attention,
+numeric embeddings, the frequency-gated item-id / SID fusion."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_batches import META, tiny_rows
 
 from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
-from ranking.model import FrequencyGate, FusedDLRM, FusedDLRM_DCN, ModelConfig, NoFusion, build_ebc, build_model
+from ranking.archs import PiecewiseLinearEmbedding, TargetAttention, quantile_bin_edges
+from ranking.model import FrequencyGate, ModelConfig, NoFusion, SIDRanker, build_ebc, build_model
 
 
 @pytest.fixture(scope="module")
@@ -16,17 +19,27 @@ def batch():
     return split.batch(torch.tensor([0, 1, 2, 0]))
 
 
+@pytest.mark.parametrize("history", ["pooled", "attention"])
+@pytest.mark.parametrize("numeric", ["ple", "mlp"])
 @pytest.mark.parametrize("arch", ["dlrm", "dcn"])
-def test_forward_shapes(arch: str, batch) -> None:
+def test_forward_shapes(arch: str, numeric: str, history: str) -> None:
     torch.manual_seed(0)
-    tables = sparse_tables(META, FeatureConfig())
-    model = build_model(tables, len(DENSE_FEATURES), ModelConfig(arch=arch, emb_dim=8), device="cpu")
-    loss, (loss_d, logits, labels) = model(batch)
+    features = FeatureConfig(history=history)
+    split = build_split(tiny_rows(), META, features, "rows.parquet")
+    batch = split.batch(torch.tensor([0, 1, 2, 0]))
+    tables = sparse_tables(META, features)
+    edges = torch.from_numpy(quantile_bin_edges(split.dense.numpy(), 4))
+    cfg = ModelConfig(arch=arch, emb_dim=8, numeric=numeric, numeric_bins=4, l2_embedding=1e-3)
+    model = build_model(tables, len(DENSE_FEATURES), cfg, device="cpu", numeric_edges=edges)
+    loss, (bce, logits, labels) = model(batch)
     assert logits.shape == (4,) and labels.shape == (4,)
-    assert loss.ndim == 0 and loss.requires_grad and not loss_d.requires_grad
-    # The sparse arch pools one D-vector per feature: B x F x D.
+    assert loss.ndim == 0 and loss.requires_grad and not bce.requires_grad and loss > bce  # the L2 term
+    # The sparse arch pools one D-vector per pooled feature: B x F x D.
     sparse = model.model.sparse_arch(batch.sparse_features)
     assert sparse.shape == (4, len(batch.sparse_features.keys()), 8)
+    assert (batch.sequence_features is None) == (history == "pooled")
+    loss.backward()
+    assert all(p.grad is not None for p in model.model.embedding_parameters())
 
 
 def test_shared_item_table_pools_the_same_vector() -> None:
@@ -91,18 +104,63 @@ def test_fusion_is_a_swapped_submodule_and_needs_item_id_and_sid(batch) -> None:
     tables = sparse_tables(META, FeatureConfig())
     plain = build_model(tables, len(DENSE_FEATURES), ModelConfig(arch="dcn"), device="cpu").model
     fused = build_model(tables, len(DENSE_FEATURES), ModelConfig(arch="dcn", fusion="freq"), device="cpu").model
-    assert isinstance(plain, FusedDLRM_DCN) and isinstance(plain.fusion, NoFusion)
+    assert isinstance(plain, SIDRanker) and isinstance(plain.fusion, NoFusion)
     assert isinstance(fused.fusion, FrequencyGate) and fused.fusion.item_index == 1  # after user_id
     assert [n for n, _ in fused.fusion.named_parameters()] == ["a", "b"]
-    dlrm = build_model(tables, len(DENSE_FEATURES), ModelConfig(fusion="freq"), device="cpu").model
-    assert isinstance(dlrm, FusedDLRM)
     # With the gate at g = 1 the fused model is the plain one with the same weights.
     fused.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         fused.fusion.a.zero_()
         fused.fusion.b.fill_(50.0)
-    assert torch.allclose(fused(batch.dense_features, batch.sparse_features),
-                          plain(batch.dense_features, batch.sparse_features))
+    assert torch.allclose(fused(batch)[0], plain(batch)[0])
     for features in (FeatureConfig(use_sid=False), FeatureConfig(use_item_id=False)):
         with pytest.raises(ValueError, match="fusion='freq' fuses the item-id and SID embeddings"):
             build_model(sparse_tables(META, features), len(DENSE_FEATURES), ModelConfig(fusion="freq"), device="cpu")
+
+
+def test_attention_shares_rows_between_candidate_and_history() -> None:
+    features = FeatureConfig(history="attention")
+    tables = sparse_tables(META, features)
+    unpooled = {t.name: t.features for t in tables if not t.pooled}
+    assert unpooled["t_item"] == ("item_id", "hist_items")
+    assert unpooled["t_sid_prefix"] == ("sid_prefix_1", "sid_prefix_2", "hist_sid_p1", "hist_sid_p2")
+    assert [t.pooled for t in tables] == sorted((t.pooled for t in tables), reverse=True)  # pooled keys first
+    rows = tiny_rows()
+    rows["hist_items"] = [None, None, [4]]  # row 2 is item 4 with history [4] and the same prefixes
+    rows["hist_sid_p1"] = [None, None, [rows["sid_codes"][2][0]]]
+    rows["hist_sid_p2"] = [None, None, [rows["sid_codes"][2][0] * META.sid_codebook_size + rows["sid_codes"][2][1]]]
+    batch = build_split(rows, META, features, "r").batch(torch.tensor([2, 0]))
+    model = build_model(tables, len(DENSE_FEATURES), ModelConfig(numeric="mlp"), device="cpu").model
+    vectors, looked_up = model.history_arch(batch.sequence_features)
+    assert torch.allclose(looked_up[0, 0], looked_up[0, 1])  # candidate == its own history entry
+    assert torch.allclose(vectors[0, 0], vectors[0, 1])  # one history item: attention returns it
+    assert torch.equal(vectors[1, 1], torch.zeros(16))  # row 0 has no history
+
+
+def test_target_attention_ignores_padding_and_depends_on_the_query() -> None:
+    torch.manual_seed(0)
+    attend = TargetAttention(4)
+    keys, query = torch.randn(2, 3, 4), torch.randn(2, 4)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = attend(query, keys, mask)
+    assert torch.equal(out[1], torch.zeros(4))  # an empty history attends to nothing
+    padded = keys.clone()
+    padded[0, 2] = 100.0  # padding may hold anything
+    assert torch.allclose(attend(query, padded, mask), out)
+    # A convex mix of the real keys, with weights that move with the query.
+    assert not torch.allclose(attend(-5 * query, keys, mask)[0], out[0])
+    weights = torch.linalg.lstsq(keys[0, :2].T, out[0].unsqueeze(1)).solution.squeeze(1)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-4) and (weights > 0).all()
+
+
+def test_piecewise_linear_bins_fit_quantiles_and_saturate_outside_the_train_range() -> None:
+    rng = np.random.default_rng(0)
+    values = np.stack([rng.exponential(size=1000), np.repeat([0.0, 1.0], 500)], axis=1)
+    edges = quantile_bin_edges(values, 8)
+    assert edges.shape == (2, 9) and (np.diff(edges, axis=1) > 0).all()  # a 2-valued column still gets 8 bins
+    ple = PiecewiseLinearEmbedding(torch.from_numpy(edges), 4)
+    far = ple(torch.tensor([[1e6, 1.0], [edges[0, -1], 1.0]]))
+    assert torch.allclose(far[0], far[1])  # beyond the last edge nothing changes: no extrapolation
+    assert ple(torch.rand(5, 2)).shape == (5, 2, 4)
+    with pytest.raises(ValueError, match="non-empty"):
+        quantile_bin_edges(np.zeros((0, 2)), 4)

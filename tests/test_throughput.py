@@ -11,9 +11,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.throughput import IMPLS, PHASES, ThroughputConfig, _label, derive, launches, main, report, targets
-from benchmarks.throughput_worker import PlainDLRM, kjt_bags, synthetic_rows
+from benchmarks.throughput_worker import DLRM_CONFIG, PlainDLRM, kjt_bags, synthetic_rows
 from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
-from ranking.model import ModelConfig, build_model
+from ranking.model import build_model
 
 TINY = ["--rows", "1500", "--items", "300", "--users", "60", "--batch-sizes", "256", "128", "--warmup", "1",
         "--steps", "2", "--profile-steps", "1", "--copy-gib", "0.01", "--copy-repeats", "2"]
@@ -91,8 +91,8 @@ def test_targets_and_report_of_every_launch() -> None:
 def test_plain_dlrm_has_the_layers_of_torchrec_dlrm() -> None:
     rows, meta = synthetic_rows(ThroughputConfig(rows=64, items=50, users=20, batch_sizes=(32,)))
     tables = sparse_tables(meta, FeatureConfig())
-    dlrm = build_model(tables, len(DENSE_FEATURES), ModelConfig(), device="cpu").model
-    plain = PlainDLRM(tables, len(DENSE_FEATURES), ModelConfig())
+    dlrm = build_model(tables, len(DENSE_FEATURES), DLRM_CONFIG, device="cpu").model
+    plain = PlainDLRM(tables, len(DENSE_FEATURES), DLRM_CONFIG)
 
     def shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in module.parameters()]

@@ -86,6 +86,7 @@ def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: i
     sid_dir.mkdir(parents=True)
     torch.save({"codebooks": codebooks, "config": {"levels": LEVELS}}, sid_dir / "codebooks.pt")
     write_parquet(events, dataset / "events.parquet")
+    write_json({"n_items": N_ITEMS, "protocol": "temporal"}, dataset / "meta.json")
     write_parquet(rows, dataset / "rows.parquet")
     write_json({**dataclasses.asdict(META), "extra": 1}, root / "feature_meta.json")
     return dataset, dataset / "rows.parquet", root / "feature_meta.json"
