@@ -9,15 +9,21 @@ construction. Hyper-parameters are chosen on the valid split only.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ranking.batches import SparseTable, SplitTensors
+from ranking.batches import SparseTable, SplitTensors, build_split, sparse_tables
+from ranking.config import TrainConfig, read_meta
+from ranking.shards import read_row_ids
+from sidrank.contract import DatasetPaths
 from sidrank.metrics import auc
+from sidrank.schema import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +90,39 @@ def fit_lightgbm(
     )
     score = auc(y_valid, booster.predict(valid, num_iteration=booster.best_iteration))
     return booster, booster.best_iteration, score
+
+
+class BaselineInputs(NamedTuple):
+    """A ranker run's inputs as baseline matrices, per split.
+
+    Attributes:
+        x: split -> [N, W] CSR (:func:`to_sparse_matrix`).
+        dense: split -> [N, F] standardised dense features alone.
+        y: split -> [N] labels.
+        events: split -> the split's events (``row_id``, ``user_id``, ``item_id``, ``label``) in row order.
+    """
+
+    x: dict[str, sp.csr_matrix]
+    dense: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    events: dict[str, pd.DataFrame]
+
+
+def baseline_inputs(cfg: TrainConfig) -> BaselineInputs:
+    """The training rows a ranker run with ``cfg`` reads (its Feast rows cache), encoded with its features."""
+    meta = read_meta(cfg)
+    events = pd.read_parquet(DatasetPaths(cfg.dataset).events).sort_values("row_id", ignore_index=True)
+    path = cfg.rows_path_for(meta)
+    splits, frames = {}, {}
+    for split in SPLITS:
+        frames[split] = events.loc[events["split"] == split, ["row_id", "user_id", "item_id", "label"]]
+        rows = read_row_ids(path, frames[split]["row_id"].to_numpy())
+        splits[split] = build_split(rows, meta, cfg.features, f"{path}[{split}]")
+    widths = feature_widths(sparse_tables(meta, cfg.features))
+    scaler = StandardScaler().fit(splits["train"].dense.numpy())
+    return BaselineInputs(
+        x={s: to_sparse_matrix(t, widths, scaler) for s, t in splits.items()},
+        dense={s: scaler.transform(t.dense.numpy()) for s, t in splits.items()},
+        y={s: t.labels.numpy() for s, t in splits.items()},
+        events={s: f.reset_index(drop=True) for s, f in frames.items()},
+    )
