@@ -6,6 +6,8 @@ H history length.
 - :class:`PiecewiseLinearEmbedding`: numeric features as embeddings, so the
   interaction sees a count or a rate like a sparse feature (Gorishniy et al.
   2022, "On Embeddings for Numerical Features in Tabular Deep Learning").
+- :class:`ItemVocabulary`: item ids to rows of the item table, rare items
+  sharing the unknown row.
 - :class:`TargetAttention`: DIN's activation unit (Zhou et al. 2018): the
   candidate queries the user's history, so the history vector depends on what
   is being ranked.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def quantile_bin_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -69,7 +72,11 @@ class PiecewiseLinearEmbedding(nn.Module):
 
 
 class TargetAttention(nn.Module):
-    """DIN attention: weights from an MLP over (query, key, query - key, query * key), masked softmax.
+    """DIN attention: a weight per history item from an MLP over (query, key, query - key, query * key).
+
+    As in DIN, the weights are not normalised over the history (a sigmoid,
+    not a softmax), so the result keeps how much of the history matches the
+    candidate, not only which part does; padding gets weight 0.
 
     Args:
         dim: D of the query and the keys.
@@ -90,5 +97,49 @@ class TargetAttention(nn.Module):
         """query [B, D], keys [B, H, D], mask [B, H] bool (True = a real history item) -> [B, D]."""
         q = query.unsqueeze(1).expand_as(keys)
         scores = self.unit(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
-        weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask
+        weights = torch.sigmoid(scores) * mask
         return torch.einsum("bh,bhd->bd", weights, keys)
+
+
+def item_rows(train_counts: np.ndarray, min_train_rows: int) -> torch.Tensor:
+    """[n_items + 1] row of each item id: itself, or 0 (unknown) below ``min_train_rows`` train rows."""
+    rows = torch.arange(len(train_counts), dtype=torch.int64)
+    rows[torch.from_numpy(np.asarray(train_counts) < min_train_rows)] = 0
+    return rows
+
+
+class ItemVocabulary(nn.Module):
+    """Item ids -> rows of the item table, applied to the item features of a KJT.
+
+    An item with few train rows would keep a nearly untrained vector (one with
+    none keeps its random init), so such items share the unknown row 0, which
+    all of them train, and their SID prefixes carry what is specific to each.
+    The mapping is a buffer, saved with the model, so serving maps ids exactly
+    as training did.
+
+    Args:
+        rows: [n_items + 1] table row of every item id (:func:`item_rows`).
+        features: the KJT keys that hold item ids.
+
+    Example::
+
+        vocab = ItemVocabulary(item_rows(np.array([0, 9, 1]), 5), ["item_id"])
+        vocab(KeyedJaggedTensor(["item_id"], torch.tensor([1, 2]), torch.tensor([1, 1]))).values()  # [1, 0]
+    """
+
+    def __init__(self, rows: torch.Tensor, features: list[str]) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows.clone())
+        self.features = list(features)
+
+    def forward(self, features: KeyedJaggedTensor | None) -> KeyedJaggedTensor | None:
+        if features is None or not set(self.features) & set(features.keys()):
+            return features
+        keys = features.keys()
+        per_value_key = torch.repeat_interleave(
+            torch.arange(len(keys)), torch.tensor(features.length_per_key()), output_size=len(features.values())
+        )
+        is_item = torch.isin(per_value_key, torch.tensor([i for i, k in enumerate(keys) if k in self.features]))
+        values = features.values()
+        mapped = self.rows[values.clamp(0, len(self.rows) - 1)]
+        return KeyedJaggedTensor(keys=keys, values=torch.where(is_item, mapped, values), lengths=features.lengths())

@@ -51,7 +51,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sidrank import contract
 from sidrank.schema import is_sid_code_column
-from ranking.archs import PiecewiseLinearEmbedding, TargetAttention
+from ranking.archs import ItemVocabulary, PiecewiseLinearEmbedding, TargetAttention
 from ranking.batches import DENSE_FEATURES, RankerBatch, SparseTable
 
 
@@ -86,6 +86,8 @@ class ModelConfig:
         attention_hidden: hidden width of the target-attention unit.
         dropout: dropout on the interaction output.
         l2_embedding: weight of the squared norm of the embedding rows each batch looks up.
+        item_min_train_rows: items with fewer train rows share the unknown
+            item row (0 keeps every item's own row).
     """
 
     arch: str = field(default="dlrm", metadata={"choices": ARCHS})
@@ -101,6 +103,7 @@ class ModelConfig:
     attention_hidden: int = 36
     dropout: float = 0.0
     l2_embedding: float = 0.0
+    item_min_train_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -281,11 +284,13 @@ class SIDRanker(nn.Module):
         inter_arch: TorchRec InteractionArch or InteractionDCNArch.
         over_arch: TorchRec OverArch ending in one logit.
         dropout: probability on the interaction output.
+        vocabulary: item ids -> item-table rows, applied before every lookup.
     """
 
     def __init__(
         self,
         *,
+        vocabulary: ItemVocabulary,
         sparse_arch: SparseArch,
         dense_arch: DenseArch,
         numeric_arch: nn.Module | None,
@@ -296,6 +301,7 @@ class SIDRanker(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
+        self.vocabulary = vocabulary
         self.sparse_arch, self.dense_arch, self.numeric_arch = sparse_arch, dense_arch, numeric_arch
         self.history_arch, self.fusion, self.inter_arch = history_arch, fusion, inter_arch
         # Identity at 0: a zero-probability Dropout would still draw from the RNG in training.
@@ -310,12 +316,12 @@ class SIDRanker(nn.Module):
     def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch -> (logits [B], mean squared norm of the embeddings looked up per row [])."""
         dense = batch.dense_features
-        pooled = self.sparse_arch(batch.sparse_features)
+        pooled = self.sparse_arch(self.vocabulary(batch.sparse_features))
         stack, looked_up = [self.fusion(pooled, dense)], [pooled.flatten(1)]
         if self.numeric_arch is not None:
             stack.append(self.numeric_arch(dense))
         if self.history_arch is not None:
-            vectors, history = self.history_arch(batch.sequence_features)
+            vectors, history = self.history_arch(self.vocabulary(batch.sequence_features))
             stack.append(vectors)
             looked_up.append(history.flatten(1))
         interaction = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=torch.cat(stack, dim=1))
@@ -377,6 +383,7 @@ def build_model(
     *,
     device: torch.device | str = "meta",
     numeric_edges: torch.Tensor | None = None,
+    item_rows: torch.Tensor | None = None,
 ) -> RankerTrain:
     """RankerTrain(SIDRanker) whose forward maps a RankerBatch to ``loss, (bce, logits [B], labels [B])``.
 
@@ -388,6 +395,9 @@ def build_model(
             layers are always built on CPU.
         numeric_edges: [N, T + 1] bin edges fit on train rows for
             ``numeric="ple"``; None builds placeholders that a checkpoint load fills.
+        item_rows: [n_items + 1] item-table row of each item id
+            (``ranking.archs.item_rows``); None: every item its own row (or a
+            checkpoint's mapping, loaded over it).
 
     Raises:
         ValueError: ``fusion="freq"`` without the item-id or the SID features.
@@ -409,7 +419,11 @@ def build_model(
     else:
         inter_arch = InteractionArch(num_sparse_features=n_stacked)
         over_in = cfg.emb_dim + n_stacked * (n_stacked + 1) // 2
+    item_table = next((t for t in tables if t.name == "t_item"), None)
+    n_item_ids = item_table.num_embeddings if item_table is not None else 1
+    rows = item_rows if item_rows is not None else torch.arange(n_item_ids)
     model = SIDRanker(
+        vocabulary=ItemVocabulary(rows, ["item_id", contract.HIST_ITEMS]),
         sparse_arch=SparseArch(ebc),
         dense_arch=DenseArch(n_dense, [*cfg.dense_layers, cfg.emb_dim]),
         numeric_arch=numeric_arch,

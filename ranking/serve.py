@@ -202,7 +202,7 @@ class Ranker:
 
     def score(self, batch: Batch) -> np.ndarray:
         """[B] click probabilities."""
-        # no_grad, not inference_mode: see DESIGN.md section 9.
+        # no_grad, not inference_mode: TorchRec's modules break on inference tensors.
         with torch.no_grad():
             _, (_, logits, _) = self.model(batch)
         return torch.sigmoid(logits).numpy()
@@ -278,12 +278,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = parser_for("python -m ranking.serve", __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rank = sub.add_parser("rank", allow_abbrev=False, formatter_class=parser.formatter_class,
-                          help="rank once and print JSON")
-    rank.add_argument("--user", type=int, required=True, help="user id")
-    rank.add_argument("--items", type=int, nargs="+", required=True, help="candidate item ids")
+                          help="rank once and print JSON", description="Rank one user's candidates once and print JSON.")
+    # SUPPRESS keeps "(default: None)" out of the help of a required flag.
+    rank.add_argument("--user", type=int, required=True, default=argparse.SUPPRESS, help="user id")
+    rank.add_argument("--items", type=int, nargs="+", required=True, default=argparse.SUPPRESS,
+                      help="candidate item ids")
     add_config_arguments(rank, ServeConfig, skip=("port",))
     http = sub.add_parser("http", allow_abbrev=False, formatter_class=parser.formatter_class,
-                          help="serve POST /rank and GET /health")
+                          help="serve POST /rank and GET /health",
+                          description="Serve POST /rank and GET /health on 127.0.0.1 until interrupted.")
     add_config_arguments(http, ServeConfig)
     return parser
 

@@ -25,7 +25,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from ranking.batches import SparseTable
 from ranking.model import RankerTrain
 
-# The optimizers the fused CPU kernel implements (DESIGN.md section 9). Its
+# The optimizers the fused CPU kernel implements (SGD, Adagrad, row-wise Adagrad). Its
 # weight_decay is silently ignored on CPU, so none is offered. SGD moves a row
 # in proportion to its gradient, so rarely seen ids (most users here) drift
 # little from init; row-wise Adagrad normalises the first steps to ~lr each.

@@ -47,7 +47,7 @@ from sidrank.io import read_json, write_json, write_parquet
 from sidrank.metrics import auc, evaluate_predictions
 from sidrank.protocol import cold_item_ids
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
-from ranking.archs import quantile_bin_edges
+from ranking.archs import item_rows, quantile_bin_edges
 from ranking.batches import DENSE_FEATURES, SplitTensors, build_split, sparse_tables
 from ranking.checkpoint import save_checkpoint
 from ranking.config import TrainConfig, config_from_args, read_meta
@@ -194,7 +194,11 @@ def run(cfg: TrainConfig) -> dict | None:
         if cfg.model.numeric == "ple":
             edges = torch.from_numpy(quantile_bin_edges(splits["train"].dense.numpy(), cfg.model.numeric_bins))
             dist.broadcast(edges, src=0)  # rank 0's train shard sets every rank's bins
-        model = build_model(tables, len(DENSE_FEATURES), cfg.model, device="meta", numeric_edges=edges)
+        train_counts = np.bincount(events.loc[events["split"] == "train", "item_id"], minlength=meta.n_items + 1)
+        rows = item_rows(train_counts, cfg.model.item_min_train_rows)
+        model = build_model(
+            tables, len(DENSE_FEATURES), cfg.model, device="meta", numeric_edges=edges, item_rows=rows
+        )
         dmp, opt, plan = shard_model(
             model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
             ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30), pooling_factors=splits["train"].pooling_factors(),

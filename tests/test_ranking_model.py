@@ -9,7 +9,8 @@ import torch
 from test_batches import META, tiny_rows
 
 from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
-from ranking.archs import PiecewiseLinearEmbedding, TargetAttention, quantile_bin_edges
+from ranking.archs import ItemVocabulary, PiecewiseLinearEmbedding, TargetAttention, item_rows, quantile_bin_edges
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ranking.model import FrequencyGate, ModelConfig, NoFusion, SIDRanker, build_ebc, build_model
 
 
@@ -133,7 +134,8 @@ def test_attention_shares_rows_between_candidate_and_history() -> None:
     model = build_model(tables, len(DENSE_FEATURES), ModelConfig(numeric="mlp"), device="cpu").model
     vectors, looked_up = model.history_arch(batch.sequence_features)
     assert torch.allclose(looked_up[0, 0], looked_up[0, 1])  # candidate == its own history entry
-    assert torch.allclose(vectors[0, 0], vectors[0, 1])  # one history item: attention returns it
+    weight = vectors[0, 1].norm() / vectors[0, 0].norm()  # one history item: attention returns it, weighted
+    assert 0 < weight < 1 and torch.allclose(vectors[0, 1], weight * vectors[0, 0], atol=1e-6)
     assert torch.equal(vectors[1, 1], torch.zeros(16))  # row 0 has no history
 
 
@@ -147,10 +149,10 @@ def test_target_attention_ignores_padding_and_depends_on_the_query() -> None:
     padded = keys.clone()
     padded[0, 2] = 100.0  # padding may hold anything
     assert torch.allclose(attend(query, padded, mask), out)
-    # A convex mix of the real keys, with weights that move with the query.
+    # A mix of the real keys with weights in (0, 1), unnormalised as in DIN, that move with the query.
     assert not torch.allclose(attend(-5 * query, keys, mask)[0], out[0])
     weights = torch.linalg.lstsq(keys[0, :2].T, out[0].unsqueeze(1)).solution.squeeze(1)
-    assert weights.sum().item() == pytest.approx(1.0, abs=1e-4) and (weights > 0).all()
+    assert (weights > 0).all() and (weights < 1).all()
 
 
 def test_piecewise_linear_bins_fit_quantiles_and_saturate_outside_the_train_range() -> None:
@@ -164,3 +166,19 @@ def test_piecewise_linear_bins_fit_quantiles_and_saturate_outside_the_train_rang
     assert ple(torch.rand(5, 2)).shape == (5, 2, 4)
     with pytest.raises(ValueError, match="non-empty"):
         quantile_bin_edges(np.zeros((0, 2)), 4)
+
+
+def test_rare_items_share_the_unknown_row_in_every_item_feature() -> None:
+    rows = item_rows(np.array([0, 9, 1, 5]), 5)  # ids 0..3 with 0, 9, 1 and 5 train rows
+    assert rows.tolist() == [0, 1, 0, 3]
+    vocab = ItemVocabulary(rows, ["item_id", "hist_items"])
+    # One row: user 2, item 2, history [3, 1, 2].
+    kjt = KeyedJaggedTensor(
+        keys=["user_id", "item_id", "hist_items"], values=torch.tensor([2, 2, 3, 1, 2]), lengths=torch.tensor([1, 1, 3])
+    )
+    mapped = vocab(kjt)
+    assert mapped.keys() == kjt.keys() and torch.equal(mapped.lengths(), kjt.lengths())
+    assert mapped["user_id"].values().tolist() == [2]  # not an item feature: untouched
+    assert mapped["item_id"].values().tolist() == [0]
+    assert mapped["hist_items"].values().tolist() == [3, 1, 0]
+    assert vocab(None) is None
