@@ -49,7 +49,7 @@ class ServingBenchConfig:
         candidates: item ids per request, drawn without replacement from the model's items.
         warmup: untimed requests first.
         seed: draws users and candidates.
-        target_p99_ms: the end-to-end p99 the issue asks for.
+        target_p99_ms: the end-to-end p99 latency the benchmark checks against.
         name: results file stem.
         results_dir: where the JSON and Markdown go.
     """

@@ -1,4 +1,4 @@
-"""Ranker training throughput (issue 4): TorchRec DLRM under torchrun vs plain PyTorch, 1 vs 2 ranks.
+"""Ranker training throughput: TorchRec DLRM under torchrun vs plain PyTorch, 1 vs 2 ranks.
 
     python -m benchmarks.throughput                      # 400k rows, 1M items, 100k users (a few minutes on 2 cores)
     python -m benchmarks.throughput --rows 20000 --items 5000 --users 1000 --steps 5 --copy-gib 0.25
@@ -192,7 +192,7 @@ def _check(target: str, value: float, measured: str, passed: bool | None, explai
 
 
 def targets(runs: list[dict], batch: int) -> list[dict]:
-    """PASS/MISS of the issue's targets at ``batch`` (plus context lines), each with the runs that explain a miss."""
+    """PASS/MISS of the TARGET_* / MAX_DATA_SHARE checks at ``batch`` (plus context lines) and the runs behind a miss."""
     at = {(r["impl"], r["ranks"], r["threads"]): r for r in runs if r["batch"] == batch}
     out = []
     for (impl, ranks, threads), run in at.items():

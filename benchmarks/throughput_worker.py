@@ -4,7 +4,7 @@
 
 ``JOB.json`` holds the driver's ``ThroughputConfig``, the threads per rank,
 the implementations to run and where rank 0 writes its results. Every rank
-builds the same seeded synthetic rows in the row contract (ranking/contract.py),
+builds the same seeded synthetic rows in the row contract (sidrank/contract.py),
 encodes its shard of them once with ``build_split`` (as ranking/train.py:
 every world-th row) and, per implementation and global batch size, runs
 warmup, timed and profiled steps on the same batches:

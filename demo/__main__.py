@@ -1,3 +1,4 @@
 from demo import main
+from sidrank.cli import run_main
 
-main()
+run_main(main, "python -m demo")

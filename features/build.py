@@ -20,7 +20,9 @@ A behaviour row holds the state of its user (item) after *all* events at or
 before time t and is stamped t + 1 microsecond. Feast's point-in-time join is
 inclusive (feature time <= event time), so an event at time t sees only events
 strictly before t: never its own label, never a same-timestamp sibling
-(../shared/DESIGN.md sections 4 and 5). Events of every split are used.
+(docs/architecture.md, "Causal feature stamping"). Events of every split are
+used, as a live system would: a valid or test row sees the earlier valid and
+test events too, never a later one.
 
 The last two tables depend on the SID version; ``features.publish`` stores
 them per version (``sidrank.contract.SID_VERSION_TABLES``) so publishing a new
@@ -29,7 +31,6 @@ version keeps the older ones retrievable. The other four are shared.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.io import atomic_path, file_sha256, read_json, write_json
 from sidrank.schema import (
     DataError,
@@ -58,6 +60,7 @@ from sidrank import contract
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m features.build"
 STATIC_TIMESTAMP = pd.Timestamp("1970-01-01", tz="UTC")
 STAMP_DELAY_US = 1
 # Rows per list-building chunk: bounds the temporary index arrays to ~HISTORY_LENGTH x this.
@@ -301,8 +304,8 @@ class FeaturesConfig:
     """Configuration of the feature pipeline.
 
     Args:
-        dataset: dataset folder (see :class:`sidrank.schema.DatasetPaths`).
-        sid_version: SID version under ``<dataset>/sids/``, or ``LATEST``.
+        dataset: dataset folder written by ``python -m ingest`` (sidrank.contract.DatasetPaths root).
+        sid_version: SID version under ``<dataset>/sids/``, or ``LATEST`` (the one the tokenizer wrote last).
         codebook_size: codes per SID position K; only needed when the SID
             version's ``config.json`` does not record ``codebook_size``.
     """
@@ -456,16 +459,13 @@ def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
 
 def main(argv: list[str] | None = None) -> contract.FeatureMeta:
     """CLI entry: ``python -m features.build --dataset D [--sid-version V]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder")
-    parser.add_argument("--sid-version", default="LATEST", help="SID version under <dataset>/sids/, or LATEST")
-    parser.add_argument("--codebook-size", type=int, default=None, help="K, when the SID config.json lacks it")
-    args = parser.parse_args(argv)
+    parser = parser_for(PROG, __doc__.splitlines()[0])
+    add_config_arguments(parser, FeaturesConfig)
+    config = parse_config(parser, FeaturesConfig, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = FeaturesConfig(dataset=args.dataset, sid_version=args.sid_version, codebook_size=args.codebook_size)
     log.info("config %s", dataclasses.asdict(config))
     return build_features(config)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from features.build import SHARED_TABLES
 from sidrank import contract
+from sidrank.cli import run_main
 from sidrank.contract import DatasetPaths, RepoPaths
 from sidrank.io import atomic_path, read_json, write_json
 from sidrank.schema import DataError, require_file
@@ -311,4 +312,4 @@ def main(argv: list[str] | None = None) -> tuple[pd.Timestamp, pd.Timestamp] | N
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)

@@ -1,3 +1,4 @@
-from ingest.cli import main
+from ingest.cli import PROG, main
+from sidrank.cli import run_main
 
-main()
+run_main(main, PROG)

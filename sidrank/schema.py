@@ -1,4 +1,4 @@
-"""Data contracts between stages (../shared/DESIGN.md section 4) and their checks.
+"""Data contracts between stages (docs/architecture.md, "Contracts") and their checks.
 
 Every check raises :class:`DataError` whose message names the file, the column
 and the fix, so a user never has to read a traceback to learn what is wrong.

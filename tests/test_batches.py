@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import TINY_ROWS_META, tiny_rows
 
 from sidrank.schema import DataError
 from sidrank import contract
@@ -22,27 +23,10 @@ from ranking.batches import (
     sparse_tables,
 )
 
-META = contract.FeatureMeta(
-    n_users=3, n_items=4, n_tags=5, n_year_buckets=3, sid_levels=3, sid_codebook_size=4,
-    sid_version="v1", user_profile={"age_id": 3},
-)
 BUCKETS = 4096  # max(MIN_PREFIX_BUCKETS, 4 * n_items)
 
-
-def tiny_rows() -> pd.DataFrame:
-    """Three rows; item 1 has SID (0, 1, 2), item 2 (3, 3, 3), item 4 (1, 0, 0)."""
-    a = np.array
-    return pd.DataFrame({
-        "row_id": [0, 1, 2], "user_id": [1, 2, 3], "item_id": [1, 2, 4], "label": [1, 0, 1],
-        "user_count": [np.nan, 2, 3], "user_pos_count": [np.nan, 1, 1],
-        "item_count": [1, 2, 3], "item_pos_count": [0, 1, 2], "year_bucket": [0, 1, 2],
-        "tag_ids": [a([1, 2]), None, a([5])],
-        "sid_codes": [a([0, 1, 2]), a([3, 3, 3]), a([1, 0, 0])],
-        "hist_items": [None, a([1]), a([1, 2])],
-        "hist_sid_p1": [None, a([0]), a([0, 3])],
-        "hist_sid_p2": [None, a([1]), a([1, 15])],
-        "age_id": [1, 2, np.nan], "sid_version": "v1",
-    })
+# test_ranking_model.py imports META and tiny_rows from this module.
+META = TINY_ROWS_META
 
 
 def jagged(kjt, key: str) -> list[list[int]]:
@@ -54,7 +38,7 @@ def bucket(value: int, depth: int) -> int:
 
 
 def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
-    split = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet")
+    split = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(), "rows.parquet")
     batch = split.batch(torch.tensor([2, 0]))
     kjt = batch.sparse_features
     assert kjt.keys() == [
@@ -78,13 +62,14 @@ def test_kjt_keys_lengths_values_for_a_gathered_batch() -> None:
 
 
 def test_item_and_history_share_tables() -> None:
-    tables = {t.name: t for t in sparse_tables(META, FeatureConfig())}
+    tables = {t.name: t for t in sparse_tables(TINY_ROWS_META, FeatureConfig())}
     assert tables["t_item"].features == ("item_id", "hist_items")
-    assert tables["t_item"].num_embeddings == META.n_items + 1
+    assert tables["t_item"].num_embeddings == TINY_ROWS_META.n_items + 1
     assert tables["t_sid_prefix"].features == ("sid_prefix_2", "sid_prefix_3", "hist_sid_p1", "hist_sid_p2")
-    assert tables["t_sid_0"].num_embeddings == META.sid_codebook_size + 1
+    assert tables["t_sid_0"].num_embeddings == TINY_ROWS_META.sid_codebook_size + 1
     # Item 1's depth-2 prefix (0, 1) and the same prefix in row 2's history hit one bucket.
-    kjt = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet").batch(torch.tensor([0, 2])).sparse_features
+    split = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(), "rows.parquet")
+    kjt = split.batch(torch.tensor([0, 2])).sparse_features
     assert jagged(kjt, "sid_prefix_2")[0][0] == jagged(kjt, "hist_sid_p2")[1][0]
 
 
@@ -118,11 +103,11 @@ def test_out_of_range_ids_name_column_and_table_size(column: str, value, size: i
     cells[1] = value
     rows[column] = pd.Series(cells, dtype=object)
     with pytest.raises(DataError, match=rf"rows.parquet: column '{column}'.*table of {size} rows"):
-        build_split(rows, META, FeatureConfig(), "rows.parquet")
+        build_split(rows, TINY_ROWS_META, FeatureConfig(), "rows.parquet")
 
 
 def test_missing_counts_read_as_zero() -> None:
-    dense = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet").dense
+    dense = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(), "rows.parquet").dense
     # Row 0: no user history (NaN counts) -> log1p 0 and the prior rate 1 / (1 + 1).
     assert dense[0].tolist() == pytest.approx([0.0, 0.0, np.log1p(1), 0.0, 0.5, 1 / 3, 0.0])
     assert dense[2, DENSE_FEATURES.index("log_hist_len")] == pytest.approx(np.log1p(2))
@@ -132,8 +117,8 @@ def test_missing_sid_raises_unless_sids_are_unused() -> None:
     rows = tiny_rows()
     rows["sid_codes"] = pd.Series([np.array([0, 1, 2]), None, np.array([1, 0, 0])], dtype=object)
     with pytest.raises(DataError, match=r"'sid_codes' is missing.*row_id \[1\]"):
-        build_split(rows, META, FeatureConfig(), "rows.parquet")
-    keys = build_split(rows, META, FeatureConfig(use_sid=False), "rows.parquet").keys
+        build_split(rows, TINY_ROWS_META, FeatureConfig(), "rows.parquet")
+    keys = build_split(rows, TINY_ROWS_META, FeatureConfig(use_sid=False), "rows.parquet").keys
     assert not any(k.startswith(("sid_", "hist_sid")) for k in keys)
 
 
@@ -141,24 +126,24 @@ def test_nan_inside_a_list_raises() -> None:
     rows = tiny_rows()
     rows["hist_items"] = pd.Series([None, np.array([1.0]), np.array([1.0, np.nan])], dtype=object)
     with pytest.raises(DataError, match="'hist_items' has NaN"):
-        build_split(rows, META, FeatureConfig(), "rows.parquet")
+        build_split(rows, TINY_ROWS_META, FeatureConfig(), "rows.parquet")
 
 
 def test_empty_split_raises() -> None:
     with pytest.raises(DataError, match="empty"):
-        build_split(tiny_rows().iloc[:0], META, FeatureConfig(), "rows.parquet[test]")
+        build_split(tiny_rows().iloc[:0], TINY_ROWS_META, FeatureConfig(), "rows.parquet[test]")
 
 
 def test_feature_selections_of_the_benchmark() -> None:
     def tables(**kw) -> set[str]:
-        return {t.name for t in sparse_tables(META, FeatureConfig(**kw))}
+        return {t.name for t in sparse_tables(TINY_ROWS_META, FeatureConfig(**kw))}
 
     common = {"t_user", "t_age_id", "t_tag", "t_year"}
     sid = {"t_sid_0", "t_sid_1", "t_sid_2", "t_sid_prefix"}
     assert tables(use_sid=False) == common | {"t_item"}
     assert tables() == common | {"t_item"} | sid
     assert tables(use_item_id=False) == common | sid
-    keys = build_split(tiny_rows(), META, FeatureConfig(use_item_id=False), "r").keys
+    keys = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(use_item_id=False), "r").keys
     assert "item_id" not in keys and "hist_items" not in keys
 
 
@@ -167,7 +152,7 @@ def test_batch_gather_equals_per_row_lists() -> None:
     n = 50
     rows = pd.concat([tiny_rows()] * 17, ignore_index=True).iloc[:n].assign(row_id=np.arange(n))
     rows["hist_items"] = [rng.integers(1, 5, rng.integers(0, 4)) for _ in range(n)]
-    split = build_split(rows, META, FeatureConfig(), "r")
+    split = build_split(rows, TINY_ROWS_META, FeatureConfig(), "r")
     index = torch.from_numpy(rng.integers(0, n, 20))
     kjt = split.batch(index).sparse_features
     assert jagged(kjt, "hist_items") == [rows["hist_items"][i].tolist() for i in index.tolist()]
@@ -176,9 +161,9 @@ def test_batch_gather_equals_per_row_lists() -> None:
 
 def test_read_feature_meta(tmp_path: Path) -> None:
     path = tmp_path / "feature_meta.json"
-    path.write_text(json.dumps({**dataclasses.asdict(META), "n_rows": 3}))
-    assert read_feature_meta(path) == META
-    raw = dataclasses.asdict(META)
+    path.write_text(json.dumps({**dataclasses.asdict(TINY_ROWS_META), "n_rows": 3}))
+    assert read_feature_meta(path) == TINY_ROWS_META
+    raw = dataclasses.asdict(TINY_ROWS_META)
     del raw["n_tags"]
     path.write_text(json.dumps(raw))
     with pytest.raises(DataError, match="n_tags"):
@@ -190,11 +175,11 @@ def test_feature_config_validation() -> None:
         FeatureConfig(prefix_buckets=0)
     with pytest.raises(ValueError, match="rate_prior_neg"):
         FeatureConfig(rate_prior_neg=0.0)
-    assert FeatureConfig(prefix_buckets=64).n_prefix_buckets(META) == 64
+    assert FeatureConfig(prefix_buckets=64).n_prefix_buckets(TINY_ROWS_META) == 64
 
 
 def test_pooling_factors_are_mean_ids_per_row() -> None:
-    split = build_split(tiny_rows(), META, FeatureConfig(), "rows.parquet")
+    split = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(), "rows.parquet")
     factors = split.pooling_factors()
     assert list(factors) == list(split.keys)
     assert factors["user_id"] == 1.0

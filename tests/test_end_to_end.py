@@ -1,6 +1,6 @@
 """The whole chain on a small synthetic set: ingest -> tokenize -> features -> Feast -> 2-rank torchrun -> AUC.
 
-Every stage runs as its real command (sidrank.demo's chain), Feast included,
+Every stage runs as its real command (the chain of ``python -m demo``), Feast included,
 in a copy of the feature repository.
 """
 

@@ -17,7 +17,16 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pytest
-from test_features import SID_VERSION, T0, build, publish_copy, random_events, write_dataset, write_sid_version
+from builders import (
+    EVENTS_START,
+    TEST_SID_VERSION,
+    build_features,
+    comparable_rows,
+    publish_to_repo_copy,
+    random_tied_events,
+    write_feature_dataset,
+    write_random_sid_version,
+)
 
 from feast import FeatureStore
 
@@ -31,30 +40,17 @@ from ranking.rows import load_training_rows, online_features, row_chunks
 N_USERS, N_ITEMS = 8, 10
 # The second version: other codes, other length (P) and codebook size (K).
 SID_VERSION_2, LEVELS_2, CODES_2 = "test-v2", 2, 6
-LIST_COLUMNS = (contract.HIST_ITEMS, *contract.HIST_SID_PREFIXES, contract.ITEM_TAGS, contract.SID_CODES)
-COUNT_COLUMNS = (*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS)
 
 
 class Published(NamedTuple):
     paths: DatasetPaths
     repo: Path
     events: pd.DataFrame
-    rows: pd.DataFrame  # the default version, SID_VERSION
+    rows: pd.DataFrame  # the default version, TEST_SID_VERSION
     rows_2: pd.DataFrame  # SID_VERSION_2, asked for by name
 
 
-def normalise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Missing counts -> 0 and lists -> tuples (None/NaN -> ()), so frames compare with ==."""
-    rows = rows.copy()
-    for column in COUNT_COLUMNS:
-        rows[column] = rows[column].fillna(0).astype(np.int64)
-    for column in LIST_COLUMNS:
-        lists = rows[column]
-        rows[column] = [tuple(int(v) for v in cell) if isinstance(cell, (list, np.ndarray)) else () for cell in lists]
-    return rows
-
-
-def feature_table(repo: Path, name: str, version: str = SID_VERSION) -> pd.DataFrame:
+def feature_table(repo: Path, name: str, version: str = TEST_SID_VERSION) -> pd.DataFrame:
     """A published table; of a SID-version table, the rows of ``version`` without the key column."""
     table = pd.read_parquet(contract.RepoPaths(repo).table(name))
     if name in contract.SID_VERSION_TABLES:
@@ -65,14 +61,14 @@ def feature_table(repo: Path, name: str, version: str = SID_VERSION) -> pd.DataF
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     root = tmp_path_factory.mktemp("roundtrip")
-    frame = random_events(N_USERS, N_ITEMS, n_events=150, n_times=10, seed=1)
+    frame = random_tied_events(N_USERS, N_ITEMS, n_events=150, n_times=10, seed=1)
     # Exact (user, item, timestamp) repeats with other labels: distinct events, one join key.
     repeats = frame.iloc[:20].assign(label=lambda f: 1 - f["label"])
     events = assign_protocol_split(pd.concat([frame, repeats], ignore_index=True), "roundtrip events")
-    paths = write_dataset(root / "data", events, N_USERS, N_ITEMS)
-    repo = publish_copy(paths, root / "repo", materialize=True)
-    write_sid_version(paths, SID_VERSION_2, levels=LEVELS_2, codebook_size=CODES_2, rng=np.random.default_rng(7))
-    build(paths)
+    paths = write_feature_dataset(root / "data", events, N_USERS, N_ITEMS)
+    repo = publish_to_repo_copy(paths, root / "repo", materialize=True)
+    write_random_sid_version(paths, SID_VERSION_2, levels=LEVELS_2, codebook_size=CODES_2, rng=np.random.default_rng(7))
+    build_features(paths)
     publish.main(["--dataset", str(paths.root), "--repo", str(repo), "--no-set-default", "--no-materialize"])
     # Feast's own materialize, in-process: the CLI would add a ~10 s interpreter start.
     start, end = publish.stamp_range(repo)
@@ -94,9 +90,9 @@ def test_every_entity_row_comes_back_in_row_id_order(published: Published) -> No
         assert (merged[column] == merged[f"{column}_event"]).all(), column
 
 
-@pytest.mark.parametrize("version", [SID_VERSION, SID_VERSION_2])
+@pytest.mark.parametrize("version", [TEST_SID_VERSION, SID_VERSION_2])
 def test_values_equal_the_source_tables_as_of_each_row(published: Published, version: str) -> None:
-    rows = normalise(published.rows if version == SID_VERSION else published.rows_2)
+    rows = comparable_rows(published.rows if version == TEST_SID_VERSION else published.rows_2)
     expected = rows[["row_id", "user_id", "item_id", "event_timestamp"]].sort_values("event_timestamp")
     for name, key in (("user_behaviour", "user_id"), ("item_behaviour", "item_id"), ("user_profile", "user_id"),
                       ("item_content", "item_id"), ("item_sids", "item_id"), ("user_sid_history", "user_id")):
@@ -104,7 +100,7 @@ def test_values_equal_the_source_tables_as_of_each_row(published: Published, ver
         table["event_timestamp"] = table["event_timestamp"].dt.as_unit("ns")
         # Point-in-time semantics re-implemented with pandas: latest stamp <= the row's time.
         expected = pd.merge_asof(expected, table, on="event_timestamp", by=key, allow_exact_matches=True)
-    expected = normalise(expected.sort_values("row_id", ignore_index=True))
+    expected = comparable_rows(expected.sort_values("row_id", ignore_index=True))
     for column in [c for c in rows.columns if c not in (*contract.ENTITY_COLUMNS, contract.SID_VERSION)]:
         assert rows[column].tolist() == expected[column].tolist(), column
     assert (rows[contract.SID_VERSION] == version).all()
@@ -114,7 +110,7 @@ def test_values_equal_the_source_tables_as_of_each_row(published: Published, ver
 
 
 def test_two_sid_versions_come_back_intact_and_different(published: Published) -> None:
-    v1, v2 = normalise(published.rows), normalise(published.rows_2)
+    v1, v2 = comparable_rows(published.rows), comparable_rows(published.rows_2)
     assert v1["row_id"].tolist() == v2["row_id"].tolist() == sorted(published.events["row_id"])
     assert {len(c) for c in v1[contract.SID_CODES]} == {3} and {len(c) for c in v2[contract.SID_CODES]} == {LEVELS_2}
     assert max(max(c) for c in v2[contract.SID_CODES]) >= 4  # K = 6: codes beyond the first version's K = 4
@@ -123,16 +119,17 @@ def test_two_sid_versions_come_back_intact_and_different(published: Published) -
     assert v1[shared].equals(v2[shared])
     paths = contract.RepoPaths(published.repo)
     registry = paths.read_sid_registry()
-    assert registry["default"] == SID_VERSION and sorted(registry["versions"]) == [SID_VERSION, SID_VERSION_2]
-    metas = {v: json.loads(paths.feature_meta_path(v).read_text()) for v in (SID_VERSION, SID_VERSION_2)}
+    assert registry["default"] == TEST_SID_VERSION and sorted(registry["versions"]) == [TEST_SID_VERSION, SID_VERSION_2]
+    metas = {v: json.loads(paths.feature_meta_path(v).read_text()) for v in (TEST_SID_VERSION, SID_VERSION_2)}
     assert [(m["sid_levels"], m["sid_codebook_size"]) for m in metas.values()] == [(3, 4), (LEVELS_2, CODES_2)]
-    assert json.loads(paths.default_feature_meta_path.read_text()) == metas[SID_VERSION]  # --no-set-default
+    assert json.loads(paths.default_feature_meta_path.read_text()) == metas[TEST_SID_VERSION]  # --no-set-default
     # One table per SID view holds both versions, every item once per version.
     sids = pd.read_parquet(paths.table("item_sids"))
     assert sids.groupby(contract.SID_VERSION)["item_id"].apply(sorted).to_dict() == {
-        v: list(range(1, N_ITEMS + 1)) for v in (SID_VERSION, SID_VERSION_2)
+        v: list(range(1, N_ITEMS + 1)) for v in (TEST_SID_VERSION, SID_VERSION_2)
     }
-    with pytest.raises(DataError, match=f"SID version 'test-v3' is not published .*'{SID_VERSION}', '{SID_VERSION_2}'"):
+    published_versions = f"'{TEST_SID_VERSION}', '{SID_VERSION_2}'"
+    with pytest.raises(DataError, match=f"SID version 'test-v3' is not published .*{published_versions}"):
         load_training_rows(published.repo, published.events.iloc[:5], sid_version="test-v3")
     with pytest.raises(DataError, match=r"no feature service 'ranker_v2' \(applied: \['ranker_v1'\]\)"):
         load_training_rows(published.repo, published.events.iloc[:5], service="ranker_v2")
@@ -168,7 +165,7 @@ def test_microsecond_stamps_are_kept(published: Published) -> None:
             "label": 0,
         }
     )
-    rows = normalise(load_training_rows(published.repo, probes))
+    rows = comparable_rows(load_training_rows(published.repo, probes))
     previous = behaviour.groupby("user_id")["user_count"].shift(1).fillna(0).astype(np.int64)
     assert rows["user_count"].iloc[:n].tolist() == behaviour["user_count"].tolist()
     assert rows["user_count"].iloc[n:].tolist() == previous.tolist()
@@ -176,16 +173,16 @@ def test_microsecond_stamps_are_kept(published: Published) -> None:
 
 def test_chunked_retrieval_returns_the_same_rows(published: Published) -> None:
     chunked = load_training_rows(published.repo, published.events.sample(frac=1, random_state=0), max_rows_per_call=40)
-    left, right = normalise(chunked), normalise(published.rows)
+    left, right = comparable_rows(chunked), comparable_rows(published.rows)
     assert left.drop(columns="event_timestamp").equals(right.drop(columns="event_timestamp"))
     assert (left["event_timestamp"] == right["event_timestamp"]).all()
 
 
 def test_sid_version_and_missing_sid_are_errors(published: Published) -> None:
-    with pytest.raises(DataError, match=f"SID version 'other' is not published .*\\['{SID_VERSION}'"):
+    with pytest.raises(DataError, match=f"SID version 'other' is not published .*\\['{TEST_SID_VERSION}'"):
         load_training_rows(published.repo, published.events.iloc[:5], sid_version="other")
-    early = published.events.iloc[:3].assign(event_timestamp=T0 - pd.Timedelta(days=1))
-    with pytest.raises(DataError, match=f"3 rows .* got no SID of sid_version '{SID_VERSION}'"):
+    early = published.events.iloc[:3].assign(event_timestamp=EVENTS_START - pd.Timedelta(days=1))
+    with pytest.raises(DataError, match=f"3 rows .* got no SID of sid_version '{TEST_SID_VERSION}'"):
         load_training_rows(published.repo, early)
     with pytest.raises(DataError, match="row_id"):
         load_training_rows(published.repo, pd.concat([published.events.iloc[:2]] * 2))
@@ -200,9 +197,9 @@ def test_online_store_serves_the_latest_values(published: Published) -> None:
     assert [list(h) for h in online[contract.HIST_ITEMS]] == [list(user_last[contract.HIST_ITEMS])] * len(item_ids)
     item_last = feature_table(published.repo, "item_behaviour").groupby("item_id").last()
     assert online["item_pos_count"].tolist() == item_last.loc[item_ids, "item_pos_count"].tolist()
-    assert (online[contract.SID_VERSION] == SID_VERSION).all()
+    assert (online[contract.SID_VERSION] == TEST_SID_VERSION).all()
     # Both versions side by side: each request gets the codes of the version it names.
-    for version in (SID_VERSION, SID_VERSION_2):
+    for version in (TEST_SID_VERSION, SID_VERSION_2):
         online = online_features(published.repo, user_id, item_ids, sid_version=version)
         sids = feature_table(published.repo, "item_sids", version).set_index("item_id")
         assert [list(c) for c in online[contract.SID_CODES]] == [list(sids.at[i, contract.SID_CODES]) for i in item_ids]

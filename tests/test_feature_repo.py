@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from feast import FeatureStore
-from test_features import FEATURE_REPO, SID_VERSION, build, random_events, write_dataset, write_sid_version
+from builders import (
+    FEATURE_REPO,
+    TEST_SID_VERSION,
+    build_features,
+    random_tied_events,
+    write_feature_dataset,
+    write_random_sid_version,
+)
 
 from features import publish
 from sidrank import contract
@@ -161,9 +168,9 @@ def test_feast_ui_answers_http(applied: Applied, tmp_path: Path) -> None:
 def test_applying_one_copy_never_touches_another_copys_online_tables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    events = assign_protocol_split(random_events(6, 8, n_events=60, n_times=6, seed=5), "copies events")
-    paths = write_dataset(tmp_path / "data", events, 6, 8)
-    build(paths)
+    events = assign_protocol_split(random_tied_events(6, 8, n_events=60, n_times=6, seed=5), "copies events")
+    paths = write_feature_dataset(tmp_path / "data", events, 6, 8)
+    build_features(paths)
     original = checkout_copy(tmp_path / "original")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -174,18 +181,18 @@ def test_applying_one_copy_never_touches_another_copys_online_tables(
     # A copy with everything, registry.db and online_store.db included, then another SID version published there.
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
-    write_sid_version(paths, "other-v2", levels=2, codebook_size=5, rng=np.random.default_rng(1))
-    build(paths)
+    write_random_sid_version(paths, "other-v2", levels=2, codebook_size=5, rng=np.random.default_rng(1))
+    build_features(paths)
     publish.main(["--dataset", str(paths.root), "--repo", str(copy)])
 
     assert online_tables(original) == before
     read_after = online_features(original, 1, [1, 2, 3])
     pd.testing.assert_frame_equal(comparable(read_after), comparable(read_before))
     assert {len(codes) for codes in read_after[contract.SID_CODES]} == {3}
-    assert contract.RepoPaths(original).read_sid_registry()["default"] == SID_VERSION
+    assert contract.RepoPaths(original).read_sid_registry()["default"] == TEST_SID_VERSION
     # The copy serves both versions, the new one by default.
     assert {len(codes) for codes in online_features(copy, 1, [1, 2, 3])[contract.SID_CODES]} == {2}
-    old = online_features(copy, 1, [1, 2, 3], sid_version=SID_VERSION)
+    old = online_features(copy, 1, [1, 2, 3], sid_version=TEST_SID_VERSION)
     assert [list(c) for c in old[contract.SID_CODES]] == [list(c) for c in read_before[contract.SID_CODES]]
     assert not any(elsewhere.iterdir())
 

@@ -10,62 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import write_click_dataset
 
 from sidrank.schema import DataError, is_sid_code_column, validate_sids
 from sidrank.contract import DatasetPaths
 from tokenizer import finetune, train
 
-N_ITEMS, N_USERS, CLUSTERS = 120, 20, 8
+N_ITEMS = 120
 COLD = np.arange(101, N_ITEMS + 1)  # items with valid/test rows only
 FT_ARGS = ("--epochs", "3", "--batch-size", "64", "--lr", "0.01", "--tau", "0.5", "--hidden-dim", "16")
-
-
-def unit_rows(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def write_dataset(root: Path, seed: int = 0) -> DatasetPaths:
-    """Planted clusters in two views; clicks depend on the cluster; cached Feast-like rows.
-
-    Rows 0..799 are train (items 1..100), 800..899 valid, 900..999 test; items
-    101..120 appear only in valid/test rows.
-    """
-    paths = DatasetPaths(root)
-    rng = np.random.default_rng(seed)
-    clusters = rng.integers(0, CLUSTERS, N_ITEMS)
-    latent = rng.normal(size=(CLUSTERS, 12))[clusters] * 2 + 0.4 * rng.normal(size=(N_ITEMS, 12))
-    paths.modalities.mkdir(parents=True)
-    for name, dim in (("text", 32), ("tags", 8)):
-        view = unit_rows(latent @ rng.normal(size=(12, dim)) + 0.5 * rng.normal(size=(N_ITEMS, dim)))
-        np.save(paths.modality(name), np.vstack([np.zeros((1, dim), np.float32), view]))
-    manifest = {"names": ["tags", "text"], "dims": {"tags": 8, "text": 32}, "source": "synthetic"}
-    paths.modality_manifest.write_text(json.dumps(manifest))
-    items = pd.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int64), "cluster": clusters})
-    items["title"], items["tags"], items["year"] = "", [[] for _ in range(N_ITEMS)], 0
-    items.to_parquet(paths.items, index=False)
-    item = np.concatenate([rng.integers(1, 101, 800), rng.integers(1, N_ITEMS + 1, 200)]).astype(np.int64)
-    events = pd.DataFrame({"row_id": np.arange(1000, dtype=np.int64), "item_id": item})
-    events["user_id"] = rng.integers(1, N_USERS + 1, 1000).astype(np.int64)
-    liked = clusters[item - 1] < CLUSTERS // 2
-    events["label"] = (rng.random(1000) < np.where(liked, 0.85, 0.15)).astype(np.int64)
-    events["event_timestamp"] = pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(events["row_id"], unit="min")
-    events["split"] = np.where(events["row_id"] < 800, "train", np.where(events["row_id"] < 900, "valid", "test"))
-    events.to_parquet(paths.events, index=False)
-    rows = events.drop(columns="split")
-    for key in ("user", "item"):
-        grouped = rows.groupby(f"{key}_id")
-        rows[f"{key}_count"] = grouped.cumcount().astype(float).replace(0.0, np.nan)  # NaN: no earlier row
-        rows[f"{key}_pos_count"] = (grouped["label"].cumsum() - rows["label"]).astype(float)
-    (root / "rows").mkdir()
-    rows.to_parquet(root / "rows" / "ranker_v1.parquet", index=False)
-    paths.meta.write_text(json.dumps({"n_items": N_ITEMS, "n_users": N_USERS, "precomputed_modalities": True}))
-    return paths
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory) -> tuple[DatasetPaths, str]:
     """A dataset with a stage-1 MMQ version written by tokenizer.train (4 positions, K = 8)."""
-    paths = write_dataset(tmp_path_factory.mktemp("ft") / "d")
+    paths = write_click_dataset(tmp_path_factory.mktemp("ft") / "d")
     args = ["--dataset", str(paths.root), "--method", "mmq", "--levels", "4", "--codebook-size", "8"]
     args += ["--epochs", "20", "--latent-dim", "8", "--hidden-dims", "32", "--batch-size", "32"]
     return paths, train.main(args)["version"]

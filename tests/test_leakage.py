@@ -19,8 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pytest
-from test_feast_roundtrip import normalise
-from test_features import T0, publish_copy, random_events, write_dataset
+from builders import EVENTS_START, comparable_rows, publish_to_repo_copy, random_tied_events, write_feature_dataset
 
 from features.build import to_micros
 from ranking.rows import load_training_rows
@@ -30,7 +29,7 @@ from sidrank.protocol import ITEM_COLD, PROTOCOLS, apply_protocol, cold_item_ids
 
 N_USERS, N_ITEMS = 10, 12
 TRAP_USER, TRAP_ITEMS, TRAP_LABELS = N_USERS, [1, 2, 3, 4], [1, 1, 0, 1]
-TRAP_TIME = T0 + pd.Timedelta(seconds=100)
+TRAP_TIME = EVENTS_START + pd.Timedelta(seconds=100)
 
 
 class Retrieved(NamedTuple):
@@ -59,18 +58,18 @@ def retrieved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     root = tmp_path_factory.mktemp(f"leakage-{protocol}")
     rng = np.random.default_rng(3)
     # The trap user has no other events; random users are 1..N_USERS-1.
-    frame = random_events(N_USERS - 1, N_ITEMS, n_events=220, n_times=12, seed=2)
+    frame = random_tied_events(N_USERS - 1, N_ITEMS, n_events=220, n_times=12, seed=2)
     # A few sub-microsecond offsets: the store compares microseconds, so these tie with their second.
     jitter = np.where(rng.random(len(frame)) < 0.2, rng.integers(1, 1000, len(frame)), 0)
     frame["event_timestamp"] += pd.to_timedelta(jitter, unit="ns")
     events, entries = apply_protocol(
         pd.concat([frame, trap_events()], ignore_index=True), N_ITEMS, protocol, "leakage events"
     )
-    paths = write_dataset(root / "data", events, N_USERS, N_ITEMS, profile_columns=())
+    paths = write_feature_dataset(root / "data", events, N_USERS, N_ITEMS, profile_columns=())
     meta = {**read_json(paths.meta), **entries}
     write_json(meta, paths.meta)
-    repo = publish_copy(paths, root / "repo", materialize=False)
-    return Retrieved(protocol, events, normalise(load_training_rows(repo, events)), meta)
+    repo = publish_to_repo_copy(paths, root / "repo", materialize=False)
+    return Retrieved(protocol, events, comparable_rows(load_training_rows(repo, events)), meta)
 
 
 def brute_force(events: pd.DataFrame, row: pd.Series, *, strict: bool = True) -> dict:

@@ -14,6 +14,17 @@ from sidrank.schema import DataError
 from sidrank.metrics import auc, evaluate_predictions, gauc, logloss
 
 
+def three_users_predictions() -> pd.DataFrame:
+    """Six scored rows: users 1 and 2 rate items 1 and 2, user 3 rates item 3 twice."""
+    return pd.DataFrame({
+        "row_id": np.arange(6),
+        "user_id": [1, 1, 2, 2, 3, 3],
+        "item_id": [1, 2, 1, 2, 3, 3],
+        "label": [1, 0, 0, 1, 1, 0],
+        "score": [0.9, 0.2, 0.3, 0.4, 0.7, 0.6],
+    })  # fmt: skip
+
+
 def test_auc_hand_example_and_ties() -> None:
     # Pairs (pos, neg): (0.35 > 0.1) (0.35 < 0.4) (0.8 > 0.1) (0.8 > 0.4) -> 3/4.
     assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
@@ -65,13 +76,7 @@ def test_gauc_without_mixed_users_is_nan() -> None:
 
 
 def test_evaluate_predictions_cold_items() -> None:
-    frame = pd.DataFrame({
-        "row_id": np.arange(6),
-        "user_id": [1, 1, 2, 2, 3, 3],
-        "item_id": [1, 2, 1, 2, 3, 3],
-        "label": [1, 0, 0, 1, 1, 0],
-        "score": [0.9, 0.2, 0.3, 0.4, 0.7, 0.6],
-    })
+    frame = three_users_predictions()
     counts = np.array([0, 10, 2, 4])  # item 1 warm, items 2 and 3 cold (< 5 train rows)
     out = evaluate_predictions(frame, counts)
     assert out["n_rows"] == 6 and out["n_cold"] == 4
@@ -82,13 +87,7 @@ def test_evaluate_predictions_cold_items() -> None:
 
 
 def test_evaluate_predictions_with_given_cold_items() -> None:
-    frame = pd.DataFrame({
-        "row_id": np.arange(6),
-        "user_id": [1, 1, 2, 2, 3, 3],
-        "item_id": [1, 2, 1, 2, 3, 3],
-        "label": [1, 0, 0, 1, 1, 0],
-        "score": [0.9, 0.2, 0.3, 0.4, 0.7, 0.6],
-    })
+    frame = three_users_predictions()
     out = evaluate_predictions(frame, cold_items=np.array([1, 2]))  # e.g. item-cold's held-out items
     cold = frame["item_id"] != 3
     assert out["n_cold"] == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from builders import PLANTED_DIMS, planted_cluster_tensors
 from sklearn.metrics import normalized_mutual_info_score
 
 from sidrank.schema import DataError
@@ -14,29 +15,13 @@ from tokenizer.losses import present_rows
 from tokenizer.mm_rqvae import MMRQVAE, MMRQVAEConfig
 from tokenizer.quantizer import sum_sq_error
 
-CLUSTERS = 8
-DIMS = {"text": 32, "tags": 8}
-
-
-def planted(n_items: int = 400, seed: int = 0) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Two noisy unit-norm linear views of latents drawn around 8 cluster centres (no padding row)."""
-    rng = np.random.default_rng(seed)
-    clusters = rng.integers(0, CLUSTERS, n_items)
-    latent = rng.normal(size=(CLUSTERS, 12))[clusters] * 2 + 0.4 * rng.normal(size=(n_items, 12))
-    views = {}
-    for name, dim in DIMS.items():
-        view = latent @ rng.normal(size=(12, dim)) + 0.5 * rng.normal(size=(n_items, dim))
-        views[name] = torch.from_numpy((view / np.linalg.norm(view, axis=1, keepdims=True)).astype(np.float32))
-    return views, clusters
-
-
 def small_config(**overrides) -> MMRQVAEConfig:
     settings = {"latent_dim": 8, "hidden_dims": (32,), "levels": 2, "codebook_size": 8, "dead_code_window": 10}
-    return MMRQVAEConfig(DIMS, **{**settings, **overrides})
+    return MMRQVAEConfig(PLANTED_DIMS, **{**settings, **overrides})
 
 
 def test_loss_decreases_codes_recover_clusters_and_interface_holds() -> None:
-    xs, clusters = planted()
+    xs, clusters = planted_cluster_tensors()
     torch.manual_seed(0)
     model = MMRQVAE(small_config())
     history = model.fit(xs, epochs=30, batch_size=64, lr=3e-3, seed=0)
@@ -65,7 +50,7 @@ def test_loss_decreases_codes_recover_clusters_and_interface_holds() -> None:
 
 
 def test_missing_modality_rows_are_masked_out_of_every_loss() -> None:
-    xs, _ = planted(120)
+    xs, _ = planted_cluster_tensors(120)
     missing = torch.zeros(120, dtype=torch.bool)
     missing[::3] = True
     xs["tags"][missing] = 0.0
@@ -102,7 +87,7 @@ def test_missing_modality_rows_are_masked_out_of_every_loss() -> None:
 
 
 def test_missing_rows_share_codes_at_their_positions_and_training_still_works() -> None:
-    xs, _ = planted(300)
+    xs, _ = planted_cluster_tensors(300)
     missing = torch.arange(300) % 4 == 0
     xs["tags"][missing] = 0.0
     model = MMRQVAE(small_config(sinkhorn_last=True))
@@ -115,7 +100,7 @@ def test_missing_rows_share_codes_at_their_positions_and_training_still_works() 
 
 
 def test_bad_inputs_and_config() -> None:
-    xs, _ = planted(100)
+    xs, _ = planted_cluster_tensors(100)
     model = MMRQVAE(small_config())
     with pytest.raises(DataError, match=r"\['tags'\] are configured but absent"):
         model.fit({"text": xs["text"]}, epochs=1)

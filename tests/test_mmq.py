@@ -6,26 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import PLANTED_CLUSTERS, planted_cluster_tensors
 from sklearn.metrics import normalized_mutual_info_score
 
 from sidrank.schema import DataError
 from tokenizer.metrics import level_perplexity, level_usage
 from tokenizer.mmq import MMQ, MMQConfig
 
-CLUSTERS = 8
 K = 8
 N_MISSING_TAGS = 40  # items 0..39 lack the tags modality (all-zero rows)
 
 
-def planted(n_items: int = 400, seed: int = 0) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Two noisy linear views (text 32-d, tags 8-d) of latents around 8 cluster centres, unit rows."""
-    rng = np.random.default_rng(seed)
-    clusters = rng.integers(0, CLUSTERS, n_items)
-    latent = rng.normal(size=(CLUSTERS, 12))[clusters] * 2 + 0.4 * rng.normal(size=(n_items, 12))
-    xs = {}
-    for name, dim in (("text", 32), ("tags", 8)):
-        view = latent @ rng.normal(size=(12, dim)) + 0.5 * rng.normal(size=(n_items, dim))
-        xs[name] = torch.from_numpy((view / np.linalg.norm(view, axis=1, keepdims=True)).astype(np.float32))
+def planted_missing_tags(n_items: int = 400, seed: int = 0) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The planted-cluster views with the tags modality absent (all-zero rows) for the first N_MISSING_TAGS items."""
+    xs, clusters = planted_cluster_tensors(n_items, seed)
     xs["tags"][:N_MISSING_TAGS] = 0.0
     return xs, clusters
 
@@ -47,7 +41,7 @@ def mean_abs_cosine(model: MMQ, xs: dict[str, torch.Tensor]) -> float:
 
 
 def fitted(ortho_weight: float) -> tuple[MMQ, list[float], dict[str, float]]:
-    xs, _ = planted()
+    xs, _ = planted_missing_tags()
     torch.manual_seed(0)
     model = MMQ(config(ortho_weight=ortho_weight))
     with torch.no_grad():
@@ -63,7 +57,7 @@ def trained() -> tuple[MMQ, list[float], dict[str, float]]:
 
 def test_orthogonality_loss_falls_and_experts_decorrelate(trained) -> None:
     model, _, start = trained
-    xs, _ = planted()
+    xs, _ = planted_missing_tags()
     with torch.no_grad():
         end = float(model(xs).ortho_loss)
     assert end < 0.2 * start["ortho"]
@@ -76,13 +70,13 @@ def test_orthogonality_loss_falls_and_experts_decorrelate(trained) -> None:
 
 def test_loss_decreases_codes_used_and_clusters_recovered(trained) -> None:
     model, history, _ = trained
-    xs, clusters = planted()
+    xs, clusters = planted_missing_tags()
     assert history[-1] < 0.3 * history[0]
     codes = model.encode(xs).numpy()
     assert codes.shape == (400, 4) and codes.dtype == np.int64  # shared x 2 levels, tags, text
     assert min(level_usage(codes, K)) > 0.5
     assert min(level_perplexity(codes, K)) > 3  # no position collapsed onto one or two codes
-    assert len(np.unique(codes, axis=0)) > 2 * CLUSTERS  # later positions split the clusters
+    assert len(np.unique(codes, axis=0)) > 2 * PLANTED_CLUSTERS  # later positions split the clusters
     nmi = normalized_mutual_info_score(clusters, codes[:, 0])
     shuffled = normalized_mutual_info_score(np.random.default_rng(1).permutation(clusters), codes[:, 0])
     assert nmi > 0.7 and nmi > shuffled + 0.6
@@ -93,7 +87,7 @@ def test_loss_decreases_codes_used_and_clusters_recovered(trained) -> None:
 
 def test_sid_layout_codebooks_and_straight_through_codes(trained) -> None:
     model, _, _ = trained
-    xs, _ = planted()
+    xs, _ = planted_missing_tags()
     assert model.cfg.position_names() == ["shared0/0", "shared0/1", "tags.spec0/0", "text.spec0/0"]
     assert model.n_positions == 4 and [tuple(c.shape) for c in model.codebooks] == [(K, 16)] * 4
     codes = model.encode(xs)
@@ -123,7 +117,7 @@ def test_sid_layout_codebooks_and_straight_through_codes(trained) -> None:
 
 
 def test_missing_modality_rows_are_masked_out_of_the_losses() -> None:
-    xs, _ = planted(60)
+    xs, _ = planted_missing_tags(60)
     torch.manual_seed(0)
     model = MMQ(config())
     model.init_codebooks(xs)
@@ -148,7 +142,7 @@ def test_missing_modality_rows_are_masked_out_of_the_losses() -> None:
 
 
 def test_bad_inputs_and_config() -> None:
-    xs, _ = planted(50)
+    xs, _ = planted_missing_tags(50)
     model = MMQ(config())
     with pytest.raises(DataError, match=r"\['tags'\] are configured but absent"):
         model.encode({"text": xs["text"]})

@@ -136,14 +136,14 @@ def test_cold_set_is_the_held_out_items_valid_and_test_rows() -> None:
 
 def test_temporal_cold_set_is_the_few_train_rows_rule() -> None:
     events = assign_protocol_split(random_events(n_items=400), "events.csv")
-    cold = cold_item_ids({"n_items": 400}, events)  # meta without "protocol": written before it existed
+    cold = cold_item_ids({"n_items": 400}, events)  # a meta.json without "protocol" reads as temporal
     counts = train_item_counts(events, 400)
     assert np.array_equal(cold, np.flatnonzero(counts[1:] < COLD_ITEM_MAX_TRAIN_ROWS) + 1)
     items = events["item_id"].to_numpy()
     assert np.array_equal(np.isin(items, cold), cold_item_mask(items, counts))
     test = events[events["split"] == "test"].assign(score=0.5 + 0.1 * events["label"])
-    legacy = evaluate_predictions(test, counts)
-    assert evaluate_predictions(test, cold_items=cold) == pytest.approx(legacy, nan_ok=True)
+    by_counts = evaluate_predictions(test, counts)
+    assert evaluate_predictions(test, cold_items=cold) == pytest.approx(by_counts, nan_ok=True)
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_predictions(test, counts, cold_items=cold)
 

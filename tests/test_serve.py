@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from feast import FeatureStore
-from test_features import SID_VERSION, publish_copy, random_events, write_dataset
+from builders import TEST_SID_VERSION, publish_to_repo_copy, random_tied_events, write_feature_dataset
 
 from features import publish
 from sidrank.protocol import assign_protocol_split
@@ -44,9 +44,10 @@ class Served(NamedTuple):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     root = tmp_path_factory.mktemp("serve")
-    events = assign_protocol_split(random_events(N_USERS, N_ITEMS, n_events=800, n_times=80, seed=3), "serve events")
-    paths = write_dataset(root / "data", events, N_USERS, N_ITEMS)
-    repo = publish_copy(paths, root / "repo", materialize=False)
+    frame = random_tied_events(N_USERS, N_ITEMS, n_events=800, n_times=80, seed=3)
+    events = assign_protocol_split(frame, "serve events")
+    paths = write_feature_dataset(root / "data", events, N_USERS, N_ITEMS)
+    repo = publish_to_repo_copy(paths, root / "repo", materialize=False)
     # Feast's own materialize, in-process: the `feast materialize` CLI would add a ~10 s interpreter start.
     start, end = publish.stamp_range(repo)
     FeatureStore(repo_path=str(repo)).materialize(start.to_pydatetime(), end.to_pydatetime())
@@ -66,7 +67,7 @@ def scores_by_item(result: dict) -> dict[int, float]:
 
 
 def test_loaded_checkpoint_reproduces_the_runs_test_predictions(served: Served) -> None:
-    rows = pd.read_parquet(DatasetPaths(served.dataset).rows_cache(SID_VERSION, served.ranker.service))
+    rows = pd.read_parquet(DatasetPaths(served.dataset).rows_cache(TEST_SID_VERSION, served.ranker.service))
     test_ids = served.events.loc[served.events["split"] == "test", "row_id"]
     rows = rows[rows["row_id"].isin(test_ids)].sort_values("row_id")
     predictions = pd.read_parquet(served.run / "predictions_test.parquet")
@@ -82,7 +83,7 @@ def test_served_scores_equal_the_offline_models_for_the_same_rows(served: Served
     later = served.events["event_timestamp"].max() + pd.Timedelta(days=1)
     entity = pd.DataFrame({"row_id": np.arange(len(items)), "user_id": user, "item_id": items,
                            "event_timestamp": later, "label": 0})
-    rows = load_training_rows(served.repo, entity, service=served.ranker.service, sid_version=SID_VERSION)
+    rows = load_training_rows(served.repo, entity, service=served.ranker.service, sid_version=TEST_SID_VERSION)
     expected = dict(zip(items, offline_scores(served.ranker, rows)))
     got = scores_by_item(result)
     assert sorted(got) == items
@@ -110,7 +111,7 @@ def test_new_item_is_scored_through_its_sid_and_a_featureless_item_is_flagged(se
 
     def publish_sid(codes: list[int], at: pd.Timestamp) -> dict[int, dict]:
         # A new item published after training: SID and content in the store, no id row in the model.
-        sid = pd.DataFrame({"item_id": [new], "sid_codes": [codes], "sid_version": [SID_VERSION],
+        sid = pd.DataFrame({"item_id": [new], "sid_codes": [codes], "sid_version": [TEST_SID_VERSION],
                             "event_timestamp": [at]})
         ranker.online.store.write_to_online_store(view, sid)
         content = pd.DataFrame({"item_id": [new], "tag_ids": [[1, 2]], "year_bucket": [1], "event_timestamp": [at]})
@@ -164,7 +165,7 @@ def test_http_round_trip_and_bad_requests(served: Served) -> None:
     thread.start()
     try:
         assert _request(port, "GET", "/health") == (200, {"status": "ok", "service": served.ranker.service,
-                                                          "sid_version": SID_VERSION})
+                                                          "sid_version": TEST_SID_VERSION})
         status, body = _request(port, "POST", "/rank", json.dumps({"user_id": 2, "item_ids": [4, 5, 6]}).encode())
         assert status == 200
         assert scores_by_item(body) == scores_by_item(served.ranker.rank(2, [4, 5, 6]))
@@ -188,7 +189,7 @@ def test_cli_rank_prints_the_ranking(served: Served, capsys: pytest.CaptureFixtu
 
 
 def test_store_of_another_sid_version_or_missing_run_is_refused(served: Served, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=rf"SID version 'other-v9' is not published .*\['{SID_VERSION}'\]"):
+    with pytest.raises(DataError, match=rf"SID version 'other-v9' is not published .*\['{TEST_SID_VERSION}'\]"):
         contract.RepoPaths(served.repo).feature_meta("other-v9")
     with pytest.raises(DataError, match="metrics.json: not found"):
         serve.Ranker(serve.ServeConfig(run=tmp_path, repo=served.repo))

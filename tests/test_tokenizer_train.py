@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import planted_cluster_views, write_tokenizer_dataset
 from sklearn.metrics import normalized_mutual_info_score
 
 from sidrank.schema import DataError, validate_sids
@@ -30,25 +31,6 @@ from tokenizer.rqvae import RQVAE
 from tokenizer.methods import build_tokenizer
 from tokenizer.settings import NetworkConfig, QuantizerConfig
 from tokenizer.train import TokenizerConfig, main
-
-CLUSTERS = 8
-
-
-def unit_rows(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def planted(n_items: int = 400, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Two noisy linear views (text 32-d, tags 8-d) of latents drawn around 8 cluster centres."""
-    rng = np.random.default_rng(seed)
-    clusters = rng.integers(0, CLUSTERS, n_items)
-    latent = rng.normal(size=(CLUSTERS, 12))[clusters] * 2 + 0.4 * rng.normal(size=(n_items, 12))
-    views = {}
-    for name, dim in (("text", 32), ("tags", 8)):
-        view = unit_rows(latent @ rng.normal(size=(12, dim)) + 0.5 * rng.normal(size=(n_items, dim)))
-        views[name] = np.vstack([np.zeros((1, dim), np.float32), view])
-    return views, clusters
-
 
 def concat(views: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([views[k] for k in sorted(views)], axis=1)[1:])
@@ -87,7 +69,7 @@ def test_reconstruction_metrics_on_hand_example() -> None:
 
 
 def test_rqkmeans_recovers_planted_clusters() -> None:
-    views, clusters = planted()
+    views, clusters = planted_cluster_views()
     x = concat(views)
     model = RQKMeans(x.shape[1], levels=3, quantizer=QuantizerConfig(codebook_size=8))
     [error] = model.fit(x, seed=0)
@@ -99,7 +81,7 @@ def test_rqkmeans_recovers_planted_clusters() -> None:
 
 
 def test_rqvae_loss_decreases_and_recovers_planted_clusters() -> None:
-    views, clusters = planted()
+    views, clusters = planted_cluster_views()
     x = concat(views)
     torch.manual_seed(0)
     network, quantizer = NetworkConfig(latent_dim=16, hidden_dims=(64,)), QuantizerConfig(codebook_size=8, dead_code_window=10)
@@ -118,33 +100,6 @@ def test_rqvae_loss_decreases_and_recovers_planted_clusters() -> None:
 # the CLI
 
 
-def write_dataset(root: Path, n_items: int = 120, seed: int = 0) -> tuple[DatasetPaths, np.ndarray]:
-    """A tiny precomputed dataset; items 101..120 appear only in valid/test rows (cold)."""
-    paths = DatasetPaths(root)
-    views, clusters = planted(n_items, seed)
-    paths.modalities.mkdir(parents=True)
-    for name, view in views.items():
-        np.save(paths.modality(name), view)
-    manifest = {"names": ["text", "tags"], "dims": {"text": 32, "tags": 8}, "source": "synthetic"}
-    (paths.modalities / "manifest.json").write_text(json.dumps(manifest))
-    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1, dtype=np.int64), "cluster": clusters})
-    items["title"], items["tags"], items["year"] = "", [[] for _ in range(n_items)], 0
-    items.to_parquet(paths.items, index=False)
-    rng = np.random.default_rng(seed)
-    warm = rng.integers(1, 101, 800)
-    cold = rng.integers(101, n_items + 1, 200)
-    events = pd.DataFrame({"item_id": np.concatenate([warm, cold]).astype(np.int64)})
-    events["row_id"] = np.arange(len(events), dtype=np.int64)
-    events["user_id"] = np.int64(1) + events["row_id"] % 7
-    events["label"] = (events["row_id"] % 2).astype(np.int64)
-    start = pd.Timestamp("2024-01-01", tz="UTC")
-    events["event_timestamp"] = start + pd.to_timedelta(events["row_id"], unit="min")
-    events["split"] = np.where(events["row_id"] < 800, "train", np.where(events["row_id"] < 900, "valid", "test"))
-    events.to_parquet(paths.events, index=False)
-    paths.meta.write_text(json.dumps({"n_items": n_items, "n_users": 7, "precomputed_modalities": True}))
-    return paths, views
-
-
 def run_cli(paths: DatasetPaths, *extra: str) -> dict:
     return main(["--dataset", str(paths.root), "--levels", "2", "--codebook-size", "8", *extra])
 
@@ -152,7 +107,7 @@ def run_cli(paths: DatasetPaths, *extra: str) -> dict:
 def test_cli_rqkmeans_writes_sid_contract_and_fits_on_train_items_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paths, views = write_dataset(tmp_path / "d")
+    paths, views = write_tokenizer_dataset(tmp_path / "d")
     seen = {}
 
     def spy(cfg: TokenizerConfig, x_fit: torch.Tensor):
@@ -202,7 +157,7 @@ def test_cli_rqkmeans_writes_sid_contract_and_fits_on_train_items_only(
 
 
 def test_cli_rqvae_smoke(tmp_path: Path) -> None:
-    paths, _ = write_dataset(tmp_path / "d")
+    paths, _ = write_tokenizer_dataset(tmp_path / "d")
     args = ("--method", "rqvae", "--epochs", "3", "--hidden-dims", "16", "--latent-dim", "8", "--batch-size", "32")
     metrics = run_cli(paths, *args, "--sinkhorn-last")
     out = paths.sid_dir(metrics["version"])
@@ -212,7 +167,7 @@ def test_cli_rqvae_smoke(tmp_path: Path) -> None:
 
 
 def test_cli_bad_inputs(tmp_path: Path) -> None:
-    paths, views = write_dataset(tmp_path / "d")
+    paths, views = write_tokenizer_dataset(tmp_path / "d")
     with pytest.raises(DataError, match="'image' is not listed"):
         run_cli(paths, "--method", "rqkmeans", "--modalities", "text", "image")
     broken = views["tags"].copy()
@@ -239,7 +194,7 @@ SMALL = ("--epochs", "3", "--hidden-dims", "16", "--latent-dim", "8", "--batch-s
 def test_cli_mm_rqvae_gets_modalities_separately_and_writes_a_rebuildable_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paths, views = write_dataset(tmp_path / "d")
+    paths, views = write_tokenizer_dataset(tmp_path / "d")
     seen = {}
 
     def spy(cfg: TokenizerConfig, x_fit):
@@ -286,7 +241,7 @@ def test_cli_mm_rqvae_gets_modalities_separately_and_writes_a_rebuildable_versio
 
 
 def test_cli_mmq_same_contract_and_code_budget_checks(tmp_path: Path) -> None:
-    paths, views = write_dataset(tmp_path / "d")
+    paths, views = write_tokenizer_dataset(tmp_path / "d")
     # 1 shared expert x 2 levels + 2 modalities x 1 specific expert x 1 level = 4 positions
     metrics = run_cli(paths, "--method", "mmq", "--levels", "4", *SMALL, "--shared-levels", "2")
     out = paths.sid_dir(metrics["version"])
@@ -309,7 +264,7 @@ def test_cli_mmq_same_contract_and_code_budget_checks(tmp_path: Path) -> None:
 
 
 def test_cli_multimodal_modality_absent_entirely(tmp_path: Path) -> None:
-    paths, views = write_dataset(tmp_path / "d")
+    paths, views = write_tokenizer_dataset(tmp_path / "d")
     np.save(paths.modality("tags"), np.zeros_like(views["tags"]))  # valid file, but no item has tags
     for method in ("mm_rqvae", "mmq"):
         with pytest.raises(DataError, match="'tags' is all zeros for every fit item"):
