@@ -7,19 +7,20 @@
 Rankers (TorchRec under torchrun, the same Feast rows), each a set of flags
 over ``ranking.train``'s defaults:
 
-- ``item_id``: no SIDs; pooled history bags; dense MLP only.
-- ``sid``: + SID code positions and prefix n-grams (pooled, as ``item_id``'s history).
-- ``attention``: + target attention over the history (unpooled, shared tables).
-- ``numeric``: + piecewise-linear numeric embeddings (pooled history).
-- ``full``: attention and numeric embeddings together.
+- ``item_id``: DLRM with item ids, no SIDs; pooled history bags; dense MLP only.
+- ``sid``: + SID code positions and prefix n-grams (pooled, like the history).
+- ``attention``: ``sid`` + target attention over the history (unpooled, shared tables).
+- ``numeric``: ``sid`` + piecewise-linear numeric embeddings.
+- ``full``: the defaults, chosen on valid AUC (numeric embeddings, dropout).
+- ``full_no_sid``: ``full`` without SIDs.
 
 Baselines on exactly the ``full`` model's inputs: LightGBM (one run per seed)
 and logistic regression (deterministic), both with every choice made on
 valid. Reported: mean +- std over seeds of test AUC, cold-item AUC (the
 protocol's cold set), GAUC, log loss and valid AUC, and paired bootstrap 95%
 intervals on the same test rows (``sidrank.metrics.paired_bootstrap``):
-full model minus LightGBM, and SIDs minus item id only, overall, on cold
-items and per user. Writes ``benchmarks/results/<name>.{json,md}`` and, beside
+full model minus LightGBM, and SIDs minus item id only (in the DLRM and in
+the full model), overall, on cold items and per user. Writes ``benchmarks/results/<name>.{json,md}`` and, beside
 the full model's seed-0 run, ``auc_by_frequency.png``.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import baselines, plots
-from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
+from benchmarks.report import RESULTS_DIR, fmt, markdown_table, mean_std, rerun_command, write_results
 from demo import DemoConfig, run_stage, stage_commands
-from ranking.config import config_from_args
+from ranking.config import TrainConfig, config_from_args
 from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.contract import DatasetPaths
 from sidrank.io import read_json
@@ -46,15 +48,19 @@ from sidrank.protocol import cold_item_ids
 log = logging.getLogger("benchmarks.auc")
 
 VARIANTS = {
-    "item_id": ["--no-use-sid", "--history", "pooled", "--numeric", "mlp"],
-    "sid": ["--history", "pooled", "--numeric", "mlp"],
-    "attention": ["--history", "attention", "--numeric", "mlp"],
-    "numeric": ["--history", "pooled", "--numeric", "ple"],
-    "full": ["--history", "attention", "--numeric", "ple"],
+    "item_id": ["--no-use-sid", "--numeric", "mlp", "--dropout", "0", "--history", "pooled"],
+    "sid": ["--numeric", "mlp", "--dropout", "0", "--history", "pooled"],
+    "attention": ["--numeric", "mlp", "--dropout", "0", "--history", "attention"],
+    "numeric": ["--numeric", "ple", "--dropout", "0", "--history", "pooled"],
+    # ranking.train's defaults: the configuration chosen on valid AUC, which `make demo` runs.
+    "full": [],
+    "full_no_sid": ["--no-use-sid"],
 }
 REPORTED = ("test_auc", "test_auc_cold", "test_gauc", "test_logloss", "valid_auc")
+# The project's Feast repository, copied (definitions only) for a benchmark's own store.
+PROJECT_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 # (A, B) pairs compared on the same test rows; A - B.
-COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"))
+COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"), ("full", "full_no_sid"))
 
 
 @dataclass
@@ -72,8 +78,13 @@ class AucBenchConfig:
         prepare: run ingest, tokenizer, features and feast first.
         epochs: ranker epochs (early stopping on valid AUC may end sooner).
         n_boot: bootstrap resamples per comparison.
+        batch_size: ranker batch size.
+        artifacts: root of the dataset folders.
+        repo: the Feast repository; None means a copy of the project's made under ``runs`` per
+            dataset and protocol, so a benchmark never republishes the demo's store.
         runs: folder of the per-run outputs (a subfolder per dataset and protocol).
-        name: results file stem under benchmarks/results/; empty means auc_<dataset>_<protocol>.
+        results_dir: where the JSON and Markdown results go.
+        name: results file stem; empty means auc_<dataset>_<protocol>.
     """
 
     dataset: str = "ml-100k"
@@ -86,7 +97,11 @@ class AucBenchConfig:
     prepare: bool = True
     epochs: int = 10
     n_boot: int = 1000
+    batch_size: int = TrainConfig.batch_size
+    artifacts: Path = DemoConfig.artifacts
+    repo: Path | None = None
     runs: Path = Path("artifacts/bench/auc")
+    results_dir: Path = RESULTS_DIR
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -95,7 +110,8 @@ class AucBenchConfig:
             raise ValueError(f"variants {sorted(unknown)}: expected a subset of {list(VARIANTS)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        self.runs = Path(self.runs)
+        self.runs, self.artifacts, self.results_dir = map(Path, (self.runs, self.artifacts, self.results_dir))
+        self.repo = self.run_root / "feature_repo" if self.repo is None else Path(self.repo)
 
     @property
     def run_root(self) -> Path:
@@ -107,14 +123,15 @@ class AucBenchConfig:
 
     @property
     def demo(self) -> DemoConfig:
-        return DemoConfig(dataset=self.dataset, protocol=self.protocol, method=self.method, nproc=self.nproc)
+        return DemoConfig(dataset=self.dataset, protocol=self.protocol, method=self.method, nproc=self.nproc,
+                          artifacts=self.artifacts, repo=self.repo)
 
 
 def run_ranker(cfg: AucBenchConfig, variant: str, seed: int) -> Path:
     """One torchrun ranker run; returns its run folder."""
     out = cfg.run_root / variant / f"seed{seed}"
     ranker = stage_commands(dataclasses.replace(cfg.demo, out=out, seed=seed))[-1][1]
-    flags = ["--no-save-checkpoint", "--epochs", str(cfg.epochs), *VARIANTS[variant]]
+    flags = ["--no-save-checkpoint", "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), *VARIANTS[variant]]
     run_stage(f"ranker {variant} seed {seed}", [*ranker, *flags])
     return out
 
@@ -173,6 +190,8 @@ def summarise(runs: dict[str, list[dict]], comparisons: dict) -> tuple[dict, str
 
 def run(cfg: AucBenchConfig, command: str) -> dict:
     """Prepare, train every variant and seed, fit the baselines, compare, write the results."""
+    if not (cfg.repo / "feature_store.yaml").exists():
+        shutil.copytree(PROJECT_REPO, cfg.repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     if cfg.prepare:
         for name, stage in stage_commands(cfg.demo)[:-1]:
             run_stage(name, stage)
@@ -205,7 +224,7 @@ def run(cfg: AucBenchConfig, command: str) -> dict:
         "cold_items": int(len(cold)), "cold_test_rows": int(np.isin(test["item_id"], cold).sum()),
         "config": {**dataclasses.asdict(cfg), "variants_flags": {v: VARIANTS[v] for v in cfg.variants}},
     }
-    write_results(cfg.results_name, payload, table, command)
+    write_results(cfg.results_name, payload, table, command, cfg.results_dir)
     print(table)
     return payload
 

@@ -145,20 +145,30 @@ def results_table(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags not listed here go to `python -m ranking.train` (see its --help).",
+    )
     defaults = DemoConfig()
-    parser.add_argument("--dataset", default=defaults.dataset)
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol, help="evaluation protocol (ingest)")
-    parser.add_argument("--method", choices=METHODS, default=defaults.method, help="tokenizer method (tokenizer.train)")
-    parser.add_argument("--artifacts", type=Path, default=defaults.artifacts)
-    parser.add_argument("--repo", type=Path, default=defaults.repo)
+    parser.add_argument("--dataset", choices=sorted(DATASET_COMMANDS), default=defaults.dataset,
+                        help=f"dataset (default {defaults.dataset})")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol,
+                        help=f"evaluation protocol, recorded by ingest (default {defaults.protocol})")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method,
+                        help=f"tokenizer method of tokenizer.train (default {defaults.method})")
+    parser.add_argument("--artifacts", type=Path, default=defaults.artifacts,
+                        help=f"root of the dataset folders (default {defaults.artifacts})")
+    parser.add_argument("--repo", type=Path, default=defaults.repo, help=f"Feast repository (default {defaults.repo})")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default artifacts/demo[-item-cold])")
-    parser.add_argument("--nproc", type=int, default=defaults.nproc)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--nproc", type=int, default=defaults.nproc, help=f"torchrun ranks (default {defaults.nproc})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed of the tokenizer and the ranker (default {defaults.seed})")
     args, ranker_args = parser.parse_known_args(argv)
     cfg = DemoConfig(**vars(args), ranker_args=ranker_args)
 
     timings = {name: run_stage(name, argv) for name, argv in stage_commands(cfg)}
+    # The run's curves and its test AUC by item frequency against LightGBM, beside metrics.json.
+    timings["plots"] = run_stage("plots", [sys.executable, "-m", "benchmarks.plots", "--run", str(cfg.out)])
 
     paths = DatasetPaths(cfg.dataset_dir)
     metrics = read_json(cfg.out / "metrics.json")

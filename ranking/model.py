@@ -87,7 +87,8 @@ class ModelConfig:
         dropout: dropout on the interaction output.
         l2_embedding: weight of the squared norm of the embedding rows each batch looks up.
         item_min_train_rows: items with fewer train rows share the unknown
-            item row (0 keeps every item's own row).
+            item row (0 keeps every item's own row; 1, the default, maps the
+            items train never saw, whose rows would stay at their random init).
     """
 
     arch: str = field(default="dlrm", metadata={"choices": ARCHS})
@@ -101,9 +102,9 @@ class ModelConfig:
     numeric: str = field(default="ple", metadata={"choices": NUMERIC})
     numeric_bins: int = 16
     attention_hidden: int = 36
-    dropout: float = 0.0
+    dropout: float = 0.2
     l2_embedding: float = 0.0
-    item_min_train_rows: int = 0
+    item_min_train_rows: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -237,7 +238,7 @@ class HistoryAttentionArch(nn.Module):
     Example::
 
         arch = HistoryAttentionArch(ec, ["item_id"], ["hist_items"], 20, TargetAttention(16))
-        vectors, lookups = arch(kjt)  # [B, 2, D] (candidate, attended history), [B, 1 + H, D]
+        vectors, lookups = arch(kjt)  # [B, 3, D] (item, history sum, attended history), [B, 1 + H, D]
     """
 
     def __init__(
@@ -255,16 +256,28 @@ class HistoryAttentionArch(nn.Module):
         self.history_length = history_length
         self.attention = attention
 
+    @property
+    def n_outputs(self) -> int:
+        """Vectors per row: one sum per feature, then the attended history."""
+        return len(self.candidate_features) + len(self.history_features) + 1
+
     def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """KJT of the candidate and history features -> ([B, 2, D], the looked-up vectors [B, 1 + H, D])."""
+        """KJT of the candidate and history features -> ([B, n_outputs, D], the looked-up vectors [B, 1 + H, D]).
+
+        The per-feature sums are exactly what pooled tables would give (so the
+        attention mode adds the attended vector to the pooled model, nothing
+        else); a candidate without a SID (a new item at serving) has no prefix
+        ids and sums to zero.
+        """
         looked_up = self.embedding_collection(features)
-        # A candidate without a SID (serving a new item) has no prefix ids: its padded vector is zero.
-        candidate = sum(looked_up[f].to_padded_dense(desired_length=1)[:, 0] for f in self.candidate_features)
-        history = sum(looked_up[f].to_padded_dense(desired_length=self.history_length) for f in self.history_features)
+        candidate = [looked_up[f].to_padded_dense(desired_length=1)[:, 0] for f in self.candidate_features]
+        history = [looked_up[f].to_padded_dense(desired_length=self.history_length) for f in self.history_features]
         lengths = looked_up[self.history_features[0]].lengths()
         mask = torch.arange(self.history_length, device=lengths.device) < lengths.unsqueeze(1)
-        attended = self.attention(candidate, history, mask)
-        return torch.stack([candidate, attended], dim=1), torch.cat([candidate.unsqueeze(1), history], dim=1)
+        query, keys = sum(candidate), sum(history)
+        attended = self.attention(query, keys, mask)
+        vectors = torch.stack([*candidate, *(h.sum(1) for h in history), attended], dim=1)
+        return vectors, torch.cat([query.unsqueeze(1), keys], dim=1)
 
 
 class SIDRanker(nn.Module):
@@ -410,7 +423,8 @@ def build_model(
         edges = numeric_edges if numeric_edges is not None else torch.zeros(n_dense, cfg.numeric_bins + 1)
         numeric_arch = PiecewiseLinearEmbedding(edges, cfg.emb_dim)
     n_stacked = sum(len(t.features) for t in pooled)
-    n_stacked += (n_dense if numeric_arch is not None else 0) + (2 if history_arch is not None else 0)
+    n_stacked += (n_dense if numeric_arch is not None else 0)
+    n_stacked += history_arch.n_outputs if history_arch is not None else 0
     if cfg.arch == "dcn":
         crossnet = LowRankCrossNet(in_features=(n_stacked + 1) * cfg.emb_dim, num_layers=cfg.dcn_layers,
                                    low_rank=cfg.dcn_low_rank)

@@ -81,3 +81,29 @@ def test_demo_offers_every_tokenizer_method(capsys: pytest.CaptureFixture) -> No
     with pytest.raises(SystemExit):
         demo.main(["--method", "no-such-method"])
     assert "invalid choice: 'no-such-method'" in capsys.readouterr().err
+
+
+def test_auc_benchmark_runs_the_ladder_baselines_and_paired_intervals(
+    run: tuple[demo.DemoConfig, dict], tmp_path: Path
+) -> None:
+    from benchmarks import auc, plots
+
+    cfg, _ = run
+    payload = auc.main([
+        "--dataset", "synthetic", "--method", "rqkmeans", "--no-prepare", "--artifacts", str(cfg.artifacts),
+        "--repo", str(cfg.repo), "--seeds", "0", "--variants", "item_id", "sid", "full", "--epochs", "1",
+        "--batch-size", "512", "--nproc", "1", "--n-boot", "50", "--runs", str(tmp_path / "runs"),
+        "--results-dir", str(tmp_path / "results"),
+    ])
+    assert set(payload["summary"]) == {"item_id", "sid", "full", "lightgbm", "logreg"}
+    assert payload["cold_test_rows"] > 0
+    for pair in ("full - lightgbm", "sid - item_id"):
+        for metric in ("auc", "auc_cold", "gauc"):
+            found = payload["comparisons"][pair][metric]
+            assert found["low"] <= found["diff"] <= found["high"] and found["n_boot"] == 50
+    # LightGBM learns the planted signal on the same inputs as the ranker.
+    assert payload["summary"]["lightgbm"]["test_auc"]["mean"] > 0.58
+    written = read_json(tmp_path / "results" / "auc_synthetic_temporal.json")
+    assert written["summary"]["full"]["test_auc"]["mean"] == payload["summary"]["full"]["test_auc"]["mean"]
+    assert "command" in written and written["comparisons"] == payload["comparisons"]
+    assert (tmp_path / "runs" / "synthetic-temporal" / "full" / "seed0" / plots.FREQUENCY_PNG).exists()
