@@ -18,7 +18,8 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ranking.batches import SparseTable, SplitTensors, build_split, sparse_tables
+from ranking.batches import SplitTensors, build_split
+from ranking.tables import SparseTable, sparse_tables
 from ranking.config import TrainConfig, read_meta
 from ranking.shards import read_row_ids
 from sidrank.contract import DatasetPaths

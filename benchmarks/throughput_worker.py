@@ -40,7 +40,8 @@ from tqdm import tqdm
 from benchmarks.throughput import PHASES, ThroughputConfig
 from sidrank.io import read_json, write_json
 from sidrank import contract
-from ranking.batches import DENSE_FEATURES, FeatureConfig, SparseTable, SplitTensors, build_split, sparse_tables
+from ranking.batches import DENSE_FEATURES, SplitTensors, build_split
+from ranking.tables import FeatureConfig, SparseTable, sparse_tables
 from ranking.model import ModelConfig, build_model
 from ranking.sharding import shard_model
 from ranking.config import TrainConfig

@@ -2,23 +2,9 @@
 
 A split is encoded once into a dense matrix, labels, row ids and one jagged
 (values, offsets) pair per sparse feature; a batch is then a tensor gather
-(no Python per row), returned as ``torchrec.datasets.utils.Batch`` with a
-``KeyedJaggedTensor`` whose keys follow the table order of
-:func:`sparse_tables`.
-
-Sparse features and their tables (all ids validated: TorchRec silently zeroes
-ids outside a table):
-
-- ``user_id`` -> ``t_user`` (n_users + 1) (``use_user_id``)
-- ``item_id`` and ``hist_items`` -> one shared ``t_item`` (n_items + 1), so a
-  history item and a candidate item are the same vector (``use_item_id``)
-- each user-profile column -> its own table of the vocabulary size
-- ``tag_ids`` bag -> ``t_tag`` (n_tags + 1); ``year_bucket`` -> ``t_year``
-- SIDs (``use_sid``): ``sid_<l>`` per code position (K + 1, code + 1, 0 =
-  unknown); prefix n-grams ``sid_prefix_<d>`` for depth 2..L and the history
-  prefix bags ``hist_sid_p1`` / ``hist_sid_p2``, all hashed by
-  :func:`prefix_bucket` into one ``t_sid_prefix`` table, so an item's prefix
-  and the same prefix in a user's history share one embedding.
+(no Python per row), returned as a :class:`RankerBatch` with one
+``KeyedJaggedTensor`` for the pooled tables and one for the unpooled ones,
+keys in the table order of ``ranking.tables.sparse_tables``.
 
 Dense features (``DENSE_FEATURES``): log1p of the four causal counts,
 smoothed positive rates ``(pos + a) / (count + a + b)`` for user and item,
@@ -27,8 +13,7 @@ log1p of the history length. Missing counts (no earlier events) read as 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,8 +23,9 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from sidrank.schema import DataError, check_ids_in_range, require_columns
 from sidrank import contract
+from sidrank.schema import DataError, check_ids_in_range, require_columns
+from ranking.tables import FeatureConfig, prefix_bucket, profile_columns, sparse_tables
 
 DENSE_FEATURES = (
     "log_user_count",
@@ -50,143 +36,6 @@ DENSE_FEATURES = (
     "item_pos_rate",
     "log_hist_len",
 )
-HISTORY_MODES = ("pooled", "attention")
-MIN_PREFIX_BUCKETS = 4096
-PREFIX_BUCKETS_PER_ITEM = 4
-
-# splitmix64 constants (Steele et al. 2014): a fixed integer hash, identical on
-# every rank and run, unlike Python's salted hash().
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
-
-
-class SparseTable(NamedTuple):
-    """One embedding table: its name, row count, the features that look it up, and how.
-
-    ``pooled`` tables sum each feature's ids into one vector per row
-    (EmbeddingBagCollection); the others return every id's vector
-    (EmbeddingCollection), which target attention needs for the history.
-    """
-
-    name: str
-    num_embeddings: int
-    features: tuple[str, ...]
-    pooled: bool = True
-
-
-@dataclass
-class FeatureConfig:
-    """Which sparse features the ranker sees and how dense ones are smoothed.
-
-    Args:
-        use_user_id: the user id table (under the global time split most
-            test users have no train rows, DESIGN.md section 5).
-        use_item_id: item id and history item bag (one shared table).
-        use_sid: SID code positions, hashed prefixes and history prefix bags.
-        prefix_buckets: rows of the hashed prefix table; None means
-            ``max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * n_items)``.
-        rate_prior_pos: pseudo-positives ``a`` of the smoothed rates.
-        rate_prior_neg: pseudo-negatives ``b`` of the smoothed rates.
-        history: ``pooled`` sums the history items (and their SID prefixes)
-            into bags; ``attention`` looks them up one by one, in the tables
-            the candidate item and its prefixes use, for target attention.
-        profile_columns: user-profile columns to use; None means all of the
-            feature meta's.
-    """
-
-    use_user_id: bool = True
-    use_item_id: bool = True
-    use_sid: bool = True
-    prefix_buckets: int | None = None
-    rate_prior_pos: float = 1.0
-    rate_prior_neg: float = 1.0
-    history: str = field(default="pooled", metadata={"choices": HISTORY_MODES})
-    profile_columns: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.history not in HISTORY_MODES:
-            raise ValueError(f"history must be one of {HISTORY_MODES}, got {self.history!r}")
-        if self.profile_columns is not None:
-            self.profile_columns = tuple(self.profile_columns)
-        if self.prefix_buckets is not None and self.prefix_buckets < 1:
-            raise ValueError(f"prefix_buckets must be >= 1 or None, got {self.prefix_buckets}")
-        for name in ("rate_prior_pos", "rate_prior_neg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    def n_prefix_buckets(self, meta: contract.FeatureMeta) -> int:
-        """Rows of the hashed SID prefix table for this dataset."""
-        if self.prefix_buckets is not None:
-            return self.prefix_buckets
-        return max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * meta.n_items)
-
-
-def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
-    """Hash encoded SID prefixes of one depth into ``[0, buckets)``.
-
-    Args:
-        values: [N] non-negative ``contract.encode_prefix`` integers.
-        depth: prefix length; mixed in so equal integers of different depths
-            land in unrelated buckets.
-        buckets: table rows.
-
-    Returns:
-        [N] int64 bucket ids.
-    """
-    # Python ints for the scalar product: numpy warns on scalar uint64 overflow.
-    x = np.asarray(values, dtype=np.uint64) + np.uint64(depth * _GOLDEN % 2**64)
-    x = (x ^ (x >> np.uint64(30))) * _MIX_1
-    x = (x ^ (x >> np.uint64(27))) * _MIX_2
-    x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(buckets)).astype(np.int64)
-
-
-def profile_columns(meta: contract.FeatureMeta, cfg: FeatureConfig) -> dict[str, int]:
-    """The user-profile feature columns in use -> vocabulary size."""
-    if cfg.profile_columns is None:
-        return dict(meta.user_profile)
-    unknown = sorted(set(cfg.profile_columns) - set(meta.user_profile))
-    if unknown:
-        raise DataError(f"profile_columns {unknown}: not in the feature meta's {sorted(meta.user_profile)}")
-    return {column: meta.user_profile[column] for column in cfg.profile_columns}
-
-
-def history_depths(meta: contract.FeatureMeta) -> int:
-    """SID prefix depths the feature store keeps for history items (1..this)."""
-    return len(contract.HIST_SID_PREFIXES[: meta.sid_levels])
-
-
-def sparse_tables(meta: contract.FeatureMeta, cfg: FeatureConfig) -> list[SparseTable]:
-    """The embedding tables of a feature selection, in KJT key order (pooled tables first).
-
-    Under ``history="attention"`` the candidate's item id and its SID
-    prefixes of depth 1..``history_depths`` share unpooled tables with the
-    same features of every history item, so one row learns from both roles;
-    deeper candidate prefixes stay pooled.
-    """
-    attention = cfg.history == "attention"
-    tables = [SparseTable("t_user", meta.n_users + 1, ("user_id",))] if cfg.use_user_id else []
-    if cfg.use_item_id:
-        tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", contract.HIST_ITEMS), pooled=not attention))
-    tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in profile_columns(meta, cfg).items()]
-    tables.append(SparseTable("t_tag", meta.n_tags + 1, (contract.ITEM_TAGS,)))
-    tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
-    if cfg.use_sid:
-        L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
-        tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]
-        history = contract.HIST_SID_PREFIXES[:L]
-        if attention:
-            shared = tuple(f"sid_prefix_{d}" for d in range(1, history_depths(meta) + 1))
-            tables.append(SparseTable("t_sid_prefix", buckets, shared + history, pooled=False))
-            deep = tuple(f"sid_prefix_{d}" for d in range(history_depths(meta) + 1, L + 1))
-            tables += [SparseTable("t_sid_prefix_deep", buckets, deep)] if deep else []
-        else:
-            prefixes = tuple(f"sid_prefix_{d}" for d in range(2, L + 1))
-            tables.append(SparseTable("t_sid_prefix", buckets, prefixes + history))
-    return sorted(tables, key=lambda table: not table.pooled)
-
-
 def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(values int64 [nnz], lengths int64 [N]) of a list column; a missing list is empty."""
     try:

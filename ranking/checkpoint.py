@@ -16,7 +16,8 @@ import torch.distributed.checkpoint as dcp
 
 from sidrank import contract
 from sidrank.schema import DataError
-from ranking.batches import DENSE_FEATURES, FeatureConfig, sparse_tables
+from ranking.batches import DENSE_FEATURES
+from ranking.tables import FeatureConfig, sparse_tables
 from ranking.model import ModelConfig, RankerTrain, build_model
 
 log = logging.getLogger(__name__)

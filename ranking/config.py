@@ -9,7 +9,7 @@ from sidrank import contract
 from sidrank.cli import add_config_arguments, parse_config, parser_for
 from sidrank.contract import DatasetPaths
 from sidrank.schema import DataError
-from ranking.batches import FeatureConfig
+from ranking.tables import FeatureConfig
 from ranking.model import ModelConfig
 from ranking.sharding import SPARSE_OPTIMIZERS
 

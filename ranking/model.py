@@ -25,7 +25,7 @@ Two options from MME-SID (Wang et al. 2025), both off by default:
   against the "catastrophic forgetting" of the tokenizer's geometry.
 - ``fusion="freq"``: the item-id slot becomes a gate-weighted mix of the
   item-id embedding and the item's SID embedding, the gate driven by the
-  item's frequency (:class:`FrequencyGate`).
+  item's frequency (``ranking.fusion.FrequencyGate``).
 
 Example::
 
@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,17 +49,16 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sidrank import contract
-from sidrank.schema import is_sid_code_column
 from ranking.archs import ItemVocabulary, PiecewiseLinearEmbedding, TargetAttention
-from ranking.batches import DENSE_FEATURES, RankerBatch, SparseTable
+from ranking.batches import RankerBatch
+from ranking.tables import SparseTable
+from ranking.fusion import build_fusion
 
 
 ARCHS = ("dlrm", "dcn")
 NUMERIC = ("ple", "mlp")
 SID_INITS = ("random", "codebook")
 FUSIONS = ("none", "freq")
-# The dense column the fusion gate reads: log1p of the item's causal event count.
-FREQUENCY_FEATURE = "log_item_count"
 
 
 
@@ -152,72 +150,6 @@ def build_ebc(tables: Sequence[SparseTable], emb_dim: int, device: torch.device 
     return EmbeddingBagCollection(tables=configs, device=torch.device(device))
 
 
-class NoFusion(nn.Module):
-    """The sparse embeddings as they are: [B, F, D] -> [B, F, D]."""
-
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return sparse
-
-
-class FrequencyGate(nn.Module):
-    """Frequency-aware fusion of the item-id and SID embeddings (MME-SID).
-
-    The item-id slot of the sparse embeddings becomes
-    ``g * e_id + (1 - g) * e_sid`` with ``e_sid`` the mean of the item's SID
-    position embeddings and ``g = sigmoid(a * log1p(count) + b)`` per row:
-    frequent items lean on their own id, rare and cold ones on the SID they
-    share with similar items. ``a`` and ``b`` are learned with the dense
-    parameters; initially g = 0.5 at ``pivot`` train events.
-
-    Args:
-        feature_names: the F sparse features in the sparse arch's order.
-        item_feature: the item-id feature (its slot is replaced).
-        sid_features: the SID position features averaged into ``e_sid``.
-        count_column: column of the dense features holding log1p(item count).
-        pivot: item count at which the initial gate is 0.5.
-
-    Example::
-
-        gate = FrequencyGate(["item_id", "sid_0", "sid_1"], "item_id", ["sid_0", "sid_1"], count_column=0)
-        fused = gate(torch.randn(4, 3, 8), torch.rand(4, 7))  # [4, 3, 8]
-    """
-
-    def __init__(
-        self,
-        feature_names: Sequence[str],
-        item_feature: str,
-        sid_features: Sequence[str],
-        *,
-        count_column: int,
-        pivot: float = 5.0,
-    ) -> None:
-        super().__init__()
-        names = list(feature_names)
-        missing = [f for f in (item_feature, *sid_features) if f not in names]
-        if missing or not sid_features:
-            raise ValueError(
-                f"fusion='freq' fuses the item-id and SID embeddings: features {missing or ['sid_*']} are not "
-                f"among {names}; train with both --use-item-id and --use-sid, or --fusion none"
-            )
-        self.item_index = names.index(item_feature)
-        self.register_buffer("sid_index", torch.tensor([names.index(f) for f in sid_features]), persistent=False)
-        self.count_column = count_column
-        self.a = nn.Parameter(torch.tensor(1.0))
-        self.b = nn.Parameter(torch.tensor(-math.log1p(pivot)))
-
-    def gate(self, dense: torch.Tensor) -> torch.Tensor:
-        """[B, N] dense features -> [B, 1] weight of the item-id embedding."""
-        return torch.sigmoid(self.a * dense[:, self.count_column : self.count_column + 1] + self.b)
-
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """[B, F, D] sparse embeddings, [B, N] dense features -> [B, F, D] with the item slot fused."""
-        g = self.gate(dense)
-        e_sid = sparse.index_select(1, self.sid_index).mean(dim=1)
-        fused = g * sparse[:, self.item_index] + (1 - g) * e_sid
-        i = self.item_index
-        return torch.cat([sparse[:, :i], fused.unsqueeze(1), sparse[:, i + 1 :]], dim=1)
-
-
 class HistoryAttentionArch(nn.Module):
     """The candidate and its history through shared unpooled tables, then target attention.
 
@@ -293,7 +225,7 @@ class SIDRanker(nn.Module):
         dense_arch: TorchRec DenseArch, N -> D.
         numeric_arch: :class:`PiecewiseLinearEmbedding` or None (the plain dense path only).
         history_arch: :class:`HistoryAttentionArch` or None (pooled history bags).
-        fusion: :class:`NoFusion` or :class:`FrequencyGate` on the pooled stack.
+        fusion: ``ranking.fusion.NoFusion`` or ``FrequencyGate`` on the pooled stack.
         inter_arch: TorchRec InteractionArch or InteractionDCNArch.
         over_arch: TorchRec OverArch ending in one logit.
         dropout: probability on the interaction output.
@@ -359,15 +291,6 @@ class RankerTrain(nn.Module):
         bce = self.loss_fn(logits, batch.labels.float())
         loss = bce + self.l2 * l2 if self.l2 > 0 else bce
         return loss, (bce.detach(), logits.detach(), batch.labels.detach())
-
-
-def build_fusion(tables: Sequence[SparseTable], cfg: ModelConfig) -> nn.Module:
-    """The fusion submodule of ``cfg.fusion`` for the pooled features of ``tables`` (in KJT order)."""
-    if cfg.fusion == "none":
-        return NoFusion()
-    names = [f for t in tables if t.pooled for f in t.features]
-    sid_features = [f for f in names if is_sid_code_column(f)]
-    return FrequencyGate(names, "item_id", sid_features, count_column=DENSE_FEATURES.index(FREQUENCY_FEATURE))
 
 
 def build_history_arch(tables: Sequence[SparseTable], cfg: ModelConfig, device: torch.device | str):
@@ -442,7 +365,7 @@ def build_model(
         dense_arch=DenseArch(n_dense, [*cfg.dense_layers, cfg.emb_dim]),
         numeric_arch=numeric_arch,
         history_arch=history_arch,
-        fusion=build_fusion(tables, cfg),
+        fusion=build_fusion(tables, cfg.fusion),
         inter_arch=inter_arch,
         over_arch=OverArch(over_in, [*cfg.over_layers, 1]),
         dropout=cfg.dropout,

@@ -22,7 +22,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from ranking.batches import SparseTable
+from ranking.tables import SparseTable
 from ranking.model import RankerTrain
 
 # The optimizers the fused CPU kernel implements (SGD, Adagrad, row-wise Adagrad). Its

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from sidrank.schema import DataError
-from ranking.batches import SparseTable
+from ranking.tables import SparseTable
 from sidrank.contract import FeatureMeta
 
 log = logging.getLogger(__name__)

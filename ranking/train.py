@@ -48,7 +48,8 @@ from sidrank.metrics import auc, evaluate_predictions
 from sidrank.protocol import cold_item_ids
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
 from ranking.archs import item_rows, quantile_bin_edges
-from ranking.batches import DENSE_FEATURES, SplitTensors, build_split, sparse_tables
+from ranking.batches import DENSE_FEATURES, SplitTensors, build_split
+from ranking.tables import sparse_tables
 from ranking.checkpoint import save_checkpoint
 from ranking.config import TrainConfig, config_from_args, read_meta
 from ranking.distributed import init_distributed, on_every_rank

@@ -15,13 +15,8 @@ from builders import TINY_ROWS_META, tiny_rows
 from sidrank.schema import DataError
 from sidrank import contract
 from sidrank.contract import read_feature_meta
-from ranking.batches import (
-    DENSE_FEATURES,
-    FeatureConfig,
-    build_split,
-    prefix_bucket,
-    sparse_tables,
-)
+from ranking.batches import DENSE_FEATURES, build_split
+from ranking.tables import FeatureConfig, prefix_bucket, sparse_tables
 
 BUCKETS = 4096  # max(MIN_PREFIX_BUCKETS, 4 * n_items)
 

@@ -1,4 +1,5 @@
-"""Benchmark bookkeeping: statistics, the 2-std verdict, the baselines' input matrix."""
+"""Benchmark bookkeeping: statistics and the baselines' input matrix (the AUC benchmark itself runs in
+test_end_to_end.py; its paired intervals are tested in test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks.auc import cold_item_verdict
 from benchmarks.baselines import feature_widths, to_sparse_matrix
 from benchmarks.report import fmt, mean_std
-from ranking.batches import SparseTable, SplitTensors
+from ranking.batches import SplitTensors
+from ranking.tables import SparseTable
 
 
 def test_mean_std_is_sample_std_and_undefined_for_one_run():
@@ -24,23 +25,12 @@ def test_mean_std_is_sample_std_and_undefined_for_one_run():
     assert (partial["n"], partial["runs"]) == (1, 3) and "2 of 3 undefined" in fmt(partial)
 
 
-def summary(base: list[float], sid: list[float]) -> dict:
-    return {"item_id": {"test_auc_cold": mean_std(base)}, "item_id+sid": {"test_auc_cold": mean_std(sid)}}
-
-
-def test_cold_item_verdict_needs_a_gap_beyond_two_std_and_two_runs():
-    clear = cold_item_verdict(summary([0.60, 0.61, 0.62], [0.70, 0.71, 0.72]))
-    assert clear["significant"] and clear["cold_auc_gain"] == pytest.approx(0.10)
-    noisy = cold_item_verdict(summary([0.60, 0.70, 0.80], [0.70, 0.71, 0.72]))
-    assert not noisy["significant"]
-    assert cold_item_verdict(summary([0.60], [0.90])) is None
-
-
 def test_sparse_matrix_has_one_block_per_feature_and_counts_bag_repeats():
     tables = [SparseTable("t_item", 4, ("item_id", "hist_items")), SparseTable("t_tag", 3, ("tag_ids",))]
     # 2 rows; item ids [1], [3]; history bags [2, 2], []; tags [1], [1, 2]
     split = SplitTensors(
         keys=("item_id", "hist_items", "tag_ids"),
+        n_pooled=3,
         dense=torch.tensor([[0.0], [2.0]]),
         labels=torch.tensor([0.0, 1.0]),
         row_ids=torch.tensor([0, 1]),

@@ -8,10 +8,12 @@ import pytest
 import torch
 from test_batches import META, tiny_rows
 
-from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
+from ranking.batches import DENSE_FEATURES, build_split
+from ranking.tables import FeatureConfig, sparse_tables
 from ranking.archs import ItemVocabulary, PiecewiseLinearEmbedding, TargetAttention, item_rows, quantile_bin_edges
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from ranking.model import FrequencyGate, ModelConfig, NoFusion, SIDRanker, build_ebc, build_model
+from ranking.fusion import FrequencyGate, NoFusion
+from ranking.model import ModelConfig, SIDRanker, build_ebc, build_model
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +110,9 @@ def test_fusion_is_a_swapped_submodule_and_needs_item_id_and_sid(batch) -> None:
     assert isinstance(plain, SIDRanker) and isinstance(plain.fusion, NoFusion)
     assert isinstance(fused.fusion, FrequencyGate) and fused.fusion.item_index == 1  # after user_id
     assert [n for n, _ in fused.fusion.named_parameters()] == ["a", "b"]
-    # With the gate at g = 1 the fused model is the plain one with the same weights.
+    # With the gate at g = 1 the fused model is the plain one with the same weights (no dropout in eval).
     fused.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), fused.eval()
     with torch.no_grad():
         fused.fusion.a.zero_()
         fused.fusion.b.fill_(50.0)
@@ -131,12 +134,18 @@ def test_attention_shares_rows_between_candidate_and_history() -> None:
     rows["hist_sid_p1"] = [None, None, [rows["sid_codes"][2][0]]]
     rows["hist_sid_p2"] = [None, None, [rows["sid_codes"][2][0] * META.sid_codebook_size + rows["sid_codes"][2][1]]]
     batch = build_split(rows, META, features, "r").batch(torch.tensor([2, 0]))
-    model = build_model(tables, len(DENSE_FEATURES), ModelConfig(numeric="mlp"), device="cpu").model
-    vectors, looked_up = model.history_arch(batch.sequence_features)
+    arch = build_model(tables, len(DENSE_FEATURES), ModelConfig(numeric="mlp"), device="cpu").model.history_arch
+    vectors, looked_up = arch(batch.sequence_features)
+    names = [*arch.candidate_features, *arch.history_features, "attended"]
+    assert vectors.shape == (2, arch.n_outputs, 16) and len(names) == arch.n_outputs
     assert torch.allclose(looked_up[0, 0], looked_up[0, 1])  # candidate == its own history entry
-    weight = vectors[0, 1].norm() / vectors[0, 0].norm()  # one history item: attention returns it, weighted
-    assert 0 < weight < 1 and torch.allclose(vectors[0, 1], weight * vectors[0, 0], atol=1e-6)
-    assert torch.equal(vectors[1, 1], torch.zeros(16))  # row 0 has no history
+    # The per-feature sums are the pooled features: item 4 and a history of [4] give the same vectors.
+    for candidate, history in (("item_id", "hist_items"), ("sid_prefix_1", "hist_sid_p1")):
+        assert torch.allclose(vectors[0, names.index(candidate)], vectors[0, names.index(history)])
+    attended = vectors[:, -1]
+    weight = attended[0].norm() / looked_up[0, 0].norm()  # one history item: attention returns it, weighted
+    assert 0 < weight < 1 and torch.allclose(attended[0], weight * looked_up[0, 0], atol=1e-6)
+    assert torch.equal(attended[1], torch.zeros(16))  # row 0 has no history
 
 
 def test_target_attention_ignores_padding_and_depends_on_the_query() -> None:

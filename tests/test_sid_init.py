@@ -15,8 +15,10 @@ from sklearn.decomposition import PCA
 
 from sidrank.schema import DataError
 from sidrank import contract
-from ranking.batches import DENSE_FEATURES, FeatureConfig, sparse_tables
-from ranking.model import ModelConfig, build_model, shard_model
+from ranking.batches import DENSE_FEATURES
+from ranking.tables import FeatureConfig, sparse_tables
+from ranking.model import ModelConfig, build_model
+from ranking.sharding import shard_model
 from ranking.sid_init import (
     codebook_table_weights,
     default_init_std,

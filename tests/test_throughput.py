@@ -12,7 +12,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.throughput import IMPLS, PHASES, ThroughputConfig, _label, derive, launches, main, report, targets
 from benchmarks.throughput_worker import DLRM_CONFIG, PlainDLRM, kjt_bags, synthetic_rows
-from ranking.batches import DENSE_FEATURES, FeatureConfig, build_split, sparse_tables
+from ranking.batches import DENSE_FEATURES, build_split
+from ranking.tables import FeatureConfig, sparse_tables
 from ranking.model import build_model
 
 TINY = ["--rows", "1500", "--items", "300", "--users", "60", "--batch-sizes", "256", "128", "--warmup", "1",
