@@ -20,8 +20,8 @@ valid. Reported: mean +- std over seeds of test AUC, cold-item AUC (the
 protocol's cold set), GAUC, log loss and valid AUC, and paired bootstrap 95%
 intervals on the same test rows (``sidrank.metrics.paired_bootstrap``):
 full model minus LightGBM, and SIDs minus item id only (in the DLRM and in
-the full model), overall, on cold items and per user. Writes ``benchmarks/results/<name>.{json,md}`` and, beside
-the full model's seed-0 run, ``auc_by_frequency.png``.
+the full model), overall, on cold items and per user. Writes ``benchmarks/results/<name>.{json,md}`` and the
+full model's (seed 0) ``<name>_curves.png`` and ``<name>_by_frequency.png``.
 """
 
 from __future__ import annotations
@@ -188,6 +188,15 @@ def summarise(runs: dict[str, list[dict]], comparisons: dict) -> tuple[dict, str
     return summary, table
 
 
+def draw_pictures(
+    cfg: AucBenchConfig, full_run: dict, test: pd.DataFrame, counts: np.ndarray, scores: dict[str, np.ndarray]
+) -> None:
+    """The full model's (seed 0) curves and its test AUC by item frequency against LightGBM, beside the results."""
+    stem = cfg.results_dir / cfg.results_name
+    plots.training_curves(full_run["history"], full_run["best_epoch"], stem.with_name(f"{stem.name}_curves.png"))
+    plots.auc_by_frequency(test, counts, scores, stem.with_name(f"{stem.name}_by_frequency.png"))
+
+
 def run(cfg: AucBenchConfig, command: str) -> dict:
     """Prepare, train every variant and seed, fit the baselines, compare, write the results."""
     if not (cfg.repo / "feature_store.yaml").exists():
@@ -217,8 +226,8 @@ def run(cfg: AucBenchConfig, command: str) -> dict:
     comparisons = compare(test, cold, scores, cfg)
     summary, table = summarise(runs, comparisons)
     if "full" in run_dirs and "lightgbm" in scores:
-        plots.auc_by_frequency(test, plots.train_counts(events), {"full model": scores["full"][0],
-                               "LightGBM": scores["lightgbm"][0]}, run_dirs["full"][0] / plots.FREQUENCY_PNG)
+        draw_pictures(cfg, runs["full"][0], test, plots.train_counts(events),
+                      {"full model": scores["full"][0], "LightGBM": scores["lightgbm"][0]})
     payload = {
         "summary": summary, "comparisons": comparisons, "runs": runs, "sid_version": runs[cfg.variants[0]][0]["sid_version"],
         "cold_items": int(len(cold)), "cold_test_rows": int(np.isin(test["item_id"], cold).sum()),

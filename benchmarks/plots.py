@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def plot_run(run: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = parser_for("python -m benchmarks.plots", __doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="run folder of ranking.train")
+    parser.add_argument("--run", type=Path, required=True, default=argparse.SUPPRESS, help="run folder of ranking.train")
     written = plot_run(parser.parse_args(argv).run)
     for path in written:
         print(path)

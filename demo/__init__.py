@@ -144,25 +144,29 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m demo", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
         epilog="Flags not listed here go to `python -m ranking.train` (see its --help).",
     )
     defaults = DemoConfig()
     parser.add_argument("--dataset", choices=sorted(DATASET_COMMANDS), default=defaults.dataset,
-                        help=f"dataset (default {defaults.dataset})")
+                        help="dataset")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol,
-                        help=f"evaluation protocol, recorded by ingest (default {defaults.protocol})")
+                        help="evaluation protocol, recorded by ingest")
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
-                        help=f"tokenizer method of tokenizer.train (default {defaults.method})")
+                        help="tokenizer method of tokenizer.train")
     parser.add_argument("--artifacts", type=Path, default=defaults.artifacts,
-                        help=f"root of the dataset folders (default {defaults.artifacts})")
-    parser.add_argument("--repo", type=Path, default=defaults.repo, help=f"Feast repository (default {defaults.repo})")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default artifacts/demo[-item-cold])")
-    parser.add_argument("--nproc", type=int, default=defaults.nproc, help=f"torchrun ranks (default {defaults.nproc})")
+                        help="root of the dataset folders")
+    parser.add_argument("--repo", type=Path, default=defaults.repo, help="Feast repository")
+    parser.add_argument("--out", type=Path, default=None, help="run folder; None means artifacts/demo[-item-cold]")
+    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="torchrun ranks")
     parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help=f"seed of the tokenizer and the ranker (default {defaults.seed})")
+                        help="seed of the tokenizer and the ranker")
     args, ranker_args = parser.parse_known_args(argv)
     cfg = DemoConfig(**vars(args), ranker_args=ranker_args)
 

@@ -32,7 +32,7 @@ class TrainConfig:
         service: Feast feature service name; None means ``contract.FEATURE_SERVICE`` (every SID version).
         epochs: maximum epochs.
         batch_size: global batch (split evenly across ranks).
-        sparse_optimizer: fused optimizer of the embedding tables (model.SPARSE_OPTIMIZERS).
+        sparse_optimizer: fused optimizer of the embedding tables (``ranking.sharding.SPARSE_OPTIMIZERS``).
         lr_sparse: its learning rate.
         lr_dense: Adam learning rate of the MLPs.
         patience: epochs without a better valid AUC before stopping.

@@ -61,7 +61,7 @@ class FeatureConfig:
 
     Args:
         use_user_id: the user id table (under the global time split most
-            test users have no train rows, DESIGN.md section 5).
+            test users have no train rows, docs/architecture.md).
         use_item_id: item id and history item bag (one shared table).
         use_sid: SID code positions, hashed prefixes and history prefix bags.
         prefix_buckets: rows of the hashed prefix table; None means

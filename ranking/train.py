@@ -116,7 +116,7 @@ def score_split(
     index = torch.where(real, index, 0)
     dmp.eval()
     scores = []
-    # no_grad, not inference_mode: inference tensors break TorchRec's sharded modules (DESIGN section 9).
+    # no_grad, not inference_mode: inference tensors break TorchRec's sharded modules.
     with torch.no_grad():
         for b in range(n_batches):
             _, (_, logits, _) = dmp(part.batch(index[b * local : (b + 1) * local]))

@@ -20,7 +20,6 @@ from ranking.tables import FeatureConfig, prefix_bucket, sparse_tables
 
 BUCKETS = 4096  # max(MIN_PREFIX_BUCKETS, 4 * n_items)
 
-# test_ranking_model.py imports META and tiny_rows from this module.
 META = TINY_ROWS_META
 
 

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+import demo
+from benchmarks import auc as bench_auc
+from benchmarks import plots as bench_plots
 from features import build as feature_build, publish
 from ingest import cli as ingest_cli
 from ranking import serve
+from ranking import train as ranking_train
 from sidrank.cli import run_main
 from tokenizer import finetune, modalities, train
 
@@ -30,6 +34,10 @@ COMMANDS = [
     ("python -m ranking.serve", serve.main, []),
     ("python -m ranking.serve rank", serve.main, ["rank"]),
     ("python -m ranking.serve http", serve.main, ["http"]),
+    ("python -m ranking.train", ranking_train.main, []),
+    ("python -m demo", demo.main, []),
+    ("python -m benchmarks.auc", bench_auc.main, []),
+    ("python -m benchmarks.plots", bench_plots.main, []),
 ]
 # The module whose `__main__` block runs each program.
 ENTRY_MODULES = {

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_batches import META, tiny_rows
+from builders import TINY_ROWS_META as META
+from builders import tiny_rows
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ranking.batches import DENSE_FEATURES, build_split
 from ranking.tables import FeatureConfig, sparse_tables
 from ranking.archs import ItemVocabulary, PiecewiseLinearEmbedding, TargetAttention, item_rows, quantile_bin_edges
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ranking.fusion import FrequencyGate, NoFusion
 from ranking.model import ModelConfig, SIDRanker, build_ebc, build_model
 

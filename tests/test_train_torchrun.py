@@ -216,23 +216,26 @@ def test_cli_rejects_unknown_and_bad_values(tmp_path: Path, capsys: pytest.Captu
     assert cfg.model.dense_layers == (32, 16) and not cfg.features.use_sid
 
 
-def test_rows_with_labels_other_than_the_events_are_refused(tmp_path: Path) -> None:
-    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+def _relabel_rows(rows_path: Path, meta: Path) -> None:
     rows = pd.read_parquet(rows_path)
     rows.loc[rows.index[:5], "label"] = 1 - rows.loc[rows.index[:5], "label"]
     write_parquet(rows, rows_path)
-    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path / "run"),
-            "--rows", str(rows_path), "--feature-meta", str(meta)]
-    with pytest.raises(DataError, match="column 'label' disagrees"):
-        train.main(argv)
 
 
-def test_feature_store_of_other_events_is_refused(tmp_path: Path) -> None:
-    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+def _other_events_meta(rows_path: Path, meta: Path) -> None:
     write_json({**dataclasses.asdict(META), "events_sha256": "0" * 64}, meta)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [(_relabel_rows, "column 'label' disagrees"), (_other_events_meta, "published from other events")],
+)
+def test_rows_or_feature_store_of_other_events_are_refused(tmp_path: Path, corrupt, message: str) -> None:
+    dataset, rows_path, meta = synthetic_dataset(tmp_path)
+    corrupt(rows_path, meta)
     argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--out", str(tmp_path / "run"),
             "--rows", str(rows_path), "--feature-meta", str(meta)]
-    with pytest.raises(DataError, match="published from other events"):
+    with pytest.raises(DataError, match=message):
         train.main(argv)
 
 
