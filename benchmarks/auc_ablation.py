@@ -60,7 +60,7 @@ class AblationConfig:
 
 def publish_latest(cfg: AblationConfig, label: str) -> str:
     """Build features for the dataset's LATEST SID version and add it to Feast; returns the version."""
-    data = DatasetPaths(cfg.demo.artifacts / cfg.demo.dataset)
+    data = DatasetPaths(cfg.demo.dataset_dir)
     version = data.resolve_sid_version(LATEST)
     py = sys.executable
     run_stage(f"features {label}", [py, "-m", "features.build", "--dataset", str(data.root), "--sid-version", version])
@@ -71,7 +71,7 @@ def publish_latest(cfg: AblationConfig, label: str) -> str:
 
 def train_tokenizer(cfg: AblationConfig, method: str) -> str:
     """Fit one tokenizer at the shared code budget and publish it; returns its SID version."""
-    data = str(cfg.demo.artifacts / cfg.demo.dataset)
+    data = str(cfg.demo.dataset_dir)
     run_stage(f"tokenize {method}", [sys.executable, "-m", "tokenizer.train", "--dataset", data, "--method", method,
                                      "--seed", "0", *CODE_BUDGET])
     return publish_latest(cfg, method)
@@ -79,7 +79,7 @@ def train_tokenizer(cfg: AblationConfig, method: str) -> str:
 
 def finetune(cfg: AblationConfig, parent: str) -> str:
     """MMQ stage 2 from ``parent`` (its Feast rows must be cached by a ranker run); returns the new version."""
-    data = str(cfg.demo.artifacts / cfg.demo.dataset)
+    data = str(cfg.demo.dataset_dir)
     run_stage("finetune mmq", [sys.executable, "-m", "tokenizer.finetune", "--dataset", data, "--sid-version", parent])
     return publish_latest(cfg, "mmq_ft")
 

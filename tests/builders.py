@@ -34,7 +34,10 @@ from sidrank.io import write_json, write_parquet
 EVENTS_START = pd.Timestamp("2020-01-01", tz="UTC")
 # The SID version write_feature_dataset writes (and LATEST names).
 TEST_SID_VERSION = "test-v1"
-FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
+# The repository root and the checked-in test inputs, wherever a test module sits under tests/.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
+FEATURE_REPO = PROJECT_ROOT / "feature_repo"
 
 
 def random_tied_events(n_users: int, n_items: int, n_events: int, n_times: int, seed: int) -> pd.DataFrame:

@@ -27,9 +27,10 @@ from ingest.movielens import (
 )
 from sidrank.schema import DataError
 from sidrank.contract import DatasetPaths
+from builders import PROJECT_ROOT, FIXTURES
 
-REPO = Path(__file__).resolve().parents[1]
-AMAZON = Path(__file__).parent / "fixtures" / "amazon"
+REPO = PROJECT_ROOT
+AMAZON = FIXTURES / "amazon"
 
 # Tiny MovieLens in both formats: non-contiguous raw ids (10 sorts after 7), timestamp ties,
 # a latin-1 title, the "unknown" placeholder item and an item nobody rated.

@@ -19,8 +19,9 @@ from ranking import serve
 from ranking import train as ranking_train
 from sidrank.cli import run_main
 from tokenizer import finetune, modalities, train
+from builders import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 # (what --help names, the entry point, the arguments before --help)
 COMMANDS = [

@@ -25,9 +25,10 @@ from sidrank.metrics import auc
 from ranking.config import config_from_args
 from ranking.distributed import rank_share
 from ranking.shards import load_rows
+from builders import PROJECT_ROOT
 
 N_ROWS, N_USERS, N_ITEMS, COLD, LEVELS, CODES = 4000, 300, 120, 20, 3, 8
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 # A few hundred SGD steps on 4000 rows: a higher sparse rate than the MovieLens default.
 TRAIN_ARGS = ("--batch-size", "256", "--epochs", "4", "--patience", "2", "--seed", "0", "--lr-sparse", "1.0")
 META = contract.FeatureMeta(

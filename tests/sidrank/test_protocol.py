@@ -35,8 +35,9 @@ from sidrank.protocol import (
 )
 from sidrank.schema import DataError
 from tokenizer import train as tokenizer_train
+from builders import PROJECT_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = PROJECT_ROOT
 # sha256 of held_out_items(1682) (MovieLens-100K): pins the documented rule, so a changed hash shows here.
 ML100K_HELD_OUT_SHA256 = "507d90f32421aba2e78051056c6c14e8560af03344444a39766c249e580b1ba7"
 SYNTHETIC = ["synthetic", "--items", "300", "--events", "6000", "--users", "120", "--seed", "2"]

@@ -4,6 +4,7 @@ import importlib.metadata as md
 from pathlib import Path
 
 from sidrank import envcheck
+from builders import PROJECT_ROOT
 
 
 def test_torchrec_and_cpu_fbgemm_import():
@@ -26,6 +27,6 @@ def test_our_packages_are_ours():
     import ranking
     import tokenizer
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = PROJECT_ROOT
     for module in (tokenizer, ranking):
         assert Path(module.__file__).resolve().is_relative_to(repo), module.__file__

@@ -16,8 +16,9 @@ from sklearn.metrics import roc_auc_score
 import demo
 from sidrank.io import read_json
 from ingest.synthetic import SyntheticConfig, user_favourites
+from builders import FEATURE_REPO
 
-REPO = Path(__file__).resolve().parents[1] / "feature_repo"
+REPO = FEATURE_REPO
 SMALL = ["synthetic", "--items", "400", "--events", "30000", "--users", "300", "--seed", "1"]  # = favourite_oracle_auc's config
 
 

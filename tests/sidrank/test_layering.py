@@ -14,8 +14,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from builders import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 # Position in the pipeline; a package may import only packages at a lower or equal position.
 STAGES = {"sidrank": 0, "ingest": 1, "tokenizer": 2, "features": 3, "feature_repo": 3, "ranking": 4, "demo": 5, "benchmarks": 6}
 # Read by Feast alone.
