@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import pandas as pd
 
 from benchmarks import baselines, plots
 from benchmarks.report import RESULTS_DIR, fmt, markdown_table, mean_std, rerun_command, write_results
-from demo import DemoConfig, run_stage, stage_commands
+from demo import DemoConfig, ensure_feature_repo, run_stage, stage_commands
 from ranking.config import TrainConfig, config_from_args
 from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.contract import DatasetPaths
@@ -57,8 +56,6 @@ VARIANTS = {
     "full_no_sid": ["--no-use-sid"],
 }
 REPORTED = ("test_auc", "test_auc_cold", "test_gauc", "test_logloss", "valid_auc")
-# The project's Feast repository, copied (definitions only) for a benchmark's own store.
-PROJECT_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 # (A, B) pairs compared on the same test rows; A - B.
 COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"), ("full", "full_no_sid"))
 
@@ -199,8 +196,7 @@ def draw_pictures(
 
 def run(cfg: AucBenchConfig, command: str) -> dict:
     """Prepare, train every variant and seed, fit the baselines, compare, write the results."""
-    if not (cfg.repo / "feature_store.yaml").exists():
-        shutil.copytree(PROJECT_REPO, cfg.repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    ensure_feature_repo(cfg.repo)
     if cfg.prepare:
         for name, stage in stage_commands(cfg.demo)[:-1]:
             run_stage(name, stage)

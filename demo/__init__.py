@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,9 @@ from sidrank.contract import DatasetPaths
 from sidrank.io import read_json, write_json
 from sidrank.protocol import PROTOCOLS, TEMPORAL, check_protocol, dataset_folder_name
 from tokenizer.train import METHODS
+
+# The project's Feast definitions, copied (without data) for a store of another protocol or a benchmark.
+PROJECT_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 
 # P code positions x K codes: every tokenizer method fits this budget, and the
 # ablation (benchmarks/auc_ablation.py) compares them at it.
@@ -62,7 +66,10 @@ class DemoConfig:
             stages follow it, and it names the folder (:attr:`dataset_dir`).
         method: tokenizer method, one of ``tokenizer.train.METHODS``.
         artifacts: root folder of dataset artifacts.
-        repo: the Feast repository.
+        repo: the Feast repository; None means the project's ``feature_repo``
+            under the temporal protocol and a copy of its definitions,
+            ``<artifacts>/feature_repo-item-cold``, under item-cold, so the two
+            demos never republish each other's store.
         out: run folder for the ranker's metrics and predictions; None =
             ``artifacts/demo`` (``artifacts/demo-item-cold`` under item-cold).
         nproc: torchrun processes (ranks).
@@ -74,7 +81,7 @@ class DemoConfig:
     protocol: str = TEMPORAL
     method: str = "mm_rqvae"
     artifacts: Path = Path("artifacts")
-    repo: Path = Path("feature_repo")
+    repo: Path | None = None
     out: Path | None = None
     nproc: int = 2
     seed: int = 0
@@ -89,12 +96,22 @@ class DemoConfig:
         if self.nproc < 1:
             raise ValueError(f"nproc={self.nproc}: expected >= 1")
         out = Path("artifacts") / dataset_folder_name("demo", self.protocol) if self.out is None else self.out
-        self.artifacts, self.repo, self.out = Path(self.artifacts), Path(self.repo), Path(out)
+        self.artifacts, self.out = Path(self.artifacts), Path(out)
+        if self.repo is None:
+            self.repo = Path("feature_repo") if self.protocol == TEMPORAL else self.artifacts / f"feature_repo-{self.protocol}"
+        self.repo = Path(self.repo)
 
     @property
     def dataset_dir(self) -> Path:
         """The dataset folder ingest writes: ``<artifacts>/<dataset>`` plus the protocol's suffix."""
         return self.artifacts / dataset_folder_name(self.dataset, self.protocol)
+
+
+def ensure_feature_repo(repo: Path) -> Path:
+    """``repo``, created as a copy of the project's Feast definitions (no data) if it has none."""
+    if not (Path(repo) / "feature_store.yaml").exists():
+        shutil.copytree(PROJECT_REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"), dirs_exist_ok=True)
+    return Path(repo)
 
 
 def run_stage(name: str, argv: list[str]) -> float:
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tokenizer method of tokenizer.train")
     parser.add_argument("--artifacts", type=Path, default=defaults.artifacts,
                         help="root of the dataset folders")
-    parser.add_argument("--repo", type=Path, default=defaults.repo, help="Feast repository")
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="Feast repository; None means feature_repo (temporal) or a copy per protocol")
     parser.add_argument("--out", type=Path, default=None, help="run folder; None means artifacts/demo[-item-cold]")
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="torchrun ranks")
     parser.add_argument("--seed", type=int, default=defaults.seed,
@@ -170,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, ranker_args = parser.parse_known_args(argv)
     cfg = DemoConfig(**vars(args), ranker_args=ranker_args)
 
+    ensure_feature_repo(cfg.repo)
     timings = {name: run_stage(name, argv) for name, argv in stage_commands(cfg)}
     # The run's curves and its test AUC by item frequency against LightGBM, beside metrics.json.
     timings["plots"] = run_stage("plots", [sys.executable, "-m", "benchmarks.plots", "--run", str(cfg.out)])

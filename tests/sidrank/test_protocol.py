@@ -274,3 +274,12 @@ def test_demo_chain_follows_the_protocol() -> None:
         assert argv[argv.index("--dataset") + 1] == data, name
     assert cfg.out == Path("artifacts/demo-item-cold") and demo.DemoConfig().out == Path("artifacts/demo")
     assert demo.DemoConfig().dataset_dir == Path("artifacts/ml-100k")
+    # Each protocol publishes into its own store: the item-cold demo never overwrites the temporal one's tables.
+    assert demo.DemoConfig().repo == Path("feature_repo") and cfg.repo == Path("artifacts/feature_repo-item-cold")
+    assert stages["feast"][stages["feast"].index("--repo") + 1] == str(cfg.repo)
+
+
+def test_a_store_of_another_protocol_starts_from_the_project_definitions(tmp_path: Path) -> None:
+    repo = demo.ensure_feature_repo(tmp_path / "repo")
+    assert (repo / "feature_store.yaml").exists() and (repo / "definitions.py").exists()
+    assert not (repo / "data").exists()
