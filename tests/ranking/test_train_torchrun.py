@@ -279,3 +279,16 @@ def test_rank_shares_cover_every_row_once() -> None:
     # Parts differ by at most one row: ceil-sized parts would leave rank 3 of 4 with none of 9 rows.
     assert [len(rank_share(np.arange(9), "valid", rank, 4)) for rank in range(4)] == [3, 2, 2, 2]
     assert rank_share(ids, "train", 1, 3).tolist() == [101, 104, 107, 110]  # a stride: shards mix all times
+
+
+def test_config_replays_a_saved_run_and_flags_beside_it_win(tmp_path: Path) -> None:
+    base = ["--dataset", str(tmp_path), "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "run")]
+    cfg = config_from_args([*base, "--history", "attention", "--dense-layers", "32", "16", "--dropout", "0.3"])
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    write_json({"test_auc": 0.7, "config": saved}, tmp_path / "metrics.json")
+    assert config_from_args(["--config", str(tmp_path / "metrics.json")]) == cfg
+    replayed = config_from_args(["--config", str(tmp_path / "metrics.json"), "--dropout", "0.1"])
+    assert replayed.model.dropout == 0.1 and replayed.features.history == "attention"
+    write_json({"config": {**saved, "no_such_option": 1}}, tmp_path / "stale.json")
+    with pytest.raises(DataError, match=r"config keys \['no_such_option'\] are not options"):
+        config_from_args(["--config", str(tmp_path / "stale.json")])
