@@ -42,7 +42,7 @@ from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.contract import DatasetPaths
 from sidrank.io import read_json
 from sidrank.metrics import evaluate_predictions, paired_bootstrap
-from sidrank.protocol import cold_item_ids
+from sidrank.protocol import cold_item_ids, train_item_counts
 
 log = logging.getLogger("benchmarks.auc")
 
@@ -222,7 +222,7 @@ def run(cfg: AucBenchConfig, command: str) -> dict:
     comparisons = compare(test, cold, scores, cfg)
     summary, table = summarise(runs, comparisons)
     if "full" in run_dirs and "lightgbm" in scores:
-        draw_pictures(cfg, runs["full"][0], test, plots.train_counts(events),
+        draw_pictures(cfg, runs["full"][0], test, train_item_counts(events, int(events["item_id"].max())),
                       {"full model": scores["full"][0], "LightGBM": scores["lightgbm"][0]})
     payload = {
         "summary": summary, "comparisons": comparisons, "runs": runs, "sid_version": runs[cfg.variants[0]][0]["sid_version"],

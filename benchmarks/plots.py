@@ -27,6 +27,7 @@ from ranking.config import config_from_args
 from sidrank.cli import parser_for, run_main
 from sidrank.io import atomic_path, read_json, write_json
 from sidrank.metrics import auc
+from sidrank.protocol import train_item_counts
 from sidrank.schema import require_file
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ CURVES_PNG = "curves.png"
 FREQUENCY_PNG = "auc_by_frequency.png"
 # Upper bounds (inclusive) of the train-row buckets; the last bucket is open.
 FREQUENCY_EDGES = (0, 4, 19, 49, 99, 199)
-
-
-def train_counts(events: pd.DataFrame) -> np.ndarray:
-    """[max item id + 1] train rows per item."""
-    train = events.loc[events["split"] == "train", "item_id"].to_numpy()
-    return np.bincount(train, minlength=int(events["item_id"].max()) + 1)
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -132,7 +127,7 @@ def plot_run(run: Path) -> list[Path]:
         "LightGBM": booster.predict(x["test"], num_iteration=iterations),
     }
     events = pd.read_parquet(cfg.dataset / "events.parquet", columns=["item_id", "split"])
-    auc_by_frequency(test, train_counts(events), scores, run / FREQUENCY_PNG)
+    auc_by_frequency(test, train_item_counts(events, int(events["item_id"].max())), scores, run / FREQUENCY_PNG)
     return [*written, run / FREQUENCY_PNG]
 
 

@@ -45,7 +45,7 @@ from sidrank.cli import log_to_stderr, run_main
 from sidrank.contract import DatasetPaths
 from sidrank.io import read_json, write_json, write_parquet
 from sidrank.metrics import auc, evaluate_predictions
-from sidrank.protocol import cold_item_ids
+from sidrank.protocol import cold_item_ids, train_item_counts
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
 from ranking.archs import item_rows, quantile_bin_edges
 from ranking.batches import DENSE_FEATURES, SplitTensors, build_split
@@ -195,8 +195,7 @@ def run(cfg: TrainConfig) -> dict | None:
         if cfg.model.numeric == "ple":
             edges = torch.from_numpy(quantile_bin_edges(splits["train"].dense.numpy(), cfg.model.numeric_bins))
             dist.broadcast(edges, src=0)  # rank 0's train shard sets every rank's bins
-        train_counts = np.bincount(events.loc[events["split"] == "train", "item_id"], minlength=meta.n_items + 1)
-        rows = item_rows(train_counts, cfg.model.item_min_train_rows)
+        rows = item_rows(train_item_counts(events, meta.n_items), cfg.model.item_min_train_rows)
         model = build_model(
             tables, len(DENSE_FEATURES), cfg.model, device="meta", numeric_edges=edges, item_rows=rows
         )
@@ -206,7 +205,7 @@ def run(cfg: TrainConfig) -> dict | None:
         )
         log.info("sharding plan:\n%s", plan["text"])
         if cfg.model.sid_init == "codebook":
-            codebooks = DatasetPaths(cfg.dataset).sid_dir(meta.sid_version) / "codebooks.pt"
+            codebooks = paths.sid_dir(meta.sid_version) / "codebooks.pt"
             init_sid_tables(dmp, tables, codebooks, meta, cfg.model.emb_dim, seed=cfg.seed)
 
     # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
