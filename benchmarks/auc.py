@@ -133,12 +133,6 @@ def run_ranker(cfg: AucBenchConfig, variant: str, seed: int) -> Path:
     return out
 
 
-def ranker_scores(run: Path, test: pd.DataFrame) -> np.ndarray:
-    """The run's test scores in ``test``'s row order."""
-    predictions = pd.read_parquet(run / "predictions_test.parquet").set_index("row_id")
-    return predictions.loc[test["row_id"].to_numpy(), "score"].to_numpy()
-
-
 def fit_baselines(cfg: AucBenchConfig, inputs: baselines.BaselineInputs) -> dict[str, list[dict]]:
     """LightGBM per seed and logistic regression once: ``model -> [{"valid_auc", "scores", ...}]``."""
     x, y = inputs.x, inputs.y
@@ -210,7 +204,7 @@ def run(cfg: AucBenchConfig, command: str) -> dict:
     inputs = baselines.baseline_inputs(full)
     test = inputs.events["test"]
     runs = {v: [read_json(d / "metrics.json") for d in dirs] for v, dirs in run_dirs.items()}
-    scores = {v: [ranker_scores(d, test) for d in dirs] for v, dirs in run_dirs.items()}
+    scores = {v: [baselines.run_test_scores(d, test) for d in dirs] for v, dirs in run_dirs.items()}
     if cfg.baselines:
         for model, fits in fit_baselines(cfg, inputs).items():
             scores[model] = [fit.pop("scores") for fit in fits]

@@ -9,6 +9,7 @@ construction. Hyper-parameters are chosen on the valid split only.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import NamedTuple
 
 import lightgbm as lgb
@@ -107,6 +108,12 @@ class BaselineInputs(NamedTuple):
     dense: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     events: dict[str, pd.DataFrame]
+
+
+def run_test_scores(run: Path, test: pd.DataFrame) -> np.ndarray:
+    """A ranker run's test scores (``predictions_test.parquet``) in ``test``'s row order."""
+    predictions = pd.read_parquet(run / "predictions_test.parquet").set_index("row_id")
+    return predictions.loc[test["row_id"].to_numpy(), "score"].to_numpy()
 
 
 def baseline_inputs(cfg: TrainConfig) -> BaselineInputs:

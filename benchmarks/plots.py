@@ -121,9 +121,8 @@ def plot_run(run: Path) -> list[Path]:
     x, y = inputs.x, inputs.y
     booster, iterations, _ = baselines.fit_lightgbm(x["train"], y["train"], x["valid"], y["valid"], seed=0)
     test = inputs.events["test"]
-    predictions = pd.read_parquet(run / "predictions_test.parquet").set_index("row_id")
     scores = {
-        "ranker": predictions.loc[test["row_id"].to_numpy(), "score"].to_numpy(),
+        "ranker": baselines.run_test_scores(run, test),
         "LightGBM": booster.predict(x["test"], num_iteration=iterations),
     }
     events = pd.read_parquet(cfg.dataset / "events.parquet", columns=["item_id", "split"])

@@ -258,8 +258,8 @@ class SIDRanker(nn.Module):
         tables = [self.sparse_arch, *([self.history_arch.embedding_collection] if self.history_arch else [])]
         return [p for module in tables for p in module.parameters()]
 
-    def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch -> (logits [B], mean squared norm of the embeddings looked up per row [])."""
+    def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Batch -> (logits [B], the embeddings it looked up, each [B, *])."""
         dense = batch.dense_features
         pooled = self.sparse_arch(self.vocabulary(batch.sparse_features))
         stack, looked_up = [self.fusion(pooled, dense)], [pooled.flatten(1)]
@@ -270,8 +270,7 @@ class SIDRanker(nn.Module):
             stack.append(vectors)
             looked_up.append(history.flatten(1))
         interaction = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=torch.cat(stack, dim=1))
-        l2 = torch.cat(looked_up, dim=1).pow(2).sum(1).mean()
-        return self.over_arch(self.dropout(interaction)).squeeze(-1), l2
+        return self.over_arch(self.dropout(interaction)).squeeze(-1), looked_up
 
 
 class RankerTrain(nn.Module):
@@ -287,9 +286,11 @@ class RankerTrain(nn.Module):
         self.loss_fn = nn.BCEWithLogitsLoss()
 
     def forward(self, batch: RankerBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits, l2 = self.model(batch)
+        logits, looked_up = self.model(batch)
         bce = self.loss_fn(logits, batch.labels.float())
-        loss = bce + self.l2 * l2 if self.l2 > 0 else bce
+        loss = bce
+        if self.l2 > 0:  # the penalty's graph is built only when it enters the loss
+            loss = bce + self.l2 * sum(t.pow(2).sum(1) for t in looked_up).mean()
         return loss, (bce.detach(), logits.detach(), batch.labels.detach())
 
 

@@ -202,11 +202,10 @@ def parse_config(parser: argparse.ArgumentParser, cls: type[T], argv: list[str] 
     values.pop("config")
     try:
         return build_config(cls, values)
+    except DataError:
+        raise
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+        parser.error(str(exc))  # exits
 
 
 def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:
