@@ -1,7 +1,19 @@
-"""Atomic artifact writes: write to a temporary sibling, then rename.
+"""Atomic artifact writes: one file (a temporary sibling, then a rename) or a unit of files.
 
 A job that crashes half-way leaves the previous good artifact in place, never
 a truncated file (``os.replace`` is atomic on one filesystem).
+
+A *unit* is the set of files one stage run writes into one folder (ingest's
+events/items/users/meta.json, a SID version, the feature tables, the Feast
+repository's data). :func:`publish_unit` builds them in a staging folder and
+moves them into place under a manifest written last (``unit.json``: each
+file's size and sha256, the upstream units it was built from, a digest);
+:func:`require_complete_unit` is what readers call: no manifest, a listed file
+missing or changed, or another upstream digest is a :class:`DataError` naming
+the folder and the command that rebuilds it. So a run killed at any moment
+leaves either the old unit, or a folder readers refuse, never a mix they
+accept. Files a unit does not list (a later stage's subfolders) are not part
+of it and are left alone.
 """
 
 from __future__ import annotations
@@ -10,14 +22,22 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+
+from sidrank.schema import DataError
+
+# The manifest of a unit, written last (publish_unit), checked by every reader (require_complete_unit).
+UNIT_MANIFEST = "unit.json"
+# Staging folders of publish_unit live inside the unit's folder (same filesystem: renames are atomic).
+STAGING_PREFIX = ".staging-"
 
 
 @contextmanager
@@ -108,3 +128,131 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Delete what killed writers left in ``folder``: staging folders and ``.*.tmp`` files or folders.
+
+    Returns the deleted paths. Only one writer may work on a folder at a time.
+    """
+    leftovers = [p for p in folder.glob(".*") if p.name.startswith(STAGING_PREFIX) or p.name.endswith(".tmp")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
+def _unit_digest(files: Mapping[str, Mapping[str, Any]], built_from: Mapping[str, str]) -> str:
+    listing = {"files": {name: entry["sha256"] for name, entry in files.items()}, "built_from": dict(built_from)}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def _listed_files(manifest_path: Path) -> set[str]:
+    """The files an existing manifest lists (none when it is absent or unreadable)."""
+    try:
+        return set(json.loads(manifest_path.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _commit_unit(staging: Path, final_dir: Path, built_from: Mapping[str, str]) -> dict:
+    """Move every file of ``staging`` into ``final_dir`` and write the manifest last."""
+    staged = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
+    if UNIT_MANIFEST in staged:
+        raise ValueError(f"{staging}: a unit may not contain its own {UNIT_MANIFEST}")
+    files = {name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for name, path in staged.items()}
+    manifest_path = final_dir / UNIT_MANIFEST
+    old = _listed_files(manifest_path)
+    # From here until the new manifest exists, readers see an incomplete unit and refuse it.
+    manifest_path.unlink(missing_ok=True)
+    for name, path in staged.items():
+        (final_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final_dir / name)
+    for name in sorted(old - set(staged)):
+        (final_dir / name).unlink(missing_ok=True)
+    manifest = {
+        "files": files,
+        "built_from": dict(built_from),
+        "digest": _unit_digest(files, built_from),
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+    write_json(manifest, manifest_path)
+    return manifest
+
+
+@contextmanager
+def publish_unit(final_dir: str | Path, *, built_from: Mapping[str, str] | None = None) -> Iterator[Path]:
+    """Yield a staging folder; when the block succeeds, its files become ``final_dir``'s unit at once.
+
+    Write every file of the unit under the yielded folder (subfolders allowed;
+    plain writes suffice, nothing is visible before the end). On success the
+    old manifest is removed, the files are renamed into ``final_dir``, files
+    of the old unit the new one lacks are deleted and the new manifest is
+    written last. On an error the staging folder is deleted and the old unit
+    stays as it was. Leftovers of killed runs are deleted on entry.
+
+    Args:
+        final_dir: the unit's folder (created if needed).
+        built_from: upstream key -> the digest of the unit this one was built
+            from (e.g. ``{"dataset": ...}``), checked by readers through
+            :func:`require_complete_unit`.
+    """
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(final_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=final_dir))
+    try:
+        yield staging
+        _commit_unit(staging, final_dir, built_from or {})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def require_complete_unit(
+    folder: str | Path, rebuild: str, *, built_from: Mapping[str, str] | None = None, files: tuple[str, ...] = ()
+) -> dict:
+    """The manifest of the complete unit in ``folder``, every listed file checked against its sha256.
+
+    Args:
+        folder: the unit's folder.
+        rebuild: the command that rebuilds the unit, named in every error.
+        built_from: upstream key -> the digest the unit must record (a unit
+            built from an older upstream is stale).
+        files: names the unit must list.
+
+    Raises:
+        DataError: no manifest (a writer was interrupted, or the folder
+            predates units), a file missing, changed or not listed, or another
+            upstream digest; the message names the folder and ``rebuild``.
+    """
+    folder = Path(folder)
+    manifest_path = folder / UNIT_MANIFEST
+    fix = f"rebuild it with `{rebuild}`"
+    if not manifest_path.is_file():
+        raise DataError(
+            f"{folder}: incomplete or missing (no {UNIT_MANIFEST}: its writer was interrupted, or it was written "
+            f"before units were recorded); {fix}"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{manifest_path}: unreadable unit manifest ({exc}); {fix}") from exc
+    for name in files:
+        if name not in listed:
+            raise DataError(f"{folder / name}: not part of the unit listed in {manifest_path}; {fix}")
+    for name, entry in listed.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: missing or changed since {manifest_path} was written (a half-written or "
+                            f"hand-edited unit); {fix}")
+    recorded = manifest.get("built_from", {})
+    for key, digest in (built_from or {}).items():
+        if recorded.get(key) != digest:
+            raise DataError(
+                f"{folder}: stale, built from another {key} (recorded {str(recorded.get(key))[:12]}, now "
+                f"{digest[:12]}: the {key} was rebuilt since); {fix}"
+            )
+    return manifest
