@@ -10,7 +10,10 @@ by the pipeline's own commands into its own Feast repository
 - **materialize**: ``FeatureStore.materialize`` over every stamp (what
   ``feast materialize`` runs) into the sqlite online store, rows/s, against
   writing the very rows it wrote straight into an empty sqlite table of the
-  same schema (one ``executemany`` per table, one transaction): the store's limit.
+  same schema (one ``executemany`` per table, one transaction): the store's
+  limit. Then the same materialize into Redis (``feature_store.redis.yaml``,
+  a redis-server started for the run and stopped after it,
+  features/online_store.py), against sqlite's.
 - **historical retrieval**: ``get_historical_features`` of the ranker's
   feature service for every event through the project's as-of offline store
   (features/offline_store.py), against the same point-in-time join done
@@ -21,18 +24,20 @@ by the pipeline's own commands into its own Feast repository
   value with ``merge_asof``'s.
 - **online**: ``get_online_features`` latency for one user and 100 candidate
   items, p50/p99 over many requests, against reading the same entity keys'
-  rows straight from the sqlite tables (no protobuf decoding).
+  rows straight from the sqlite tables (no protobuf decoding); and the same
+  requests through Feast on Redis against Feast on sqlite, whose answers
+  must be equal value for value.
 
 Writes ``benchmarks/results/feature_store.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +49,16 @@ import yaml
 from benchmarks.report import latency_stats, markdown_table, rerun_command, time_each, write_results
 from benchmarks.scale import ScaleConfig, size_commands
 import demo
-from features import publish
-from sidrank.schema import from_micros, to_micros
+from features import online_store, publish
 from sidrank import contract
+from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
+from sidrank.schema import from_micros, to_micros
+
+PROG = "python -m benchmarks.feature_store"
 
 WARMUP_REQUESTS = 10
+# Online requests whose answers from Redis and sqlite are compared value for value.
+COMPARED_REQUESTS = 50
 
 
 @dataclass
@@ -87,16 +97,18 @@ def prepare(cfg: FeatureStoreBenchConfig) -> tuple[Path, Path]:
     return dataset, repo
 
 
-def feature_store(repo: Path, offline_type: str | None = None):
-    """The repository's FeatureStore, optionally with another offline store type."""
+def feature_store(repo: Path, online: str = "sqlite", offline_type: str | None = None):
+    """The repository's FeatureStore on the ``online`` store's yaml, optionally with another offline store type."""
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 
     repo = repo.resolve()
-    raw = yaml.safe_load((repo / "feature_store.yaml").read_text())
-    # Relative paths in the yaml are the repository's; Feast would take them from the cwd here.
+    # As Feast reads it: environment variables expanded (the Redis address).
+    raw = yaml.safe_load(os.path.expandvars(online_store.store_yaml(repo, online).read_text()))
+    # Relative paths in the yaml are the repository's; from a config object Feast takes them from the cwd.
     raw["registry"] = str(repo / raw["registry"])
-    raw["online_store"]["path"] = str(repo / raw["online_store"]["path"])
+    if "path" in raw["online_store"]:
+        raw["online_store"]["path"] = str(repo / raw["online_store"]["path"])
     if offline_type is not None:
         raw["offline_store"] = {"type": offline_type}
     return FeatureStore(config=RepoConfig(**raw, repo_path=repo))
@@ -107,12 +119,16 @@ def online_tables(path: Path) -> dict[str, str]:
         return dict(con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
 
 
-def bench_materialize(repo: Path) -> dict:
-    store = feature_store(repo)
+def _timed_materialize(store, repo: Path) -> float:
     start, end = publish.stamp_range(repo)
     began = time.perf_counter()
     store.materialize(start.to_pydatetime(), end.to_pydatetime())
-    feast_s = time.perf_counter() - began
+    return time.perf_counter() - began
+
+
+def bench_materialize(repo: Path) -> dict:
+    """Feast's materialize into sqlite against direct sqlite writes of the same rows, then into Redis."""
+    feast_s = _timed_materialize(feature_store(repo), repo)
     online = repo / "data" / "online_store.db"
     tables = online_tables(online)
     with sqlite3.connect(online) as con:
@@ -130,13 +146,25 @@ def bench_materialize(repo: Path) -> dict:
                 con.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
         direct_s = time.perf_counter() - began
     direct.unlink()
+    redis = feature_store(repo, "redis")
+    redis_s = _timed_materialize(redis, repo)
     n = sum(len(v) for v in rows.values())
     return {
         "sqlite_rows": n, "entity_rows": entities, "views": len(tables),
         "feast_s": feast_s, "direct_s": direct_s,
         "feast_rows_per_s": n / feast_s, "direct_rows_per_s": n / direct_s,
         "feast_entity_rows_per_s": entities / feast_s,
+        "redis_s": redis_s, "redis_entity_rows_per_s": entities / redis_s, "redis_keys": redis_keys(redis),
     }
+
+
+def redis_keys(store) -> int:
+    """Keys in the store's Redis database: one hash per entity key, shared by the views of that key."""
+    from redis import Redis
+
+    host, port = store.config.online_store.connection_string.split(",")[0].rsplit(":", 1)
+    with Redis(host=host, port=int(port)) as client:
+        return int(client.dbsize())
 
 
 def entity_frame(dataset: Path, repo: Path) -> pd.DataFrame:
@@ -203,7 +231,7 @@ def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) ->
     sample_asof_s, sample_asof = _timed_retrieval(asof_store, sample, service)
     # The stock duckdb store reads relative source paths from the working directory.
     with contextlib.chdir(repo.resolve()):
-        stock_s, stock_rows = _timed_retrieval(feature_store(repo, "duckdb"), sample, service)
+        stock_s, stock_rows = _timed_retrieval(feature_store(repo, offline_type="duckdb"), sample, service)
     return {
         "entity_rows": len(entity), "features": len(features),
         "asof_s": asof_s, "asof_rows_out": len(asof_rows), "pandas_s": pandas_s, "pandas_rows_out": len(pandas_rows),
@@ -248,8 +276,9 @@ def sqlite_reader(store, service, sid_version: str) -> Callable[[tuple[int, list
 
 
 def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
-    store = feature_store(repo)
-    service = store.get_feature_service(contract.FEATURE_SERVICE)
+    """The same 1 user x ``candidates`` requests through Feast on sqlite and on Redis, and direct from sqlite."""
+    stores = {name: feature_store(repo, name) for name in online_store.STORE_FILES}
+    service = stores["sqlite"].get_feature_service(contract.FEATURE_SERVICE)
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items = cfg.events // 100, cfg.events // 10
     requests = [(int(rng.integers(1, n_users + 1)), rng.integers(1, n_items + 1, cfg.candidates).tolist())
@@ -257,15 +286,33 @@ def bench_online(cfg: FeatureStoreBenchConfig, repo: Path) -> dict:
 
     version = contract.RepoPaths(repo).published_sid_version()
 
-    def feast_read(request: tuple[int, list[int]]) -> None:
-        user, items = request
-        rows = [{"user_id": user, "item_id": i, contract.SID_VERSION: version} for i in items]
-        assert len(store.get_online_features(features=service, entity_rows=rows).to_df()) == len(items)
+    def reader(store) -> Callable[[tuple[int, list[int]]], pd.DataFrame]:
+        def read(request: tuple[int, list[int]]) -> pd.DataFrame:
+            user, items = request
+            rows = [{"user_id": user, "item_id": i, contract.SID_VERSION: version} for i in items]
+            return store.get_online_features(features=service, entity_rows=rows).to_df()
+        return read
 
-    feast_s, direct_s = time_each(feast_read, requests), time_each(sqlite_reader(store, service, version), requests)
+    readers = {name: reader(store) for name, store in stores.items()}
+    readers["direct_sqlite"] = sqlite_reader(stores["sqlite"], service, version)
+    seconds: dict[str, list[float]] = {name: [] for name in readers}
+    # Interleaved, request by request, so a change in the shared machine's load hits every reader alike.
+    for request in requests:
+        for name, read in readers.items():
+            seconds[name] += time_each(read, [request])
+    sample = requests[:COMPARED_REQUESTS]
+    answers = {name: [reader(store)(r) for r in sample] for name, store in stores.items()}
+    equal = all(_cells(a).equals(_cells(b)) for a, b in zip(answers["sqlite"], answers["redis"]))
     return {"requests": cfg.requests, "candidates": cfg.candidates,
-            "feast": latency_stats(feast_s[WARMUP_REQUESTS:]),
-            "direct_sqlite": latency_stats(direct_s[WARMUP_REQUESTS:])}
+            "feast": latency_stats(seconds["sqlite"][WARMUP_REQUESTS:]),
+            "redis": latency_stats(seconds["redis"][WARMUP_REQUESTS:]),
+            "direct_sqlite": latency_stats(seconds["direct_sqlite"][WARMUP_REQUESTS:]),
+            "compared_requests": len(sample), "redis_equals_sqlite": bool(equal)}
+
+
+def _cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """List cells as tuples, so two answers compare with ``equals`` (which takes NaN == NaN)."""
+    return frame.map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
 
 
 def table(result: dict) -> str:
@@ -291,29 +338,55 @@ def table(result: dict) -> str:
          f"p50 {o['direct_sqlite']['p50_ms']:.2f} ms, p99 {o['direct_sqlite']['p99_ms']:.2f} ms",
          f"{o['feast']['p50_ms'] / o['direct_sqlite']['p50_ms']:.1f}x slower (p50)",
          f"{o['requests']} requests"],
+        ["materialize, Redis online store", f"{m['redis_entity_rows_per_s']:,.0f} rows/s ({m['redis_s']:.1f} s)",
+         "Feast into sqlite, same rows", f"{m['feast_entity_rows_per_s']:,.0f} rows/s ({m['feast_s']:.1f} s)",
+         f"{m['feast_s'] / m['redis_s']:.2f}x",
+         f"{m['entity_rows']:,} entity rows, {m['views']} views, {m['redis_keys']:,} Redis keys"],
+        ["get_online_features on Redis, 1 user x {0} items".format(o["candidates"]),
+         f"p50 {o['redis']['p50_ms']:.1f} ms, p99 {o['redis']['p99_ms']:.1f} ms",
+         "Feast on sqlite, same requests",
+         f"p50 {o['feast']['p50_ms']:.1f} ms, p99 {o['feast']['p99_ms']:.1f} ms",
+         f"{o['feast']['p50_ms'] / o['redis']['p50_ms']:.2f}x (p50), {o['feast']['p99_ms'] / o['redis']['p99_ms']:.2f}x (p99)",
+         f"{o['requests']} requests; answers equal to sqlite's: {o['redis_equals_sqlite']} "
+         f"({o['compared_requests']} compared)"],
     ]
-    header = ["operation", "Feast", "baseline (same run)", "baseline", "Feast / baseline speed", "rows"]
+    header = ["operation", "measured", "baseline (same run)", "baseline", "speed vs baseline", "rows"]
     return markdown_table(header, rows)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    defaults = FeatureStoreBenchConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("events", "stock_sample", "requests", "candidates", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--root", type=Path, default=defaults.root)
-    parser.add_argument("--name", default=defaults.name)
-    cfg = FeatureStoreBenchConfig(**vars(parser.parse_args(argv)))
+@contextlib.contextmanager
+def redis_address(connection_string: str) -> Iterator[None]:
+    """``SIDRANK_REDIS`` names the server inside the block (what feature_store.redis.yaml reads), as before after."""
+    previous = os.environ.get(online_store.REDIS_ENV)
+    os.environ[online_store.REDIS_ENV] = connection_string
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[online_store.REDIS_ENV]
+        else:
+            os.environ[online_store.REDIS_ENV] = previous
+
+
+def run(cfg: FeatureStoreBenchConfig, command: str) -> dict:
+    """Prepare, start a redis-server for the run, measure, write the results; the server is stopped after."""
     dataset, repo = prepare(cfg)
-    result = {"events": cfg.events, "materialize": bench_materialize(repo)}
-    result["historical"] = bench_historical(cfg, dataset, repo)
-    result["online"] = bench_online(cfg, repo)
+    with online_store.redis_server(cfg.root / "redis") as server, redis_address(server.connection_string):
+        result = {"events": cfg.events, "materialize": bench_materialize(repo)}
+        result["historical"] = bench_historical(cfg, dataset, repo)
+        result["online"] = bench_online(cfg, repo)
     text = table(result)
-    command = rerun_command("benchmarks.feature_store", argv)
     write_results(cfg.name, {**result, "config": {k: str(v) for k, v in vars(cfg).items()}}, text, command)
     print(text)
     return result
 
 
+def main(argv: list[str] | None = None) -> dict:
+    parser = parser_for(PROG, __doc__.splitlines()[0])
+    add_config_arguments(parser, FeatureStoreBenchConfig)
+    cfg = parse_config(parser, FeatureStoreBenchConfig, argv)
+    return run(cfg, rerun_command("benchmarks.feature_store", argv))
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)
