@@ -13,6 +13,8 @@ over ``ranking.train``'s defaults:
 - ``numeric``: ``sid`` + piecewise-linear numeric embeddings.
 - ``full``: the defaults, chosen on valid AUC (numeric embeddings, dropout).
 - ``full_no_sid``: ``full`` without SIDs.
+- ``full_random_init``: ``full`` with randomly initialised user and item
+  tables instead of the co-watch factors of the train rows.
 
 Baselines on exactly the ``full`` model's inputs: LightGBM (one run per seed)
 and logistic regression (deterministic), both with every choice made on
@@ -54,10 +56,11 @@ VARIANTS = {
     # ranking.train's defaults: the configuration chosen on valid AUC, which `make demo` runs.
     "full": [],
     "full_no_sid": ["--no-use-sid"],
+    "full_random_init": ["--factor-init", "random"],
 }
 REPORTED = ("test_auc", "test_auc_cold", "test_gauc", "test_logloss", "valid_auc")
 # (A, B) pairs compared on the same test rows; A - B.
-COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"), ("full", "full_no_sid"))
+COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"), ("full", "full_no_sid"), ("full", "full_random_init"))
 
 
 @dataclass

@@ -82,8 +82,8 @@ class TrainConfig:
             raise ValueError("fusion='freq' gates the pooled item-id slot: it needs history='pooled'")
         if self.features.history == "attention" and not (self.features.use_item_id or self.features.use_sid):
             raise ValueError("history='attention' attends over item ids or SID prefixes: it needs use_item_id or use_sid")
-        if self.model.sid_init == "codebook" and not self.features.use_sid:
-            raise ValueError("sid_init='codebook' initialises the SID tables: it needs use_sid")
+        if self.model.sid_init != "random" and not self.features.use_sid:
+            raise ValueError(f"sid_init={self.model.sid_init!r} initialises the SID tables: it needs use_sid")
 
     def feature_meta_path(self, meta: contract.FeatureMeta) -> Path:
         """``feature_meta`` or the repository's file of the meta's SID version."""

@@ -57,7 +57,8 @@ from ranking.fusion import build_fusion
 
 ARCHS = ("dlrm", "dcn")
 NUMERIC = ("ple", "mlp")
-SID_INITS = ("random", "codebook")
+SID_INITS = ("random", "codebook", "cowatch")
+FACTOR_INITS = ("random", "cowatch")
 FUSIONS = ("none", "freq")
 
 
@@ -73,8 +74,13 @@ class ModelConfig:
         over_layers: hidden sizes of the over MLP; the logit (1) is appended.
         dcn_layers: cross layers (``dcn`` only).
         dcn_low_rank: rank of each cross layer's weight (``dcn`` only).
-        sid_init: ``random`` (TorchRec's uniform default) or ``codebook``
-            (SID position tables from the tokenizer codebooks).
+        sid_init: ``random`` (TorchRec's uniform default), ``codebook``
+            (SID position tables from the tokenizer codebooks) or ``cowatch``
+            (each SID code and prefix row from the co-watch factors of the
+            train items holding it; ranking/factor_init.py).
+        factor_init: ``random`` or ``cowatch`` (user and item tables from a
+            truncated SVD of who rated what in the train rows; ranking/factor_init.py).
+        factor_scale: entry std of the co-watch rows, in units of the random init's.
         fusion: ``none`` or ``freq`` (frequency-gated item-id / SID fusion;
             needs both the item-id and the SID features).
         numeric: ``ple`` adds one piecewise-linear embedding per dense
@@ -96,6 +102,8 @@ class ModelConfig:
     dcn_layers: int = 2
     dcn_low_rank: int = 16
     sid_init: str = field(default="random", metadata={"choices": SID_INITS})
+    factor_init: str = field(default="cowatch", metadata={"choices": FACTOR_INITS})
+    factor_scale: float = 10.0
     fusion: str = field(default="none", metadata={"choices": FUSIONS})
     numeric: str = field(default="ple", metadata={"choices": NUMERIC})
     numeric_bins: int = 16
@@ -116,6 +124,10 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1) and l2_embedding >= 0, got {self.dropout}, {self.l2_embedding}")
         if self.sid_init not in SID_INITS:
             raise ValueError(f"sid_init must be one of {SID_INITS}, got {self.sid_init!r}")
+        if not self.factor_scale > 0:
+            raise ValueError(f"factor_scale must be > 0, got {self.factor_scale}")
+        if self.factor_init not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {self.factor_init!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.emb_dim <= 0 or self.emb_dim % 4:

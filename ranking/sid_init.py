@@ -140,7 +140,7 @@ def load_table_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> di
     kernel's state_dict tensors are views of its weights.
 
     Args:
-        model: a DMP-wrapped or plain model holding an EmbeddingBagCollection.
+        model: a DMP-wrapped or plain model holding embedding (bag) collections.
         weights: table name -> [rows, D].
 
     Returns:
@@ -149,7 +149,8 @@ def load_table_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> di
     written: dict[str, list[tuple[int, int]]] = {}
     for key, value in model.state_dict().items():
         *_, table, leaf = ["", *key.split(".")]
-        if leaf != "weight" or table not in weights or ".embedding_bags." not in key:
+        in_collection = ".embedding_bags." in key or ".embeddings." in key
+        if leaf != "weight" or table not in weights or not in_collection:
             continue
         full = weights[table]
         if tuple(value.shape) != tuple(full.shape):
@@ -165,12 +166,30 @@ def load_table_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> di
     return written
 
 
+def init_tables(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load full ``weights`` into the (sharded) tables on every rank and check that each table landed.
+
+    Collective under an initialised process group: every rank must call it.
+
+    Returns:
+        The initialised table names.
+    """
+    local = sorted(load_table_weights(model, weights))
+    written = [local]
+    if dist.is_initialized():
+        written = [None] * dist.get_world_size()
+        dist.all_gather_object(written, local)
+    landed = set().union(*written)
+    if landed != set(weights):
+        raise RuntimeError(f"init from {source} reached tables {sorted(landed)} of {sorted(weights)}")
+    log.info("tables %s initialised from %s", sorted(weights), source)
+    return sorted(weights)
+
+
 def init_sid_tables(
     model: nn.Module, tables: Sequence[SparseTable], path: Path, meta: FeatureMeta, dim: int, *, seed: int
 ) -> list[str]:
-    """Codebook-initialise the SID tables of ``model`` on every rank and check that each table landed.
-
-    Collective under an initialised process group: every rank must call it.
+    """Codebook-initialise the SID tables of ``model`` on every rank (:func:`init_tables`).
 
     Args:
         model: the DMP-wrapped (or plain) ranker.
@@ -185,13 +204,4 @@ def init_sid_tables(
     """
     codebooks = read_codebooks(path, meta.sid_levels, meta.sid_codebook_size)
     weights = codebook_table_weights(codebooks, tables, dim, seed=seed)
-    local = sorted(load_table_weights(model, weights))
-    written = [local]
-    if dist.is_initialized():
-        written = [None] * dist.get_world_size()
-        dist.all_gather_object(written, local)
-    landed = set().union(*written)
-    if landed != set(weights):
-        raise RuntimeError(f"codebook init reached tables {sorted(landed)} of {sorted(weights)}")
-    log.info("SID tables %s initialised from %s (PCA to %d dims)", sorted(weights), path, dim)
-    return sorted(weights)
+    return init_tables(model, weights, f"{path} (PCA to {dim} dims)")

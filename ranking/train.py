@@ -56,7 +56,8 @@ from ranking.distributed import init_distributed, on_every_rank
 from ranking.model import build_model
 from ranking.sharding import shard_model
 from ranking.shards import load_rows
-from ranking.sid_init import init_sid_tables
+from ranking.factor_init import cowatch_weights
+from ranking.sid_init import init_sid_tables, init_tables
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,15 @@ def run(cfg: TrainConfig) -> dict | None:
         if cfg.model.sid_init == "codebook":
             codebooks = paths.sid_dir(meta.sid_version) / "codebooks.pt"
             init_sid_tables(dmp, tables, codebooks, meta, cfg.model.emb_dim, seed=cfg.seed)
+        if "cowatch" in (cfg.model.factor_init, cfg.model.sid_init):
+            sids = pd.read_parquet(paths.sid_dir(meta.sid_version) / "sids.parquet") if cfg.features.use_sid else None
+            weights = cowatch_weights(
+                split_events["train"], tables, cfg.model.emb_dim, seed=cfg.seed, scale=cfg.model.factor_scale,
+                sids=sids if cfg.model.sid_init == "cowatch" else None, codebook_size=meta.sid_codebook_size,
+            )
+            if cfg.model.factor_init != "cowatch":
+                weights = {name: w for name, w in weights.items() if name not in ("t_user", "t_item")}
+            init_tables(dmp, weights, "co-watch factors of the train rows")
 
     # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
     local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
