@@ -16,6 +16,10 @@ and writes ``<dataset>/features/``:
 - ``feature_meta.json``: :class:`sidrank.contract.FeatureMeta` plus ``vocabularies``
   (feature column -> values; the value at index i has id i + 1).
 
+The folder is one unit (:func:`sidrank.io.publish_unit`) recording the
+dataset unit and the SID version unit it was built from; ``features.publish``
+refuses it when incomplete or stale (:meth:`DatasetPaths.require_features`).
+
 The behaviour tables come from ``features.behaviour`` (causal counts and
 histories, stamped just after the events they count).
 
@@ -38,12 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
-from sidrank.io import atomic_path, file_sha256, read_json, write_json
+from sidrank.io import atomic_path, file_sha256, publish_unit, read_json, write_json
 from sidrank.schema import (
     DataError,
     from_micros,
     require_columns,
-    require_file,
     require_int_ids,
     to_micros,
     validate_events,
@@ -193,7 +196,8 @@ def _sid_config_value(config: dict, key: str) -> int | None:
 def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_size: int | None) -> SidTable:
     """Read and check one SID version: every item has exactly one SID, codes inside the codebook."""
     sid_dir = paths.sid_dir(version)
-    source = require_file(sid_dir / "sids.parquet", "python -m tokenizer.train --dataset ...")
+    paths.sid_digest(version)
+    source = sid_dir / "sids.parquet"
     config_path = sid_dir / "config.json"
     config = read_json(config_path) if config_path.exists() else {}
     levels, recorded = _sid_config_value(config, "levels"), _sid_config_value(config, "codebook_size")
@@ -230,15 +234,15 @@ def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_
 
 def _load_dataset(paths: DatasetPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Read events, items, users and meta.json and check that they agree."""
-    made_by = "python -m ingest ..."
-    meta_path = require_file(paths.meta, made_by)
+    paths.dataset_digest()
+    meta_path = paths.meta
     meta = read_json(meta_path)
     absent_keys = [key for key in ("n_users", "n_items", "user_profile_columns") if key not in meta]
     if absent_keys:
         raise DataError(f"{meta_path}: missing key(s) {absent_keys}; re-run ingest")
-    events = validate_events(pd.read_parquet(require_file(paths.events, made_by)), str(paths.events))
-    items = pd.read_parquet(require_file(paths.items, made_by))
-    users = pd.read_parquet(require_file(paths.users, made_by))
+    events = validate_events(pd.read_parquet(paths.events), str(paths.events))
+    items = pd.read_parquet(paths.items)
+    users = pd.read_parquet(paths.users)
     require_columns(items, ["item_id", "tags", "year"], str(paths.items))
     require_columns(users, ["user_id", *meta["user_profile_columns"]], str(paths.users))
     for frame, column, source, size in (
@@ -288,9 +292,6 @@ def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
         "user_sid_history": sid_history,
     }
     assert set(tables) == set(TABLES)
-    for name, frame in tables.items():
-        write_table(frame, paths.features / f"{name}.parquet")
-        log.info("%s: %d rows", name, len(frame))
 
     feature_meta = contract.FeatureMeta(
         n_users=n_users,
@@ -303,11 +304,15 @@ def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
         user_profile={name: len(vocab) + 1 for name, vocab in profile_vocab.items()},
         events_sha256=file_sha256(paths.events),
     )
-    write_json(
-        {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": contract.HISTORY_LENGTH,
-         "vocabularies": {**content_vocab, **profile_vocab}},
-        paths.feature_meta,
-    )
+    with publish_unit(paths.features, built_from=paths.built_from_sids(version)) as staging:
+        for name, frame in tables.items():
+            write_table(frame, staging / f"{name}.parquet")
+            log.info("%s: %d rows", name, len(frame))
+        write_json(
+            {**dataclasses.asdict(feature_meta), "sid_version": version, "history_length": contract.HISTORY_LENGTH,
+             "vocabularies": {**content_vocab, **profile_vocab}},
+            staging / contract.FEATURE_META_FILE,
+        )
     return feature_meta
 
 

@@ -23,9 +23,17 @@ last published unless ``--no-set-default``) is what a request without a
 version gets. Versions published from other events are dropped, rows
 included: their history prefixes would not match the new counts.
 
-Every file is written atomically; a failing Feast step raises with the CLI's
+The data folder's files are one unit (:func:`sidrank.io.publish_unit`): a
+killed or failing publish leaves the old unit or one readers refuse (and the
+next publish starts over); a failing Feast step raises with the CLI's
 stderr. Materialize covers every stamp: a first ``materialize-incremental``
 of a view with ttl 0 starts a year before now and would miss older events.
+
+Rollback guard: Feast's sqlite online store upserts without comparing event
+times, so materializing a window that ends earlier than an earlier one puts
+older values over newer ones. ``data/materialized.json`` records the window
+materialized so far; a publish whose window would end before it is refused
+before anything is written (:func:`check_materialize_window`).
 """
 
 from __future__ import annotations
@@ -46,12 +54,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.build import SHARED_TABLES
+from features.build import SHARED_TABLES, TABLES
 from sidrank import contract
 from sidrank.cli import run_main
 from sidrank.contract import DatasetPaths, RepoPaths
-from sidrank.io import atomic_path, read_json, write_json
-from sidrank.schema import DataError, require_file
+from sidrank.io import publish_unit, read_json, write_json
+from sidrank.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +110,6 @@ def run_feast(repo: Path, *args: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed with exit code {done.returncode}:\n{done.stderr.strip()}")
     return done.stdout
-
-
-def copy_file(source: Path, target: Path) -> Path:
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
-    return target
 
 
 def updated_registry(registry: dict, meta: dict, source: Path, *, set_default: bool) -> dict:
@@ -183,21 +185,23 @@ def _version_batches(source: Path, version: str) -> tuple[pa.Schema, Iterator[pa
     return schema, batches()
 
 
-def merge_version_rows(source: Path, target: Path, version: str, keep: set[str]) -> set[str]:
-    """Rewrite ``target`` with its rows of the versions in ``keep`` (other than ``version``) plus ``source``'s.
+def merge_version_rows(source: Path, published: Path, target: Path, version: str, keep: set[str]) -> set[str]:
+    """Write ``target``: the rows of ``published`` of the versions in ``keep`` (other than ``version``) plus ``source``'s.
 
-    Streams batch by batch, atomically. Returns the versions whose rows were
-    kept, so a registered version without rows (its table deleted by hand) is
-    dropped from the registry rather than served empty.
+    Streams batch by batch. Returns the versions whose rows were kept, so a
+    registered version without rows (its table deleted by hand) is dropped
+    from the registry rather than served empty.
     """
     schema, new_batches = _version_batches(source, version)
     keep = set(keep) - {version}
     kept: set[str] = set()
-    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        if target.exists() and keep:
-            old = pq.ParquetFile(target)
+    with pq.ParquetWriter(target, schema) as writer:
+        if published.exists() and keep:
+            old = pq.ParquetFile(published)
             if contract.SID_VERSION not in old.schema_arrow.names:
-                raise DataError(f"{target}: no '{contract.SID_VERSION}' column; delete {target.parent} and republish")
+                raise DataError(
+                    f"{published}: no '{contract.SID_VERSION}' column; delete {published.parent} and republish"
+                )
             for batch in old.iter_batches(BATCH_ROWS, columns=schema.names):
                 rows = pa.Table.from_batches([batch]).filter(
                     pc.is_in(batch.column(contract.SID_VERSION), value_set=pa.array(sorted(keep), pa.string()))
@@ -210,42 +214,61 @@ def merge_version_rows(source: Path, target: Path, version: str, keep: set[str])
     return kept
 
 
-def copy_tables(features: Path, repo: Path, *, set_default: bool = True) -> dict:
+def published_registry(paths: RepoPaths) -> dict:
+    """The registry of the repository's complete data unit; empty when nothing is published.
+
+    A data folder a killed publish left incomplete is not merged into: the
+    versions it held are dropped (with a warning) and this publish starts over.
+    """
+    try:
+        return paths.read_sid_registry()
+    except DataError as exc:
+        log.warning("%s; publishing this version alone", exc)
+        return {"default": None, "versions": {}}
+
+
+def copy_tables(dataset: DatasetPaths, repo: Path, *, set_default: bool = True) -> dict:
     """Write one SID version's tables and meta into the repository's data folder and register it.
 
+    The data folder's files are one unit (:func:`sidrank.io.publish_unit`):
+    tables, feature metas and the registry appear together or not at all.
+
     Returns:
-        The updated registry (also written to ``data/sid_versions.json``, last).
+        The updated registry (also written to ``data/sid_versions.json``).
     """
     paths = RepoPaths(repo)
-    made_by = f"python -m features.build --dataset {features.parent}"
-    meta_path = require_file(features / contract.FEATURE_META_FILE, made_by)
+    features = dataset.features
+    dataset.require_features()
+    meta_path = dataset.feature_meta
     meta = read_json(meta_path)
-    if "sid_version" not in meta:
-        raise DataError(f"{meta_path}: no 'sid_version'; re-run `{made_by}`")
     version = str(meta["sid_version"])
-    registry = updated_registry(paths.read_sid_registry(), meta, meta_path, set_default=set_default)
-    for table in COPIED_TABLES:
-        copy_file(require_file(features / f"{table}.parquet", made_by), paths.table(table))
-    profile = require_file(features / "user_profile.parquet", made_by)
-    with atomic_path(paths.table("user_profile")) as tmp:
-        pq.write_table(conform_profile(pq.read_table(profile), profile), tmp)
-    present = set(registry["versions"])
-    for table in contract.SID_VERSION_TABLES:
-        kept = merge_version_rows(require_file(features / f"{table}.parquet", made_by), paths.table(table), version,
-                                  set(registry["versions"]))
-        present &= kept | {version}
-    for lost in sorted(set(registry["versions"]) - present):
-        log.warning("dropping SID version %s from the registry: its rows are not in %s; republish it", lost, paths.data)
-        del registry["versions"][lost]
-    if registry["default"] not in registry["versions"]:
-        registry["default"] = version
-    copy_file(meta_path, paths.feature_meta_path(version))
-    if registry["default"] == version:
-        copy_file(meta_path, paths.default_feature_meta_path)
-    for path in (paths.data / contract.FEATURE_META_DIR).glob("*.json"):
-        if path.stem not in {entry["name"] for entry in registry["versions"].values()}:
-            path.unlink()
-    write_json(registry, paths.sid_registry)
+    registry = updated_registry(published_registry(paths), meta, meta_path, set_default=set_default)
+    with publish_unit(paths.data) as staging:
+
+        def staged(path: Path) -> Path:
+            (staging / path.relative_to(paths.data)).parent.mkdir(parents=True, exist_ok=True)
+            return staging / path.relative_to(paths.data)
+
+        for table in COPIED_TABLES:
+            shutil.copyfile(features / f"{table}.parquet", staged(paths.table(table)))
+        profile = features / "user_profile.parquet"
+        pq.write_table(conform_profile(pq.read_table(profile), profile), staged(paths.table("user_profile")))
+        present = set(registry["versions"])
+        for table in contract.SID_VERSION_TABLES:
+            kept = merge_version_rows(features / f"{table}.parquet", paths.table(table), staged(paths.table(table)),
+                                      version, set(registry["versions"]))
+            present &= kept | {version}
+        for lost in sorted(set(registry["versions"]) - present):
+            log.warning("dropping SID version %s from the registry: its rows are not in %s; republish it", lost,
+                        paths.data)
+            del registry["versions"][lost]
+        if registry["default"] not in registry["versions"]:
+            registry["default"] = version
+        for other in registry["versions"]:
+            source = meta_path if other == version else paths.feature_meta_path(other)
+            shutil.copyfile(source, staged(paths.feature_meta_path(other)))
+        shutil.copyfile(staged(paths.feature_meta_path(registry["default"])), staged(paths.default_feature_meta_path))
+        write_json(registry, staged(paths.sid_registry))
     log.info("SID versions %s, default %s", sorted(registry["versions"]), registry["default"])
     return registry
 
@@ -258,24 +281,69 @@ def published_tables(repo: Path) -> list[Path]:
 
 def stamp_range(repo: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
     """Earliest stamp and latest stamp + 1 s over all published tables (every SID version)."""
-    stamps = [pq.read_table(path, columns=["event_timestamp"]).column(0) for path in published_tables(repo)]
+    return tables_stamp_range(published_tables(repo))
+
+
+def tables_stamp_range(tables: list[Path]) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """Earliest stamp and latest stamp + 1 s over ``tables``."""
+    stamps = [pq.read_table(path, columns=["event_timestamp"]).column(0) for path in tables]
     start = min(pd.Timestamp(pc.min(s).as_py()) for s in stamps)
     end = max(pd.Timestamp(pc.max(s).as_py()) for s in stamps)
     return start, end + pd.Timedelta(seconds=1)
 
 
+def check_materialize_window(paths: RepoPaths, end: pd.Timestamp) -> None:
+    """Refuse a materialize window ending before the one ``paths.materialized`` records.
+
+    Raises:
+        DataError: naming the record, both ends and how to start the online
+            store over.
+    """
+    if not paths.materialized.exists():
+        return
+    recorded = pd.Timestamp(read_json(paths.materialized)["end"])
+    if end < recorded:
+        raise DataError(
+            f"{paths.materialized}: the online store holds values materialized up to {recorded.isoformat()}; "
+            f"materializing up to {end.isoformat()} would put older values over newer ones (Feast's sqlite store "
+            f"keeps the last write, not the newest). Publish features that reach {recorded.isoformat()}, publish "
+            f"with --no-materialize, or start the online store over: `feast -c {paths.repo} teardown`, delete "
+            f"{paths.materialized}, then publish again"
+        )
+
+
+def record_materialized(paths: RepoPaths, start: pd.Timestamp, end: pd.Timestamp) -> None:
+    """Widen the recorded window by a materialize of [start, end) that succeeded."""
+    if paths.materialized.exists():
+        recorded = read_json(paths.materialized)
+        start, end = min(start, pd.Timestamp(recorded["start"])), max(end, pd.Timestamp(recorded["end"]))
+    write_json({"start": start.isoformat(), "end": end.isoformat()}, paths.materialized)
+
+
 def publish(config: PublishConfig) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     """Write the tables, ``feast apply`` and (unless disabled) ``feast materialize`` all stamps.
+
+    Raises:
+        DataError: the features are incomplete or stale, or (with
+            materialize) their window ends before the online store's
+            (:func:`check_materialize_window`); nothing is written then.
 
     Returns:
         The materialized (start, end) range, or None without materialization.
     """
-    copy_tables(DatasetPaths(config.dataset).features, config.repo, set_default=config.set_default)
+    dataset, paths = DatasetPaths(config.dataset), RepoPaths(config.repo)
+    dataset.require_features()
+    if config.materialize:
+        # Versions kept beside this one come from the same events, so these tables set the window's end.
+        check_materialize_window(paths, tables_stamp_range([dataset.features / f"{t}.parquet" for t in TABLES])[1])
+    copy_tables(dataset, config.repo, set_default=config.set_default)
     log.info("%s", run_feast(config.repo, "apply").strip())
     if not config.materialize:
         return None
     start, end = stamp_range(config.repo)
+    check_materialize_window(paths, end)
     log.info("%s", run_feast(config.repo, "materialize", start.isoformat(), end.isoformat()).strip())
+    record_materialized(paths, start, end)
     return start, end
 
 

@@ -21,6 +21,7 @@ import ast
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -57,8 +58,10 @@ def _parse_line(line: str, path: Path, line_no: int) -> dict[str, Any]:
     except json.JSONDecodeError:
         try:
             record = ast.literal_eval(line)
-        except (ValueError, SyntaxError) as exc:
+        except (ValueError, SyntaxError, RecursionError, MemoryError) as exc:
             raise DataError(f"{path}: line {line_no} is neither JSON nor a Python dict literal; pass a JSON-lines file") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path}: line {line_no} is nested too deeply to be a review or metadata record; fix that line") from exc
     if not isinstance(record, dict):
         raise DataError(f"{path}: line {line_no} is a {type(record).__name__}, expected one object per line")
     return record
@@ -70,11 +73,43 @@ def _require_file(path: Path, flag: str) -> None:
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-empty line of a JSON-lines file."""
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(tqdm(fh, desc=path.name, unit=" lines", mininterval=2.0), start=1):
-            if line.strip():
-                yield line_no, _parse_line(line, path, line_no)
+    """(line number, object) for every non-empty line of a JSON-lines file.
+
+    Raises:
+        DataError: the file is not UTF-8, a ``.gz`` is truncated or corrupt, a
+            line is not one object, or the file holds no record at all.
+    """
+    line_no, found = 0, False
+    try:
+        with _open_text(path) as fh:
+            for line_no, line in enumerate(tqdm(fh, desc=path.name, unit=" lines", mininterval=2.0), start=1):
+                if line.strip():
+                    found = True
+                    yield line_no, _parse_line(line, path, line_no)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: line {line_no + 1} is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {line_no} ({exc}); download "
+                        f"the file again") from exc
+    if not found:
+        raise DataError(f"{path}: the file is empty or blank; pass the Amazon JSON-lines file")
+
+
+def _raw_id(record: dict[str, Any], name: str, path: Path, line_no: int) -> str:
+    """The id in column ``name``: a non-empty string (a null would become the id "None")."""
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{path}: line {line_no} column '{name}' is {value!r}, expected a non-empty string id; "
+                        f"fix or drop that line")
+    return value
+
+
+def _rating(record: dict[str, Any], path: Path, line_no: int) -> Any:
+    """Column ``overall`` as read; a boolean (``true`` would count as 1 star) is a DataError."""
+    value = record["overall"]
+    if isinstance(value, bool):
+        raise DataError(f"{path}: line {line_no} column 'overall' is {value!r}, expected a star rating; fix that line")
+    return value
 
 
 def _read_reviews(path: Path) -> pd.DataFrame:
@@ -83,6 +118,8 @@ def _read_reviews(path: Path) -> pd.DataFrame:
         missing = [name for name in REVIEW_FIELDS if name not in record]
         if missing:
             raise DataError(f"{path}: line {line_no} lacks column(s) {missing}; every review needs {list(REVIEW_FIELDS)}")
+        record = {**record, "reviewerID": _raw_id(record, "reviewerID", path, line_no),
+                  "asin": _raw_id(record, "asin", path, line_no), "overall": _rating(record, path, line_no)}
         for name in REVIEW_FIELDS:
             columns[name].append(record[name])
     return pd.DataFrame(columns)
@@ -110,7 +147,7 @@ def _read_meta(path: Path, wanted: set[str]) -> dict[str, tuple[str, list[str], 
     for line_no, record in _records(path):
         if "asin" not in record:
             raise DataError(f"{path}: line {line_no} lacks column 'asin'; every metadata line needs it")
-        asin = str(record["asin"])
+        asin = _raw_id(record, "asin", path, line_no)
         if asin in wanted and asin not in content:
             content[asin] = (_text(record.get("title")), _tags(record, path, line_no), _text(record.get("description")))
     return content

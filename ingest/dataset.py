@@ -4,7 +4,14 @@ Every source reader (MovieLens, Amazon, synthetic) returns an
 :class:`IngestedDataset` with dense ids; :func:`write_dataset` applies the
 evaluation protocol (``temporal`` or ``item-cold``, see sidrank/protocol.py:
 sort, ``row_id``, 80/10/10 split, held-out train rows removed), validates
-everything and only then writes the artifacts atomically, ``meta.json`` last.
+everything and only then writes the dataset as one unit
+(:func:`sidrank.io.publish_unit`: events, items, users and meta.json appear
+together under a manifest written last; a killed or failing run leaves the
+old unit or one every later stage refuses). Precomputed modalities are a
+second unit in ``modalities/`` that records the dataset unit's digest.
+Later stages' folders (``sids/``, ``features/``) are left in place: each
+records the digest of the dataset unit it was built from, so after a
+re-ingest that changes the data they are refused as stale until rebuilt.
 The folder name carries the protocol (``ml-100k``, ``ml-100k-item-cold``).
 """
 
@@ -18,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sidrank.io import write_json, write_npy, write_parquet
+from sidrank.io import publish_unit, write_json, write_npy, write_parquet
 from sidrank.contract import DatasetPaths
 from sidrank.protocol import POSITIVE_RATING, TEMPORAL, apply_protocol, cold_item_ids, dataset_folder_name
 from sidrank.schema import SPLITS, DataError, require_utc_timestamps, validate_events, validate_modality
@@ -29,6 +36,10 @@ EVENT_OUTPUT_COLUMNS = ("row_id", "user_id", "item_id", "label", "rating", "even
 ITEM_BASE_COLUMNS = ("item_id", "raw_item_id", "title", "tags", "year")
 # Unix seconds after 2100-01-01 are almost surely milliseconds or microseconds.
 MAX_UNIX_SECONDS = 4_102_444_800
+# MovieLens and Amazon rate 1..5 stars; anything else (a typo, a sentinel, inf) is refused.
+RATING_SCALE = (1.0, 5.0)
+# Two events of one user on one item at one timestamp are one event logged twice.
+EVENT_KEY = ("user_id", "item_id", "event_timestamp")
 
 
 def sorted_vocabulary(raw_ids: pd.Series) -> pd.Index:
@@ -72,8 +83,33 @@ def numeric_column(values: pd.Series, source: str, column: str, what: str, fix: 
 
 
 def parse_ratings(values: pd.Series, source: str, column: str) -> np.ndarray:
-    """Ratings as float64; missing or non-numeric values are a DataError."""
-    return numeric_column(values, source, column, "ratings", "drop those rows").to_numpy(dtype=np.float64)
+    """Ratings as float64 on RATING_SCALE; missing, non-numeric or off-scale values are a DataError."""
+    ratings = numeric_column(values, source, column, "ratings", "drop those rows").to_numpy(dtype=np.float64)
+    low, high = RATING_SCALE
+    outside = ~((ratings >= low) & (ratings <= high))
+    if outside.any():
+        raise DataError(
+            f"{source}: column '{column}' has ratings outside the scale {low:g}..{high:g} (rows {first_rows(outside)}, "
+            f"e.g. {ratings[outside][0]!r}); fix or drop those rows"
+        )
+    return ratings
+
+
+def drop_repeated_events(events: pd.DataFrame, source: str) -> tuple[pd.DataFrame, int]:
+    """``events`` without rows that repeat an earlier row's (user, item, timestamp), and how many were dropped.
+
+    A repeat is the same event logged twice; kept, it would count twice in
+    every behaviour feature and appear in two splits. The first row is kept
+    and a warning names the source and the count.
+    """
+    repeated = events.duplicated(list(EVENT_KEY), keep="first").to_numpy()
+    dropped = int(repeated.sum())
+    if dropped:
+        log.warning(
+            "%s: dropped %d events repeating an earlier event's (user, item, timestamp) (first at rows %s); "
+            "deduplicate the file to silence this", source, dropped, first_rows(repeated),
+        )  # fmt: skip
+    return events.loc[~repeated].reset_index(drop=True), dropped
 
 
 def parse_unix_seconds(values: pd.Series, source: str, column: str) -> pd.Series:
@@ -147,11 +183,14 @@ def _protocol_events(dataset: IngestedDataset, protocol: str) -> tuple[pd.DataFr
     """Validate timestamps, apply ``protocol`` and check the events contract.
 
     Returns:
-        The events to write and the protocol's meta.json entries.
+        The events to write and the protocol's meta.json entries (with the
+        count of repeated events dropped, :func:`drop_repeated_events`).
     """
     source = dataset.events_file
     require_utc_timestamps(dataset.events, "event_timestamp", source)
-    events, entries = apply_protocol(dataset.events, len(dataset.items), protocol, source)
+    unique, dropped = drop_repeated_events(dataset.events, source)
+    events, entries = apply_protocol(unique, len(dataset.items), protocol, source)
+    entries = {**entries, "dropped_repeated_events": dropped}
     events["event_timestamp"] = events["event_timestamp"].astype("datetime64[ns, UTC]")
     validate_events(events, source)
     assert int(events["user_id"].max()) <= len(dataset.users), "event user outside the users table"
@@ -185,10 +224,10 @@ def _meta(dataset: IngestedDataset, folder: str, events: pd.DataFrame, entries: 
 
 
 def write_dataset(dataset: IngestedDataset, out: str | Path, protocol: str = TEMPORAL) -> dict[str, Any]:
-    """Apply the protocol, validate, and write the dataset folder.
+    """Apply the protocol, validate, and write the dataset folder as one unit.
 
-    Nothing is written unless every check passes; ``meta.json`` is written last
-    so its presence marks a complete dataset.
+    Nothing is written unless every check passes; the unit's manifest is
+    written last, so only a complete dataset is ever accepted downstream.
 
     Args:
         dataset: what a source reader returned.
@@ -207,19 +246,22 @@ def write_dataset(dataset: IngestedDataset, out: str | Path, protocol: str = TEM
         validate_modality(name, array, len(dataset.items), f"{dataset.name} modality '{name}'")
     meta = _meta(dataset, folder, events, entries)
 
+    with publish_unit(paths.root) as staging:
+        staged = DatasetPaths(staging)
+        write_parquet(dataset.items, staged.items)
+        write_parquet(dataset.users, staged.users)
+        write_parquet(events, staged.events)
+        write_json(meta, staged.meta)
     if dataset.modalities:
-        for name, array in dataset.modalities.items():
-            write_npy(array, paths.modality(name))
-        manifest = {
-            "names": list(dataset.modalities),
-            "dims": {name: int(array.shape[1]) for name, array in dataset.modalities.items()},
-            "source": dataset.source["kind"],
-        }
-        write_json(manifest, paths.modality_manifest)
-    write_parquet(dataset.items, paths.items)
-    write_parquet(dataset.users, paths.users)
-    write_parquet(events, paths.events)
-    write_json(meta, paths.meta)
+        with publish_unit(paths.modalities, built_from=paths.built_from_dataset()) as staging:
+            for name, array in dataset.modalities.items():
+                write_npy(array, staging / paths.modality(name).name)
+            manifest = {
+                "names": list(dataset.modalities),
+                "dims": {name: int(array.shape[1]) for name, array in dataset.modalities.items()},
+                "source": dataset.source["kind"],
+            }
+            write_json(manifest, staging / paths.modality_manifest.name)
     rows, cold = meta["split_rows"], meta["cold_items"]["rows"]
     held = meta.get("held_out")
     removed = f", {held['removed_train_rows']} train rows of {held['n_items']} held-out items removed" if held else ""

@@ -75,8 +75,11 @@ def _tags(genres: list[str]) -> list[str]:
 
 
 def _read_table(data: bytes | Path, source: str, *, sep: str, header: bool, encoding: str = "utf-8") -> pd.DataFrame:
-    """Every field as a string; a malformed line is a DataError naming the file."""
-    buffer = io.BytesIO(data) if isinstance(data, bytes) else data
+    """Every field as a string; an empty or blank file or a malformed line is a DataError naming the file."""
+    raw = data if isinstance(data, bytes) else data.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{source}: the file is empty or blank; pass the release's file")
+    buffer = io.BytesIO(raw)
     try:
         return pd.read_csv(
             buffer, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False,

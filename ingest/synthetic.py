@@ -25,6 +25,7 @@ Each part draws from its own child of ``SeedSequence(seed)``, so
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -32,12 +33,16 @@ import numpy as np
 import pandas as pd
 
 from ingest.dataset import IngestedDataset, make_events
+from sidrank.schema import DataError
 
 log = logging.getLogger(__name__)
 
 MODALITY_DIMS = {"text": 64, "tags": 16}
 _PARTS = ("items", "modalities", "favourites", "users", "events")
 _SECONDS_PER_DAY = 86_400
+# Bytes per table row (object ids, pandas overhead) and per event, for estimated_bytes.
+_ROW_BYTES = 200
+_EVENT_BYTES = 200
 
 
 @dataclass
@@ -242,8 +247,27 @@ def _events(
     return make_events(users + 1, items + 1, label.astype(np.float64), timestamps, label=label)
 
 
+def estimated_bytes(config: SyntheticConfig) -> int:
+    """Roughly the peak memory :func:`generate` and the ingest after it need: per item its latent and views
+    (float32) and table row, per event the ~25 int64/float64 arrays of sampling, sorting and splitting."""
+    per_item = 4 * (config.latent_dim + 2 * sum(MODALITY_DIMS.values())) + _ROW_BYTES
+    per_user = 4 * config.n_clusters + _ROW_BYTES
+    return config.n_items * per_item + config.n_users * per_user + config.n_events * _EVENT_BYTES
+
+
+def check_fits_in_memory(config: SyntheticConfig) -> None:
+    """Refuse sizes this machine cannot hold before anything is allocated."""
+    need, have = estimated_bytes(config), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DataError(
+            f"synthetic generator: --items {config.n_items} --events {config.n_events} --users {config.n_users} "
+            f"need about {need / 2**30:,.0f} GiB, this machine has {have / 2**30:,.0f} GiB; pass smaller sizes"
+        )
+
+
 def generate(config: SyntheticConfig, name: str = "synthetic") -> IngestedDataset:
     """Generate the events, items, users and the two precomputed modalities."""
+    check_fits_in_memory(config)
     cluster, latent, late, exposure = _items(config)
     modalities = item_modalities(config, latent=latent)
     del latent

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidrank.io import write_text
+from sidrank.io import require_complete_unit, write_text
 from sidrank.schema import DataError, require_file
 
 # The ranker's feature service; every published SID version is read through it (sid_version is a key).
@@ -43,6 +43,8 @@ FEATURE_META_FILE = "feature_meta.json"
 FEATURE_META_DIR = "feature_meta"
 # Published SID versions and the default one (RepoPaths.read_sid_registry), written by features.publish.
 SID_VERSIONS_FILE = "sid_versions.json"
+# What features.publish materialized into the online store (RepoPaths.materialized); not part of the data unit.
+MATERIALIZED_FILE = "materialized.json"
 # Tables keyed by (entity, sid_version): <repo>/data/<table>.parquet holds the rows of every published version.
 SID_VERSION_TABLES = ("item_sids", "user_sid_history")
 # The user profile features the Feast repository declares (user_profile_fv): those of every
@@ -69,6 +71,15 @@ HISTORY_LENGTH = 20
 SID_VERSION = "sid_version"
 # The version name that stands for the one the tokenizer wrote last.
 LATEST = "LATEST"
+
+# The files of ingest's unit (sidrank.io.publish_unit) in the dataset folder; the later stages' subfolders
+# (modalities/, sids/<version>/, features/) are units of their own that record this unit's digest.
+DATASET_FILES = ("events.parquet", "items.parquet", "users.parquet", "meta.json")
+# Every dataset unit lists it: the file each stage reads first.
+DATASET_META_FILE = "meta.json"
+# Upstream keys of a unit's "built_from": the dataset unit, and the SID version unit features were built from.
+BUILT_FROM_DATASET = "dataset"
+BUILT_FROM_SIDS = "sids"
 
 
 def sid_version_name(version: str) -> str:
@@ -180,6 +191,56 @@ class DatasetPaths:
         """``sids/LATEST``: the name of the SID version the tokenizer wrote last."""
         return self.root / "sids" / LATEST
 
+    @property
+    def ingest_command(self) -> str:
+        """The command that rebuilds the dataset unit, named in errors."""
+        return f"python -m ingest SOURCE --out {self.root.parent} (the run that made {self.root.name})"
+
+    def modalities_command(self) -> str:
+        return f"python -m tokenizer.modalities --dataset {self.root}"
+
+    def sids_command(self) -> str:
+        return f"python -m tokenizer.train --dataset {self.root} (or tokenizer.finetune for an mmq-ft version)"
+
+    def features_command(self) -> str:
+        return f"python -m features.build --dataset {self.root} --sid-version V"
+
+    def dataset_digest(self) -> str:
+        """The digest of the complete ingest unit, every file checked against its sha256.
+
+        Raises:
+            DataError: the unit is incomplete (an interrupted ingest) or was
+                changed since; the message names the ingest command.
+        """
+        return require_complete_unit(self.root, self.ingest_command, files=(DATASET_META_FILE,))["digest"]
+
+    def built_from_dataset(self) -> dict[str, str]:
+        """``built_from`` of a unit made from this dataset (modalities, a SID version)."""
+        return {BUILT_FROM_DATASET: self.dataset_digest()}
+
+    def modalities_digest(self) -> str:
+        """The digest of the complete modalities unit built from the current dataset unit."""
+        return require_complete_unit(self.modalities, self.modalities_command(), built_from=self.built_from_dataset())[
+            "digest"
+        ]
+
+    def sid_digest(self, version: str) -> str:
+        """The digest of SID ``version``'s complete unit, built from the current dataset unit."""
+        return require_complete_unit(self.sid_dir(version), self.sids_command(), built_from=self.built_from_dataset())[
+            "digest"
+        ]
+
+    def built_from_sids(self, version: str) -> dict[str, str]:
+        """``built_from`` of the feature unit made from SID ``version`` of this dataset."""
+        return {**self.built_from_dataset(), BUILT_FROM_SIDS: self.sid_digest(version)}
+
+    def require_features(self) -> dict:
+        """The manifest of the complete feature unit, built from the current dataset and its SID version."""
+        # The SID version is read from the unit itself, so the unit is checked before its meta is trusted.
+        require_complete_unit(self.features, self.features_command(), files=(FEATURE_META_FILE,))
+        version = str(json.loads(self.feature_meta.read_text())["sid_version"])
+        return require_complete_unit(self.features, self.features_command(), built_from=self.built_from_sids(version))
+
     def resolve_sid_version(self, version: str) -> str:
         """``LATEST`` -> the version named in ``sids/LATEST``; any other name is returned as is."""
         if version != LATEST:
@@ -245,6 +306,11 @@ class RepoPaths:
     def online_store(self) -> Path:
         return self.data / "online_store.db"
 
+    @property
+    def materialized(self) -> Path:
+        """``{"start", "end"}``: the widest window ``features.publish`` materialized into the online store."""
+        return self.data / MATERIALIZED_FILE
+
     def table(self, name: str) -> Path:
         """A feature table: a shared one, or one of SID_VERSION_TABLES with the rows of every version."""
         return self.data / f"{name}.parquet"
@@ -257,10 +323,19 @@ class RepoPaths:
     def feature_meta_path(self, version: str) -> Path:
         return self.data / FEATURE_META_DIR / f"{sid_version_name(version)}.json"
 
+    def publish_command(self) -> str:
+        return f"python -m features.publish --dataset D --repo {self.repo}"
+
     def read_sid_registry(self) -> dict:
-        """The registry; ``{"default": None, "versions": {}}`` when nothing is published."""
+        """The registry; ``{"default": None, "versions": {}}`` when nothing is published.
+
+        Raises:
+            DataError: the data folder is not a complete unit (an interrupted
+                publish, or files changed since), naming the publish command.
+        """
         if not self.sid_registry.exists():
             return {"default": None, "versions": {}}
+        require_complete_unit(self.data, self.publish_command(), files=(SID_VERSIONS_FILE,))
         return json.loads(self.sid_registry.read_text())
 
     def default_sid_version(self) -> str:

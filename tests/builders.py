@@ -17,7 +17,9 @@ Fixtures live in ``conftest.py``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from features import build as feature_build, publish
 from sidrank import contract
 from sidrank.contract import DatasetPaths
-from sidrank.io import write_json, write_parquet
+from sidrank.io import publish_unit, write_json, write_parquet
 
 # --- feature-store datasets -------------------------------------------------------------------
 
@@ -38,6 +40,41 @@ TEST_SID_VERSION = "test-v1"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
 FEATURE_REPO = PROJECT_ROOT / "feature_repo"
+
+
+def seal_unit(folder: Path, names: Sequence[str], built_from: Mapping[str, str] | None = None) -> None:
+    """Make files already written into ``folder`` one unit, as the stage that writes them would."""
+    with publish_unit(folder, built_from=built_from) as staging:
+        for name in names:
+            os.replace(folder / name, staging / name)
+
+
+def seal_dataset(paths: DatasetPaths) -> None:
+    """Seal a hand-written dataset folder (those of events, items, users, meta.json it has) as ingest's unit."""
+    seal_unit(paths.root, [name for name in contract.DATASET_FILES if (paths.root / name).exists()])
+
+
+def seal_modalities(paths: DatasetPaths) -> None:
+    """Seal hand-written modality files and manifest as a unit built from the dataset."""
+    names = [p.name for p in paths.modalities.iterdir() if p.is_file() and p.suffix in (".npy", ".json")]
+    seal_unit(paths.modalities, [n for n in names if n != "unit.json"], paths.built_from_dataset())
+
+
+def seal_sid_version(paths: DatasetPaths, version: str) -> None:
+    """Seal a hand-written SID version folder as a unit built from the dataset."""
+    folder = paths.sid_dir(version)
+    seal_unit(folder, [p.name for p in folder.iterdir() if p.is_file() and p.name != "unit.json"],
+              paths.built_from_dataset())
+
+
+def reseal_dataset_units(paths: DatasetPaths) -> None:
+    """Seal a hand-made dataset again after a test edited its files: the dataset, then its modalities and
+    every SID version, each built from the new dataset unit."""
+    seal_dataset(paths)
+    if paths.modality_manifest.exists():
+        seal_modalities(paths)
+    for folder in sorted(paths.root.glob("sids/*/")):
+        seal_sid_version(paths, folder.name)
 
 
 def random_tied_events(n_users: int, n_items: int, n_events: int, n_times: int, seed: int) -> pd.DataFrame:
@@ -92,6 +129,7 @@ def write_feature_dataset(
     write_parquet(items, paths.items)
     write_parquet(users[["user_id", "raw_user_id", *profile_columns]], paths.users)
     write_json({"n_users": n_users, "n_items": n_items, "user_profile_columns": list(profile_columns)}, paths.meta)
+    seal_dataset(paths)
     write_random_sid_version(paths, TEST_SID_VERSION, levels=levels, codebook_size=codebook_size, rng=rng)
     return paths
 
@@ -109,6 +147,7 @@ def write_random_sid_version(
     sids["created"] = pd.Timestamp.now(tz="UTC")
     write_parquet(sids, paths.sid_dir(version) / "sids.parquet")
     write_json({"levels": levels, "codebook_size": codebook_size}, paths.sid_dir(version) / "config.json")
+    seal_sid_version(paths, version)
     (paths.root / "sids" / "LATEST").write_text(version + "\n")
     return sids
 
@@ -227,6 +266,8 @@ def write_tokenizer_dataset(
     events["split"] = split_by_row_id(events["row_id"])
     events.to_parquet(paths.events, index=False)
     paths.meta.write_text(json.dumps({"n_items": n_items, "n_users": 7, "precomputed_modalities": True}))
+    seal_dataset(paths)
+    seal_modalities(paths)
     return paths, views
 
 
@@ -259,6 +300,8 @@ def write_click_dataset(root: Path, n_items: int = 120, n_users: int = 20, seed:
     (root / "rows").mkdir()
     rows.to_parquet(root / "rows" / "ranker_v1.parquet", index=False)
     paths.meta.write_text(json.dumps({"n_items": n_items, "n_users": n_users, "precomputed_modalities": True}))
+    seal_dataset(paths)
+    seal_modalities(paths)
     return paths
 
 

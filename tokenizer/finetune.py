@@ -118,7 +118,8 @@ def load_stage1(paths: DatasetPaths, version: str) -> Stage1:
             checkpoint without the MMQ config / state_dict.
     """
     folder = paths.sid_dir(version)
-    source = require_file(folder / "codebooks.pt", TRAIN_COMMAND)
+    paths.sid_digest(version)
+    source = folder / "codebooks.pt"
     saved = torch.load(source, weights_only=True)
     config = saved.get("config", {}) if isinstance(saved, dict) else {}
     if config.get("method") != "mmq" or "state_dict" not in saved:

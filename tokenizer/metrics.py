@@ -18,6 +18,12 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from tokenizer.losses import present_rows
 
+# A version is degenerate (refused, never marked LATEST) when its items get fewer distinct SIDs than this share
+# of the most they could get, min(items, K^P) (K = 5000 on 1,616 items collapsed to a handful of SIDs) ...
+MIN_DISTINCT_SID_SHARE = 0.1
+# ... or its first position uses fewer codes than this share of min(K, items).
+MIN_FIRST_LEVEL_USAGE = 0.05
+
 
 def reconstruction_metrics(x: np.ndarray, recon: np.ndarray) -> dict[str, float]:
     """Squared error per item summed over dims (mean over items) and mean cosine.
@@ -125,6 +131,24 @@ def sid_metrics(
     metrics = tokenizer_metrics(codes, codebook_size, x=x, recon=x_recon, clusters=clusters)
     metrics["per_modality"] = modality_metrics(items, recon)
     return metrics
+
+
+def degenerate_reason(metrics: Mapping[str, Any]) -> str:
+    """Why the SIDs of :func:`tokenizer_metrics` are degenerate, or "" when they are not.
+
+    Both shares are relative to what the items and codebook allow, so a small
+    dataset with a small codebook is not called degenerate for its pigeonholes.
+    """
+    n_items, levels, size = int(metrics["n_items"]), int(metrics["levels"]), int(metrics["codebook_size"])
+    distinct = round((1 - metrics["collision_rate"]) * n_items)
+    possible = min(n_items, size**levels)
+    if distinct < MIN_DISTINCT_SID_SHARE * possible:
+        return (f"{distinct} distinct SIDs for {n_items} items (collision rate {metrics['collision_rate']:.3f}), "
+                f"under {MIN_DISTINCT_SID_SHARE:.0%} of the {possible} possible")
+    used = round(metrics["usage"][0] * size)
+    if used < MIN_FIRST_LEVEL_USAGE * min(size, n_items):
+        return f"the first position uses {used} of {size} codes, under {MIN_FIRST_LEVEL_USAGE:.0%} of min(K, items)"
+    return ""
 
 
 def summary_line(metrics: dict) -> str:

@@ -7,9 +7,13 @@ an item without tags a zero ``tags`` row (its year alone is not enough).
 
 Files: ``D/modalities/<name>.npy`` plus ``D/modalities/manifest.json``
 ``{"names": [...], "dims": {name: d}, "source": ...}``, the same manifest the
-synthetic generator writes beside its precomputed modalities. Text embeddings
+synthetic generator writes beside its precomputed modalities; together one
+unit (:func:`sidrank.io.publish_unit`) that records the dataset unit it was
+built from, so readers refuse it after a re-ingest. Text embeddings
 are cached in ``D/modalities/cache/`` under a sha256 of (model name, titles in
-order), so a rerun on unchanged titles never loads the encoder.
+order), so a rerun on unchanged titles never loads the encoder; a cache file
+of the wrong shape or with NaN/inf is deleted and named in the error, so the
+rerun recomputes it.
 
     python -m tokenizer.modalities --dataset artifacts/ml-100k
 """
@@ -29,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from sidrank.cli import run_main
-from sidrank.io import read_json, write_json, write_npy
-from sidrank.schema import DataError, require_columns, require_file, validate_modality
+from sidrank.io import clean_leftovers, publish_unit, read_json, write_json, write_npy
+from sidrank.schema import DataError, require_columns, validate_modality
 from sidrank.contract import DatasetPaths
 from tokenizer.cli import stage_main
 
@@ -74,16 +78,23 @@ def encode_titles(model: SentenceTransformer, titles: Sequence[str], *, batch_si
     )
 
 
+def text_cache_path(titles: Sequence[str], cache_dir: Path) -> Path:
+    """The cache file of the embeddings of ``titles``: keyed by sha256 of (model name, titles in order)."""
+    key = hashlib.sha256(json.dumps([TEXT_MODEL, list(titles)]).encode()).hexdigest()
+    return cache_dir / f"text-{key}.npy"
+
+
 def text_embeddings(titles: Sequence[str], cache_dir: Path, *, batch_size: int = 64) -> np.ndarray:
     """Unit-norm embeddings [n, 384] of ``titles``; empty titles give zero rows.
 
     Cached in ``cache_dir`` under a sha256 of (model name, titles in order).
     """
-    key = hashlib.sha256(json.dumps([TEXT_MODEL, list(titles)]).encode()).hexdigest()
-    cache = cache_dir / f"text-{key}.npy"
+    cache = text_cache_path(titles, cache_dir)
     if cache.exists():
         logger.info("text: cache hit %s", cache)
-        return np.load(cache)
+        return checked_cache(cache, len(titles))
+    if cache_dir.is_dir():
+        clean_leftovers(cache_dir)
     out = np.zeros((len(titles), TEXT_DIM), np.float32)
     present = np.array([bool(t.strip()) for t in titles], dtype=bool)
     if present.any():
@@ -92,6 +103,29 @@ def text_embeddings(titles: Sequence[str], cache_dir: Path, *, batch_size: int =
         out[present] = encode_titles(model, [t for t, p in zip(titles, present, strict=True) if p], batch_size=batch_size)
     write_npy(out, cache)
     return out
+
+
+def checked_cache(cache: Path, n_titles: int) -> np.ndarray:
+    """The cached embeddings [n_titles, TEXT_DIM] of ``cache``.
+
+    Raises:
+        DataError: the file is unreadable, has another shape or holds NaN/inf;
+            it is deleted first, so rerunning the stage recomputes it instead
+            of reloading the same bad file.
+    """
+    try:
+        array = np.load(cache, allow_pickle=False)
+        problem = "" if array.shape == (n_titles, TEXT_DIM) else f"shape {array.shape}, expected {(n_titles, TEXT_DIM)}"
+        problem = problem or ("" if np.isfinite(array).all() else "NaN/inf values")
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({exc})"
+    if problem:
+        cache.unlink(missing_ok=True)
+        raise DataError(
+            f"{cache}: cached text embeddings have {problem}; the file was deleted, rerun the stage to recompute "
+            f"it (python -m tokenizer.modalities --dataset D)"
+        )
+    return array
 
 
 def tag_features(tags: Sequence[Sequence[str]], years: np.ndarray) -> tuple[np.ndarray, list[str], list[int]]:
@@ -122,7 +156,8 @@ def tag_features(tags: Sequence[Sequence[str]], years: np.ndarray) -> tuple[np.n
 
 def read_items(paths: DatasetPaths, n_items: int) -> pd.DataFrame:
     """items.parquet sorted by item_id, checked to hold ids 1..n_items exactly once."""
-    source = str(require_file(paths.items, INGEST_COMMAND))
+    paths.dataset_digest()
+    source = str(paths.items)
     items = pd.read_parquet(paths.items)
     require_columns(items, ITEM_COLUMNS, source)
     items = items.sort_values("item_id").reset_index(drop=True)
@@ -145,8 +180,9 @@ def read_modalities(paths: DatasetPaths, names: Sequence[str] | None = None) -> 
         DataError: missing manifest or file, a name not in the manifest, a width
             that disagrees with the manifest, NaN, bad padding row or norms.
     """
-    n_items = int(read_json(require_file(paths.meta, INGEST_COMMAND))["n_items"])
-    manifest_path = require_file(paths.modality_manifest, f"{INGEST_COMMAND}, then python -m tokenizer.modalities")
+    paths.modalities_digest()  # checks the dataset unit too
+    n_items = int(read_json(paths.meta)["n_items"])
+    manifest_path = paths.modality_manifest
     manifest = read_json(manifest_path)
     available, dims = list(manifest.get("names", [])), manifest.get("dims", {})
     wanted = list(names) if names else available
@@ -159,7 +195,7 @@ def read_modalities(paths: DatasetPaths, names: Sequence[str] | None = None) -> 
                 f"{manifest_path}: modality '{name}' is not listed (available: {available}); "
                 f"pass --modalities with names from that list"
             )
-        path = require_file(paths.modality(name), "python -m tokenizer.modalities --dataset <D>")
+        path = paths.modality(name)
         array = np.load(path, allow_pickle=False)
         if name in dims and (array.ndim != 2 or array.shape[1] != int(dims[name])):
             raise DataError(
@@ -179,7 +215,8 @@ def build_modalities(
     items.parquet and writes them with the manifest, unless meta.json says
     ``precomputed_modalities``; then returns :func:`read_modalities` of ``names``.
     """
-    meta = read_json(require_file(paths.meta, INGEST_COMMAND))
+    paths.dataset_digest()
+    meta = read_json(paths.meta)
     if not meta.get("precomputed_modalities", False):
         n_items = int(meta["n_items"])
         items = read_items(paths, n_items)
@@ -190,8 +227,6 @@ def build_modalities(
             "tags": with_padding_row(tag_matrix),
             "text": with_padding_row(text_embeddings(titles, paths.modalities / "cache", batch_size=batch_size)),
         }
-        for name, array in arrays.items():
-            write_npy(validate_modality(name, array, n_items, str(paths.modality(name))), paths.modality(name))
         manifest = {
             "names": sorted(arrays),
             "dims": {name: int(a.shape[1]) for name, a in arrays.items()},
@@ -200,7 +235,11 @@ def build_modalities(
             "tag_vocab": vocab,
             "year_buckets": buckets,
         }
-        write_json(manifest, paths.modality_manifest)
+        with publish_unit(paths.modalities, built_from=paths.built_from_dataset()) as staging:
+            for name, array in arrays.items():
+                path = paths.modality(name)
+                write_npy(validate_modality(name, array, n_items, str(path)), staging / path.name)
+            write_json(manifest, staging / paths.modality_manifest.name)
         logger.info("modalities: %s for %d items", manifest["dims"], n_items)
     return read_modalities(paths, names)
 

@@ -163,6 +163,11 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     # inputs: modalities (validated) and the train items
     inputs = load_inputs(cfg)
     cfg, paths = inputs.cfg, DatasetPaths(cfg.dataset)
+    if cfg.codebook_size > len(inputs.fit_ids):
+        raise DataError(
+            f"{paths.events}: {len(inputs.fit_ids)} items have train rows, fewer than --codebook-size "
+            f"{cfg.codebook_size}; most codes could never be used, pass --codebook-size <= {len(inputs.fit_ids)}"
+        )
     logger.info("config %s", json.dumps({**cfg.hashable(), "dataset": str(cfg.dataset)}))
     dims = {name: int(a.shape[1]) for name, a in inputs.modalities.items()}
     METHODS[cfg.method].build(cfg, dims)  # a code budget that does not fit the modalities fails before any work

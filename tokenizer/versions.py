@@ -10,17 +10,19 @@ change a new one. Its folder ``D/sids/<version>/`` holds:
   "config", "state_dict"}``;
 * ``config.json`` and ``metrics.json``.
 
-:func:`write_version` writes the folder under a temporary name and renames it
-into place, then moves ``D/sids/LATEST`` onto it: a reader sees a complete
-version or none, and LATEST never names a half-written one.
+:func:`write_version` writes the folder as one unit
+(:func:`sidrank.io.publish_unit`, recording the dataset unit it was built
+from), then moves ``D/sids/LATEST`` onto it: readers
+(:meth:`sidrank.contract.DatasetPaths.sid_digest`) accept a complete version
+built from the current dataset or none, and LATEST never names a half-written
+one. A degenerate version (:func:`tokenizer.metrics.degenerate_reason`) is
+refused before anything is written, so LATEST never moves onto it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ import pyarrow.parquet as pq
 import torch
 
 from sidrank.contract import DatasetPaths
-from sidrank.io import write_json, write_parquet
+from sidrank.io import publish_unit, write_json, write_parquet
+from sidrank.schema import DataError
 from tokenizer.interface import Tokenizer
+from tokenizer.metrics import degenerate_reason
 
 
 def content_digests(arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
@@ -69,33 +73,25 @@ def ground_truth_clusters(paths: DatasetPaths) -> np.ndarray | None:
 def write_version(
     paths: DatasetPaths, version: str, *, table: pd.DataFrame, model: Tokenizer, config: dict, metrics: dict
 ) -> Path:
-    """Write ``D/sids/<version>/`` atomically (a temporary folder renamed into place, replacing
-    an earlier copy of the same version), then move ``D/sids/LATEST`` onto it."""
+    """Write ``D/sids/<version>/`` as one unit (replacing an earlier copy of the same version),
+    then move ``D/sids/LATEST`` onto it.
+
+    Raises:
+        DataError: the SIDs are degenerate (:func:`tokenizer.metrics.degenerate_reason`);
+            nothing is written and LATEST stays where it was.
+    """
     final = paths.sid_dir(version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=final.parent))
-    try:
+    reason = degenerate_reason(metrics)
+    if reason:
+        raise DataError(
+            f"{final}: version not published, its SIDs are degenerate ({reason}); LATEST still names the previous "
+            f"version. Use a smaller --codebook-size or fewer --levels, or train longer"
+        )
+    with publish_unit(final, built_from=paths.built_from_dataset()) as staging:
         write_parquet(table, staging / "sids.parquet")
         codebooks = [c.clone() for c in model.codebooks]
         torch.save({"codebooks": codebooks, "config": config, "state_dict": model.state_dict()}, staging / "codebooks.pt")
         write_json(config, staging / "config.json")
         write_json(metrics, staging / "metrics.json")
-        replace_dir(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     paths.mark_latest_sid_version(version)
     return final
-
-
-def replace_dir(source: Path, target: Path) -> None:
-    """Rename folder ``source`` onto ``target`` (same filesystem). An existing ``target`` is
-    renamed aside first, so ``target`` is the old folder or the new one, never a mix (between
-    the two renames it is briefly absent)."""
-    if not target.exists():
-        source.rename(target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    aside.rmdir()
-    target.rename(aside)
-    source.rename(target)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -207,19 +207,25 @@ def _sid_table(path: Path, item_ids: list[int], version: str | None, code: int) 
 
 def test_publishing_a_version_replaces_its_rows_and_keeps_the_others(tmp_path: Path) -> None:
     target = tmp_path / "item_sids.parquet"
-    assert publish.merge_version_rows(_sid_table(tmp_path / "a.parquet", [1, 2], "a", 1), target, "a", {"a"}) == set()
-    assert publish.merge_version_rows(_sid_table(tmp_path / "b.parquet", [1, 2, 3], None, 2), target, "b",
-                                      {"a", "b"}) == {"a"}
-    publish.merge_version_rows(_sid_table(tmp_path / "a2.parquet", [1], "a", 3), target, "a", {"a", "b"})
+
+    def merge(source: Path, version: str, keep: set[str]) -> set[str]:
+        staged = tmp_path / "staged.parquet"
+        kept = publish.merge_version_rows(source, target, staged, version, keep)
+        staged.replace(target)
+        return kept
+
+    assert merge(_sid_table(tmp_path / "a.parquet", [1, 2], "a", 1), "a", {"a"}) == set()
+    assert merge(_sid_table(tmp_path / "b.parquet", [1, 2, 3], None, 2), "b", {"a", "b"}) == {"a"}
+    merge(_sid_table(tmp_path / "a2.parquet", [1], "a", 3), "a", {"a", "b"})
     rows = pd.read_parquet(target).sort_values(["sid_version", "item_id"])
     assert list(zip(rows["sid_version"], rows["item_id"], rows["sid_codes"].map(list))) == [
         ("a", 1, [3, 3]), ("b", 1, [2, 2]), ("b", 2, [2, 2]), ("b", 3, [2, 2])
     ]
     # A version dropped from the registry loses its rows.
-    publish.merge_version_rows(_sid_table(tmp_path / "c.parquet", [5], "c", 4), target, "c", {"c"})
+    merge(_sid_table(tmp_path / "c.parquet", [5], "c", 4), "c", {"c"})
     assert pd.read_parquet(target)["sid_version"].tolist() == ["c"]
     with pytest.raises(DataError, match="column 'sid_version' holds \\['x'\\], the feature meta says 'c'"):
-        publish.merge_version_rows(_sid_table(tmp_path / "x.parquet", [1], "x", 0), target, "c", {"c"})
+        merge(_sid_table(tmp_path / "x.parquet", [1], "x", 0), "c", {"c"})
 
 
 def test_profile_columns_are_the_declared_ones(tmp_path: Path) -> None:

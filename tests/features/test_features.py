@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from builders import EVENTS_START, TEST_SID_VERSION, build_features, write_feature_dataset
+from builders import EVENTS_START, TEST_SID_VERSION, build_features, reseal_dataset_units, write_feature_dataset
 
 from features import build as features
 from sidrank.io import write_parquet
@@ -33,9 +33,10 @@ def hand_events() -> pd.DataFrame:
     return assign_protocol_split(frame, "hand events")
 
 
-def _rewrite(path: Path, change) -> None:
+def _rewrite(paths: DatasetPaths, path: Path, change) -> None:
     frame = pd.read_parquet(path)
     write_parquet(change(frame), path)
+    reseal_dataset_units(paths)
 
 
 @pytest.fixture()
@@ -95,7 +96,7 @@ def test_history_keeps_only_the_last_twenty_positives(tmp_path: Path) -> None:
 
 
 def test_static_tables_vocabularies_and_meta(hand_dataset: DatasetPaths) -> None:
-    _rewrite(hand_dataset.items, lambda f: f.assign(year=[0, 1971, 1994, 1995, 1999, 0]))
+    _rewrite(hand_dataset, hand_dataset.items, lambda f: f.assign(year=[0, 1971, 1994, 1995, 1999, 0]))
     meta = build_features(hand_dataset)
     saved = json.loads((hand_dataset.features / contract.FEATURE_META_FILE).read_text())
     vocab = saved["vocabularies"]
@@ -153,7 +154,7 @@ def test_bad_input_raises_data_error_naming_the_problem(
         "users": hand_dataset.users,
         "items": hand_dataset.items,
     }[target]
-    _rewrite(path, change)
+    _rewrite(hand_dataset, path, change)
     with pytest.raises(DataError, match=message) as caught:
         build_features(hand_dataset)
     assert path.name in str(caught.value)
@@ -162,14 +163,15 @@ def test_bad_input_raises_data_error_naming_the_problem(
 
 def test_missing_files_and_codebook_size(hand_dataset: DatasetPaths) -> None:
     (hand_dataset.sid_dir(TEST_SID_VERSION) / "config.json").unlink()
+    reseal_dataset_units(hand_dataset)
     with pytest.raises(DataError, match="--codebook-size"):
         build_features(hand_dataset)
     meta = features.build_features(features.FeaturesConfig(dataset=hand_dataset.root, codebook_size=4))
     assert meta.sid_levels == 3
-    with pytest.raises(DataError, match="sids.parquet: file not found"):
+    with pytest.raises(DataError, match="sids/nope: incomplete or missing"):
         features.main(["--dataset", str(hand_dataset.root), "--sid-version", "nope"])
     hand_dataset.events.unlink()
-    with pytest.raises(DataError, match="events.parquet: file not found"):
+    with pytest.raises(DataError, match="events.parquet: missing or changed.*python -m ingest"):
         build_features(hand_dataset)
 
 

@@ -237,8 +237,12 @@ def test_grouplens_missing_file_names_it_and_the_flag(tmp_path):
         ([(u, i, r, t * 1000) for u, i, r, t in RATINGS], r"u\.data.*'timestamp'.*milliseconds"),
         ([(3, 99, 4, 880000000)] + RATINGS, r"u\.data.*'item_id'.*\['99'\].*u\.item"),
         (RATINGS[:5], r"u\.data.*cannot fill"),
+        ([(u, i, -7 if n == 3 else r, t) for n, (u, i, r, t) in enumerate(RATINGS)], r"u\.data.*'rating'.*1\.\.5 \(rows \[3\]"),
+        ([(u, i, "inf", t) for u, i, r, t in RATINGS], r"u\.data.*'rating'.*outside the scale.*inf"),
+        ([(u, i, "1e308", t) for u, i, r, t in RATINGS], r"u\.data.*'rating'.*outside the scale"),
     ],
-    ids=["three-columns", "nan-rating", "date-string-timestamp", "milliseconds", "unknown-item", "too-small"],
+    ids=["three-columns", "nan-rating", "date-string-timestamp", "milliseconds", "unknown-item", "too-small",
+         "negative-rating", "inf-rating", "huge-rating"],
 )
 def test_grouplens_bad_ratings(tmp_path, ratings, message):
     folder = tmp_path / "ml"
@@ -271,8 +275,13 @@ def test_naive_timestamps_are_rejected_and_nothing_is_written(tmp_path):
         (lambda r: {k: v for k, v in r.items() if k != "overall"}, r"reviews\.json.*line 1.*'overall'"),
         (lambda r: {**r, "overall": None}, r"reviews\.json.*'overall'.*missing"),
         (lambda r: {**r, "unixReviewTime": "2014-02-16"}, r"reviews\.json.*'unixReviewTime'"),
+        (lambda r: {**r, "asin": None}, r"reviews\.json: line 1 column 'asin' is None, expected a non-empty string"),
+        (lambda r: {**r, "reviewerID": None}, r"reviews\.json: line 1 column 'reviewerID' is None"),
+        (lambda r: {**r, "overall": True}, r"reviews\.json: line 1 column 'overall' is True, expected a star rating"),
+        (lambda r: {**r, "overall": 11.0}, r"reviews\.json.*'overall'.*outside the scale 1\.\.5"),
     ],
-    ids=["missing-column", "nan-rating", "date-string-timestamp"],
+    ids=["missing-column", "nan-rating", "date-string-timestamp", "null-asin", "null-reviewer", "boolean-rating",
+         "off-scale-rating"],
 )
 def test_amazon_bad_reviews(tmp_path, edit, message):
     records = [json.loads(line) for line in (AMAZON / "reviews_Beauty_5.json").read_text().splitlines()]
@@ -280,6 +289,59 @@ def test_amazon_bad_reviews(tmp_path, edit, message):
     (tmp_path / "reviews.json").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match=message):
         load_amazon(tmp_path / "reviews.json", AMAZON / "meta_Beauty.json")
+
+
+def test_amazon_null_asin_in_metadata_is_refused(tmp_path):
+    lines = (AMAZON / "meta_Beauty.json").read_text().splitlines()
+    (tmp_path / "meta.json").write_text("\n".join([json.dumps({"asin": None, "title": "x"}), *lines]) + "\n")
+    with pytest.raises(DataError, match=r"meta\.json: line 1 column 'asin' is None"):
+        load_amazon(AMAZON / "reviews_Beauty_5.json", tmp_path / "meta.json")
+
+
+def _unreadable_reviews(folder: Path, kind: str) -> Path:
+    """A reviews file that cannot be read as JSON lines, of the given kind."""
+    contents = {
+        "empty": ("e.json", b""),
+        "whitespace": ("e.json", b" \n\t\n"),
+        "latin-1": ("l.json", '{"asin": "café"}\n'.encode("latin-1")),
+        "truncated-gz": ("t.json.gz", gzip.compress((AMAZON / "reviews_Beauty_5.json").read_bytes())[:-200]),
+        "deeply-nested": ("n.json", b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+    }
+    name, data = contents[kind]
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("empty", r"e\.json: the file is empty or blank"),
+        ("whitespace", r"e\.json: the file is empty or blank"),
+        ("latin-1", r"l\.json: line 1 is not UTF-8.*re-encode"),
+        ("truncated-gz", r"t\.json\.gz: the gzip stream is truncated or corrupt"),
+        ("deeply-nested", r"n\.json: line 1 is nested too deeply"),
+    ],
+)
+def test_amazon_unreadable_reviews_name_the_file(tmp_path, kind, message):
+    with pytest.raises(DataError, match=message):
+        load_amazon(_unreadable_reviews(tmp_path, kind), AMAZON / "meta_Beauty.json")
+
+
+@pytest.mark.parametrize("text", ["", "  \n \n"], ids=["empty", "whitespace"])
+@pytest.mark.parametrize("file_name", ["u.data", "u.item", "u.user"])
+def test_grouplens_empty_files_name_the_file(tmp_path, file_name, text):
+    folder = _write_grouplens(tmp_path / "ml")
+    (folder / file_name).write_text(text)
+    with pytest.raises(DataError, match=rf"{file_name}: the file is empty or blank"):
+        load_grouplens(folder)
+
+
+def test_repeated_events_are_dropped_with_a_warning_and_counted(tmp_path, caplog):
+    folder = _write_grouplens(tmp_path / "ml", RATINGS + RATINGS[:3])
+    meta = write_dataset(load_grouplens(folder), tmp_path / "out")
+    assert meta["n_events"] == len(RATINGS) and meta["dropped_repeated_events"] == 3
+    assert "dropped 3 events repeating an earlier event's (user, item, timestamp)" in caplog.text
+    assert "u.data" in caplog.text
 
 
 def test_amazon_missing_file_names_the_flag(tmp_path):

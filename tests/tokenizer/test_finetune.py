@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from builders import write_click_dataset
+from builders import reseal_dataset_units, write_click_dataset
 
 from sidrank.schema import DataError, is_sid_code_column, validate_sids
 from sidrank.contract import DatasetPaths
@@ -51,6 +51,7 @@ def flip_labels(paths: DatasetPaths, splits: tuple[str, ...]) -> None:
     flipped = events["row_id"][events["split"].isin(splits)]
     events.loc[events["row_id"].isin(flipped), "label"] ^= 1
     events.to_parquet(paths.events, index=False)
+    reseal_dataset_units(paths)
     rows_file = paths.root / "rows" / "ranker_v1.parquet"
     rows = pd.read_parquet(rows_file)
     rows.loc[rows["row_id"].isin(flipped), "label"] ^= 1
@@ -112,6 +113,7 @@ def test_held_out_item_moves_only_through_its_content(stage1, tmp_path: Path) ->
         view = np.load(changed.modality(name))
         view[item] = view[1]
         np.save(changed.modality(name), view)
+    reseal_dataset_units(changed)
     result = finetune.load_stage1(changed, run(changed, parent)["version"])
     # the fine-tuned tokenizer is bit-identical: the held-out item's content never entered training ...
     for key, value in base.model.state_dict().items():
@@ -127,7 +129,7 @@ def test_bad_inputs(stage1, tmp_path: Path) -> None:
     other = train.main(["--dataset", str(paths.root), "--method", "rqkmeans", "--levels", "2", "--codebook-size", "8"])
     with pytest.raises(DataError, match="made by method 'rqkmeans'.*--method mmq"):
         run(paths, other["version"])
-    with pytest.raises(DataError, match="sids/no-such/codebooks.pt: file not found"):
+    with pytest.raises(DataError, match="sids/no-such: incomplete or missing.*tokenizer.train"):
         run(paths, "no-such")
     rows_file = paths.root / "rows" / "ranker_v1.parquet"
     rows = pd.read_parquet(rows_file)

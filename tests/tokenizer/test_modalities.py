@@ -15,6 +15,7 @@ from sidrank.schema import DataError, validate_modality
 from sidrank.contract import DatasetPaths
 from tokenizer import modalities
 from tokenizer.modalities import build_modalities, read_modalities, tag_features
+from builders import seal_dataset, seal_modalities
 
 TITLES = ["Star Wars", "Star Trek", "Pride and Prejudice", "Sense and Sensibility", ""]
 TAGS = [["Sci-Fi", "Action"], ["Sci-Fi"], ["Romance", "Drama"], ["Romance"], []]
@@ -30,6 +31,7 @@ def write_items(root: Path, titles: list[str], *, precomputed: bool = False) -> 
     )
     items.to_parquet(paths.items, index=False)
     paths.meta.write_text(json.dumps({"n_items": n, "n_users": 1, "precomputed_modalities": precomputed}))
+    seal_dataset(paths)
     return paths
 
 
@@ -84,6 +86,7 @@ def test_precomputed_modalities_are_only_validated(tmp_path: Path, monkeypatch: 
     (paths.modalities / "manifest.json").write_text(
         json.dumps({"names": ["text"], "dims": {"text": 6}, "source": "synthetic"})
     )
+    seal_modalities(paths)
     monkeypatch.setattr(modalities, "load_text_model", refuse_to_load)
     arrays = build_modalities(paths)
     assert list(arrays) == ["text"]
@@ -95,13 +98,17 @@ def test_precomputed_modalities_are_only_validated(tmp_path: Path, monkeypatch: 
     bad = view.copy()
     bad[2, 1] = np.nan
     np.save(paths.modality("text"), bad)
+    with pytest.raises(DataError, match=r"text\.npy: missing or changed.*tokenizer\.modalities"):
+        read_modalities(paths)
+    seal_modalities(paths)
     with pytest.raises(DataError, match=r"text\.npy.*NaN"):
         read_modalities(paths)
     np.save(paths.modality("text"), view[:, :4] / np.linalg.norm(view[:, :4], axis=1, keepdims=True).clip(1e-9))
+    seal_modalities(paths)
     with pytest.raises(DataError, match=r"text\.npy.*says width 6"):
         read_modalities(paths)
     paths.modality("text").unlink()
-    with pytest.raises(DataError, match=r"text\.npy: file not found"):
+    with pytest.raises(DataError, match=r"text\.npy: missing or changed"):
         read_modalities(paths)
 
 
@@ -110,5 +117,28 @@ def test_items_with_gaps_in_ids_are_rejected(tmp_path: Path) -> None:
     items = pd.read_parquet(paths.items)
     items.loc[1, "item_id"] = 7
     items.to_parquet(paths.items, index=False)
+    seal_dataset(paths)
     with pytest.raises(DataError, match=r"items\.parquet: column 'item_id' must hold 1\.\.2"):
+        build_modalities(paths)
+
+
+@pytest.mark.parametrize(
+    ("cached", "problem"),
+    [
+        (np.full((len(TITLES), modalities.TEXT_DIM), np.nan, np.float32), "NaN/inf values"),
+        (np.ones((len(TITLES), 300), np.float32), r"shape \(5, 300\), expected \(5, 384\)"),
+    ],
+)
+def test_a_bad_text_cache_is_named_and_deleted_so_the_rerun_recomputes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: np.ndarray, problem: str
+) -> None:
+    paths = write_items(tmp_path / "d", TITLES)
+    cache = modalities.text_cache_path(TITLES, paths.modalities / "cache")
+    cache.parent.mkdir(parents=True)
+    np.save(cache, cached)
+    monkeypatch.setattr(modalities, "load_text_model", refuse_to_load)
+    with pytest.raises(DataError, match=f"{cache.name}: cached text embeddings have {problem}; the file was deleted"):
+        build_modalities(paths)
+    assert not cache.exists() and not paths.modality_manifest.exists()
+    with pytest.raises(AssertionError, match="must not be loaded"):  # the rerun goes to the encoder
         build_modalities(paths)

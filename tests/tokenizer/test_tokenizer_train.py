@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from builders import planted_cluster_views, write_tokenizer_dataset
+from builders import planted_cluster_views, seal_modalities, write_tokenizer_dataset
 from sklearn.metrics import normalized_mutual_info_score
 
 from sidrank.schema import DataError, validate_sids
@@ -17,6 +17,7 @@ from sidrank.contract import DatasetPaths
 from tokenizer import train
 from tokenizer.metrics import (
     collision_rate,
+    degenerate_reason,
     largest_bucket,
     level_perplexity,
     level_usage,
@@ -173,10 +174,13 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
     broken = views["tags"].copy()
     broken[3, 0] = np.nan
     np.save(paths.modality("tags"), broken)
+    with pytest.raises(DataError, match=r"tags\.npy: missing or changed.*python -m tokenizer\.modalities"):
+        run_cli(paths, "--method", "rqkmeans")
+    seal_modalities(paths)
     with pytest.raises(DataError, match=r"tags\.npy.*NaN"):
         run_cli(paths, "--method", "rqkmeans")
     paths.modality("tags").unlink()
-    with pytest.raises(DataError, match=r"tags\.npy: file not found"):
+    with pytest.raises(DataError, match=r"tags\.npy: missing or changed"):
         run_cli(paths, "--method", "rqkmeans")
     with pytest.raises(ValueError, match="method='vq'"):
         TokenizerConfig(dataset=paths.root, method="vq")
@@ -184,6 +188,38 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
         TokenizerConfig(dataset=paths.root, codebook_size=0)
     with pytest.raises(SystemExit):
         main(["--dataset", str(paths.root), "--no-such-flag", "1"])
+
+
+def test_a_codebook_larger_than_the_train_items_is_refused_before_training(tmp_path: Path) -> None:
+    paths, _ = write_tokenizer_dataset(tmp_path / "d")  # 100 items have train rows
+    with pytest.raises(DataError, match=r"100 items have train rows, fewer than --codebook-size 101"):
+        run_cli(paths, "--method", "rqkmeans", "--codebook-size", "101")
+    assert not (paths.root / "sids").exists()
+
+
+def test_a_degenerate_version_is_refused_and_latest_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, _ = write_tokenizer_dataset(tmp_path / "d")
+    good = run_cli(paths, "--method", "rqkmeans", "--codebook-size", "8", "--levels", "2")["version"]
+    real = train.fit_and_measure
+
+    def collapsed(inputs):  # every item on one SID, as K = 5000 on 1,616 items nearly was
+        fitted = real(inputs)
+        codes = np.zeros_like(fitted.codes)
+        return fitted._replace(codes=codes, metrics={**fitted.metrics, **tokenizer_metrics(codes, 8)})
+
+    monkeypatch.setattr(train, "fit_and_measure", collapsed)
+    with pytest.raises(DataError, match=r"degenerate \(1 distinct SIDs for 120 items.*LATEST still names"):
+        run_cli(paths, "--method", "rqkmeans", "--codebook-size", "8", "--levels", "2", "--seed", "1")
+    assert paths.resolve_sid_version("LATEST") == good
+    assert sorted(p.name for p in (paths.root / "sids").iterdir()) == ["LATEST", good]
+
+
+def test_degenerate_reason_thresholds() -> None:
+    spread = np.stack([np.arange(64) // 8, np.arange(64) % 8], axis=1)
+    assert degenerate_reason(tokenizer_metrics(spread, 8)) == ""
+    assert degenerate_reason(tokenizer_metrics(spread % 2, 8)).startswith("4 distinct SIDs for 64 items")
+    one_first_code = np.stack([np.zeros(400, int), np.arange(400) % 200, np.arange(400) // 200], axis=1)
+    assert "first position uses 1 of 200 codes" in degenerate_reason(tokenizer_metrics(one_first_code, 200))
 
 
 # the multimodal methods through the CLI
@@ -266,6 +302,7 @@ def test_cli_mmq_same_contract_and_code_budget_checks(tmp_path: Path) -> None:
 def test_cli_multimodal_modality_absent_entirely(tmp_path: Path) -> None:
     paths, views = write_tokenizer_dataset(tmp_path / "d")
     np.save(paths.modality("tags"), np.zeros_like(views["tags"]))  # valid file, but no item has tags
+    seal_modalities(paths)
     for method in ("mm_rqvae", "mmq"):
         with pytest.raises(DataError, match="'tags' is all zeros for every fit item"):
             run_cli(paths, "--method", method, "--levels", "4", *SMALL)
