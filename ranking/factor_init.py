@@ -57,9 +57,11 @@ def cowatch_factors(users: np.ndarray, items: np.ndarray, n_users: int, n_items:
     signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])
     u, vt = u * signs, vt * signs[:, None]
     sides = []
-    for factors in (u * np.sqrt(s), vt.T * np.sqrt(s)):
+    # An id without an event has a numerically-zero SVD row: zero it rather than normalise noise.
+    for factors, events in ((u * np.sqrt(s), matrix.getnnz(axis=1)), (vt.T * np.sqrt(s), matrix.getnnz(axis=0))):
         norms = np.linalg.norm(factors, axis=1, keepdims=True)
-        sides.append(np.divide(factors, norms, out=np.zeros_like(factors), where=norms > 0))
+        usable = (events[:, None] > 0) & (norms > 0)
+        sides.append(np.divide(factors, norms, out=np.zeros_like(factors), where=usable))
     return sides[0], sides[1]
 
 
