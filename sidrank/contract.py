@@ -32,9 +32,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from sidrank.io import require_complete_unit, write_text
 from sidrank.schema import DataError, require_file
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The ranker's feature service; every published SID version is read through it (sid_version is a key).
 FEATURE_SERVICE = "ranker_v1"
@@ -92,6 +98,30 @@ def sid_version_name(version: str) -> str:
     if not name:
         raise ValueError(f"version={version!r}: expected a non-empty tokenizer version")
     return name
+
+
+def check_behaviour_counts(rows: "pd.DataFrame", source: str) -> None:
+    """Each (count, positive count) pair of training rows: both missing (no earlier event) or both set,
+    non-negative, positives at most the count. Every error names the column at fault.
+
+    Raises:
+        DataError: naming the column, the first rows and the fix.
+    """
+    fix = "rebuild the behaviour features (python -m features.build) and the training rows"
+    for count, positive in (USER_COUNT_COLUMNS, ITEM_COUNT_COLUMNS):
+        for column, other in ((count, positive), (positive, count)):
+            lone = (rows[column].isna() & rows[other].notna()).to_numpy()
+            if lone.any():
+                raise DataError(f"{source}: column '{column}' is missing in rows {np.flatnonzero(lone)[:5].tolist()} "
+                                f"where '{other}' is set; {fix}")
+            negative = (rows[column] < 0).to_numpy()
+            if negative.any():
+                raise DataError(f"{source}: column '{column}' has negative counts in rows "
+                                f"{np.flatnonzero(negative)[:5].tolist()}; {fix}")
+        above = (rows[positive] > rows[count]).to_numpy()
+        if above.any():
+            raise DataError(f"{source}: column '{positive}' exceeds '{count}' in rows {np.flatnonzero(above)[:5].tolist()}; "
+                            f"{fix}")
 
 
 def encode_prefix(codes: "list[int] | tuple[int, ...]", codebook_size: int) -> int:

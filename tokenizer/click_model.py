@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sidrank.contract import ITEM_COUNT_COLUMNS, USER_COUNT_COLUMNS
+from sidrank.contract import ITEM_COUNT_COLUMNS, USER_COUNT_COLUMNS, check_behaviour_counts
 from sidrank.metrics import auc, logloss
-from sidrank.schema import DataError, check_ids_in_range
+from sidrank.schema import check_ids_in_range
 from tokenizer.fitting import run_epochs
 from tokenizer.mmq import MMQ
 
@@ -63,9 +63,8 @@ def row_tensors(rows: pd.DataFrame, n_users: int, n_items: int, source: str) -> 
     users, items = rows["user_id"].to_numpy(np.int64), rows["item_id"].to_numpy(np.int64)
     check_ids_in_range(users, n_users + 1, f"{source} column 'user_id'")
     check_ids_in_range(items, n_items + 1, f"{source} column 'item_id'")
+    check_behaviour_counts(rows, source)
     counts = rows[list(COUNT_COLUMNS)].fillna(0).to_numpy(np.float32)
-    if (counts < 0).any():
-        raise DataError(f"{source}: columns {list(COUNT_COLUMNS)} hold negative counts; rebuild the behaviour features")
     return RowTensors(
         torch.from_numpy(users),
         torch.from_numpy(items),

@@ -15,6 +15,7 @@ from builders import reseal_dataset_units, write_click_dataset
 from sidrank.schema import DataError, is_sid_code_column, validate_sids
 from sidrank.contract import DatasetPaths
 from tokenizer import finetune, train
+from tokenizer.click_model import row_tensors
 
 N_ITEMS = 120
 COLD = np.arange(101, N_ITEMS + 1)  # items with valid/test rows only
@@ -145,3 +146,21 @@ def test_bad_inputs(stage1, tmp_path: Path) -> None:
         run(paths, stage1[1])
     with pytest.raises(ValueError, match="tau=0"):
         finetune.FinetuneConfig(dataset=paths.root, tau=0)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("user_count", np.nan, r"column 'user_count' is missing in rows \[1\] where 'user_pos_count' is set"),
+        ("item_pos_count", np.nan, r"column 'item_pos_count' is missing in rows \[1\] where 'item_count' is set"),
+        ("item_count", -1.0, r"column 'item_count' has negative counts in rows \[1\]"),
+        ("user_pos_count", 9.0, r"column 'user_pos_count' exceeds 'user_count' in rows \[1\]"),
+    ],
+)
+def test_bad_counts_in_the_rows_name_the_column_at_fault(column: str, value: float, message: str) -> None:
+    rows = pd.DataFrame({"user_id": [1, 2], "item_id": [1, 1], "label": [1, 0], "user_count": [np.nan, 2.0],
+                         "user_pos_count": [np.nan, 1.0], "item_count": [np.nan, 1.0], "item_pos_count": [np.nan, 1.0]})
+    row_tensors(rows, 2, 1, "rows.parquet")  # both of a pair missing: no earlier event, read as 0
+    rows.loc[1, column] = value
+    with pytest.raises(DataError, match=rf"rows\.parquet: {message}; rebuild the behaviour features"):
+        row_tensors(rows, 2, 1, "rows.parquet")
