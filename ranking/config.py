@@ -38,7 +38,9 @@ class TrainConfig:
         patience: epochs without a better valid AUC before stopping.
         seed: seeds init and the per-epoch shuffle (shared by all ranks).
         ddr_cap_gb: host memory per rank the planner may fill.
-        save_checkpoint: write the best model with torch.distributed.checkpoint.
+        save_checkpoint: write the best model as ``<out>/checkpoint`` (DCP) and ``<out>/export`` (what serving loads).
+        resume: continue from the last finished epoch in ``<out>/train_state`` when it holds this
+            config (all but epochs and patience) at this world size; off: start at epoch 0.
         features: sparse feature selection.
         model: architecture.
     """
@@ -59,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     ddr_cap_gb: float = 4.0
     save_checkpoint: bool = True
+    resume: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 

@@ -18,7 +18,12 @@ def init_distributed() -> bool:
     if dist.is_initialized():
         return False
     if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+        # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a
+        # restarted rank reads the dead ranks' gloo addresses and times out connecting to them.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
+                                world_size=world)
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return True

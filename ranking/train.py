@@ -7,8 +7,13 @@
 placed by TorchRec's planner (CPU: table-wise / column-wise, kernel ``fused``,
 the sparse optimizer (fused SGD by default, or row-wise Adagrad) applied in
 backward); dense layers are data-parallel with Adam.
-Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet`` and
-the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``.
+Writes ``<out>/metrics.json``, ``<out>/predictions_{valid,test}.parquet``,
+the best model as a torch.distributed.checkpoint folder ``<out>/checkpoint``
+and as a weights-only export ``<out>/export`` (``ranking.export``), as one
+unit (``sidrank.io.publish_unit``: ``<out>/unit.json`` with every file's
+sha256 is written last). Every epoch is checkpointed in ``<out>/train_state``;
+a rerun or a restarted job (``torchrun --max-restarts N``) continues after
+the last finished epoch.
 
 SID versions: ``--sid-version V`` trains on any published version (its
 feature meta ``<repo>/data/feature_meta/<name>.json``; the rows come from
@@ -22,14 +27,14 @@ item frequency (ranking/model.py).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pandas as pd
@@ -43,16 +48,17 @@ from tqdm import tqdm
 
 from sidrank.cli import log_to_stderr, run_main
 from sidrank.contract import DatasetPaths
-from sidrank.io import read_json, write_json, write_parquet
+from sidrank.io import publish_unit, read_json, write_json, write_parquet
 from sidrank.metrics import auc, evaluate_predictions
 from sidrank.protocol import cold_item_ids, train_item_counts
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
 from ranking.archs import item_rows, quantile_bin_edges
 from ranking.batches import DENSE_FEATURES, SplitTensors, build_split
 from ranking.tables import sparse_tables
-from ranking.checkpoint import save_checkpoint
+from ranking.checkpoint import Progress, load_best, resume, save_checkpoint, save_epoch
 from ranking.config import TrainConfig, config_from_args, read_meta
 from ranking.distributed import init_distributed, on_every_rank
+from ranking.export import write_export
 from ranking.model import build_model
 from ranking.sharding import shard_model
 from ranking.shards import load_rows
@@ -84,6 +90,7 @@ def train_epoch(
     logits, labels = torch.empty(n_steps * local), torch.empty(n_steps * local)
     bar = tqdm(range(n_steps), desc=f"epoch {epoch}", disable=rank != 0, mininterval=1.0)
     for step in bar:
+        _fail_once_for_tests(rank, epoch, step)
         loss, (bce, step_logits, step_labels) = dmp(train.batch(order[step * local : (step + 1) * local]))
         opt.zero_grad()
         loss.backward()
@@ -99,6 +106,17 @@ def train_epoch(
     dist.all_gather(gathered, torch.stack([logits, labels]))
     every = torch.cat(gathered, dim=1).numpy()
     return float(loss_sum) / (n_steps * world), auc(every[1], every[0], what="train auc"), rate
+
+
+def _fail_once_for_tests(rank: int, epoch: int, step: int) -> None:
+    """Test hook: ``RANKING_FAIL_ONCE=rank,epoch,step,marker`` kills that rank there, once (the marker file remembers)."""
+    spec = os.environ.get("RANKING_FAIL_ONCE")
+    if not spec:
+        return
+    *at, marker = spec.split(",")
+    if [rank, epoch, step] == [int(v) for v in at] and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(17)
 
 
 def score_split(
@@ -209,74 +227,85 @@ def run(cfg: TrainConfig) -> dict | None:
             codebooks = paths.sid_dir(meta.sid_version) / "codebooks.pt"
             init_sid_tables(dmp, tables, codebooks, meta, cfg.model.emb_dim, seed=cfg.seed)
         if "cowatch" in (cfg.model.factor_init, cfg.model.sid_init):
-            sids = pd.read_parquet(paths.sid_dir(meta.sid_version) / "sids.parquet") if cfg.features.use_sid else None
+            sid_cowatch = cfg.features.use_sid and cfg.model.sid_init == "cowatch"
+            sids = pd.read_parquet(paths.sid_dir(meta.sid_version) / "sids.parquet") if sid_cowatch else None
             weights = cowatch_weights(
                 split_events["train"], tables, cfg.model.emb_dim, seed=cfg.seed, scale=cfg.model.factor_scale,
-                sids=sids if cfg.model.sid_init == "cowatch" else None, codebook_size=meta.sid_codebook_size,
+                sids=sids, codebook_size=meta.sid_codebook_size,
             )
             if cfg.model.factor_init != "cowatch":
                 weights = {name: w for name, w in weights.items() if name not in ("t_user", "t_item")}
             init_tables(dmp, weights, "co-watch factors of the train rows")
 
-    # 5-7. epochs, early stopping on valid AUC; the best state is a deep copy of the sharded state_dict
-    local, history, best = cfg.batch_size // world, [], {"epoch": -1, "auc": -math.inf}
-    for epoch in range(cfg.epochs):
+    # 5-7. epochs, early stopping on valid AUC; every epoch is checkpointed (train_state/), so a
+    # restarted job (torchrun --max-restarts) continues after the last finished epoch.
+    local = cfg.batch_size // world
+    progress = resume(dmp, opt, cfg.out, config) if cfg.resume else None
+    progress = progress or Progress(-1, -1, -math.inf, [], False, config, world)
+    for epoch in range(progress.epoch + 1, cfg.epochs):
+        if progress.stopped:
+            break
         with _timed(timings, "train_s"):
             loss, train_auc, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch)
         with _timed(timings, "eval_s"):
-            ids, scores = score_split(dmp, splits["valid"], n_rows["valid"], local)
-        # Every rank holds all scores, so every rank takes the same stopping decision.
-        assert np.array_equal(ids, split_events["valid"]["row_id"].to_numpy()), "gathered scores out of row order"
-        valid_auc = auc(split_events["valid"]["label"].to_numpy(), scores, what="valid auc")
-        history.append(
+            valid = _predictions(split_events["valid"], *score_split(dmp, splits["valid"], n_rows["valid"], local))
+        valid_auc = auc(valid["label"].to_numpy(), valid["score"].to_numpy(), what="valid auc")
+        progress.history.append(
             {"epoch": epoch, "train_loss": loss, "train_auc": train_auc, "valid_auc": valid_auc, "samples_per_s": rate}
         )
         log.info("epoch %d: train loss %.4f, train auc %.4f, valid auc %.4f, %.0f samples/s", epoch, loss,
                  train_auc, valid_auc, rate)
-        if best["epoch"] < 0 or valid_auc > best["auc"]:
-            best = {"epoch": epoch, "auc": valid_auc, "state": copy.deepcopy(dmp.state_dict()), "valid": (ids, scores)}
-        elif epoch - best["epoch"] >= cfg.patience:
+        # Every rank holds all scores, so every rank takes the same stopping decision.
+        if progress.best_epoch < 0 or valid_auc > progress.best_auc:
+            progress.best_epoch, progress.best_auc = epoch, valid_auc
+        elif epoch - progress.best_epoch >= cfg.patience:
             log.info("early stop: no better valid auc for %d epochs", cfg.patience)
-            break
-    dmp.load_state_dict(best["state"])
+            progress.stopped = True
+        progress.epoch = epoch
+        with _timed(timings, "checkpoint_s"):
+            save_epoch(dmp, opt, cfg.out, progress)
+    history, best_epoch = progress.history, progress.best_epoch
+    load_best(dmp, cfg.out, best_epoch)
     with _timed(timings, "eval_s"):
-        test_ids, test_scores = score_split(dmp, splits["test"], n_rows["test"], local)
-    if cfg.save_checkpoint:
-        save_checkpoint({**best["state"], "config": json.dumps(config), "best_epoch": best["epoch"]}, cfg.out)
-    timings["total_s"] = time.perf_counter() - start
-    if rank != 0:
-        return None
+        scored = {s: score_split(dmp, splits[s], n_rows[s], local) for s in ("valid", "test")}
 
-    # 8. metrics and predictions (rank 0)
-    preds = {
-        "valid": _predictions(split_events["valid"], *best["valid"]),
-        "test": _predictions(split_events["test"], test_ids, test_scores),
-    }
-    cold = cold_item_ids(read_json(require_file(paths.meta, "python -m ingest")), events, source=str(paths.meta))
-    test, valid = (evaluate_predictions(preds[s], cold_items=cold, source=f"predictions_{s}") for s in ("test", "valid"))
-    for name, frame in preds.items():
-        write_parquet(frame[["row_id", "label", "score"]], cfg.out / f"predictions_{name}.parquet")
-    metrics = {
-        **{f"test_{k}": v for k, v in test.items() if k != "n_rows"},
-        "valid_auc": valid["auc"],
-        "valid_logloss": valid["logloss"],
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        **{f"{s}_rows": n for s, n in n_rows.items()},
-        "world_size": world,
-        "sid_version": meta.sid_version,
-        "service": cfg.service_for(meta),
-        "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
-        "history": history,
-        "config": config,
-        "plan": plan["ranks"],
-        "sharding": plan["kinds"],
-        "timings": timings,
-        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__},
-    }
-    write_json(metrics, cfg.out / "metrics.json")
+    # 8. the run's outputs as one unit: staged, moved into --out, unit.json (each file's sha256) written last
+    with publish_unit(cfg.out) if rank == 0 else nullcontext() as staging:
+        shared = [staging]
+        dist.broadcast_object_list(shared, src=0)  # every rank saves its shards into rank 0's staging folder
+        if cfg.save_checkpoint:
+            save_checkpoint({**dmp.state_dict(), "config": json.dumps(config), "best_epoch": best_epoch}, shared[0])
+        timings["total_s"] = time.perf_counter() - start
+        if rank != 0:
+            return None
+        preds = {s: _predictions(split_events[s], *scored[s]) for s in ("valid", "test")}
+        cold = cold_item_ids(read_json(require_file(paths.meta, "python -m ingest")), events, source=str(paths.meta))
+        test, valid = (evaluate_predictions(preds[s], cold_items=cold, source=f"predictions_{s}") for s in ("test", "valid"))
+        for name, frame in preds.items():
+            write_parquet(frame[["row_id", "label", "score"]], staging / f"predictions_{name}.parquet")
+        metrics = {
+            **{f"test_{k}": v for k, v in test.items() if k != "n_rows"},
+            "valid_auc": valid["auc"],
+            "valid_logloss": valid["logloss"],
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            **{f"{s}_rows": n for s, n in n_rows.items()},
+            "world_size": world,
+            "sid_version": meta.sid_version,
+            "service": cfg.service_for(meta),
+            "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
+            "history": history,
+            "config": config,
+            "plan": plan["ranks"],
+            "sharding": plan["kinds"],
+            "timings": timings,
+            "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__},
+        }
+        write_json(metrics, staging / "metrics.json")
+        if cfg.save_checkpoint:
+            write_export(staging, meta)
     log.info("test auc %.4f (cold %.4f, gauc %.4f) at epoch %d -> %s", metrics["test_auc"],
-             metrics["test_auc_cold"], metrics["test_gauc"], best["epoch"], cfg.out / "metrics.json")
+             metrics["test_auc_cold"], metrics["test_gauc"], best_epoch, cfg.out / "metrics.json")
     return metrics
 
 

@@ -93,16 +93,24 @@ def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: i
     return dataset, dataset / "rows.parquet", root / "feature_meta.json"
 
 
-def _torchrun(dataset: Path, rows: Path, meta: Path, out: Path, *extra: str) -> dict:
+def torchrun(
+    dataset: Path, rows: Path, meta: Path, out: Path, *extra: str,
+    launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node", "2"), env: dict[str, str] | None = None,
+) -> tuple[dict, str]:
+    """``torchrun <launcher> -m ranking.train`` on the synthetic dataset; (metrics, stderr)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", *launcher,
         "-m", "ranking.train", "--dataset", str(dataset), "--repo", str(dataset.parent),
         "--rows", str(rows), "--feature-meta", str(meta), "--out", str(out), *TRAIN_ARGS, *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "metrics.json").read_text()), proc.stderr
+
+
+def _torchrun(dataset: Path, rows: Path, meta: Path, out: Path, *extra: str) -> dict:
+    return torchrun(dataset, rows, meta, out, *extra)[0]
 
 
 @pytest.mark.slow

@@ -1,0 +1,68 @@
+"""The weights-only export of a run's best model: what serving loads.
+
+``<run>/export/model.safetensors`` holds every tensor of the unsharded model
+(buffers such as the item vocabulary and the numeric bin edges included),
+``<run>/export/model.json`` the run's config and table sizes. Loading reads
+only safetensors and JSON, so it runs no code; DCP's ``.metadata`` and its
+non-tensor entries are pickles, which serving never opens. Both files are
+part of the run's unit (``sidrank.io.publish_unit``), so their sha256 is
+checked against ``<run>/unit.json`` before anything is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+
+from sidrank import contract
+from sidrank.io import require_complete_unit, write_json
+from sidrank.schema import DataError
+from ranking.checkpoint import Loaded, load_checkpoint, unsharded_model
+
+EXPORT_DIR = "export"
+WEIGHTS, MODEL_JSON = f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/model.json"
+EXPORT_FORMAT = 1
+
+
+def write_export(out: Path, meta: contract.FeatureMeta) -> None:
+    """``out/export``: the weights of ``out/checkpoint`` as safetensors, the config and table sizes as JSON (rank 0).
+
+    ``out`` is the run's staging folder: the unit's manifest records both files.
+    """
+    loaded = load_checkpoint(out / "checkpoint", meta)
+    tensors = {k: v.detach().contiguous() for k, v in loaded.model.state_dict().items()}
+    (out / EXPORT_DIR).mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(out / WEIGHTS), metadata={"format": str(EXPORT_FORMAT)})
+    description = {"format": EXPORT_FORMAT, "config": loaded.config, "meta": dataclasses.asdict(loaded.meta)}
+    write_json(description, out / MODEL_JSON)
+
+
+def load_export(run: Path, meta: contract.FeatureMeta) -> Loaded:
+    """The run's exported model, unsharded on CPU, after checking its files against the run's manifest.
+
+    Reads only JSON and safetensors (no pickle). The id tables keep the
+    export's sizes (the store may have grown since training; newer ids are
+    served as unknown); every other table must match ``meta``.
+
+    Raises:
+        DataError: an unfinished or altered run, an export of another format, tables that differ from ``meta``.
+    """
+    require_complete_unit(run, f"python -m ranking.train --config {run / 'metrics.json'}",
+                          files=("metrics.json", MODEL_JSON, WEIGHTS))
+    description = json.loads((run / MODEL_JSON).read_text())
+    if description.get("format") != EXPORT_FORMAT:
+        raise DataError(f"{run / MODEL_JSON}: key 'format' is {description.get('format')!r}, expected "
+                        f"{EXPORT_FORMAT}; retrain with this version of `python -m ranking.train`")
+    try:
+        tensors = safetensors.torch.load_file(str(run / WEIGHTS))
+    except safetensors.SafetensorError as exc:
+        raise DataError(f"{run / WEIGHTS}: not a safetensors file ({exc}); retrain into {run}") from exc
+    trained = description["meta"]
+    sizes = dataclasses.replace(meta, n_users=trained["n_users"], n_items=trained["n_items"])
+    loaded = unsharded_model(description["config"], sizes, {k: tuple(v.shape) for k, v in tensors.items()}, run / WEIGHTS)
+    loaded.model.load_state_dict(tensors)
+    return loaded._replace(model=loaded.model.eval())
