@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sidrank.io import require_complete_unit
 from ranking import train
 from test_train_torchrun import TRAIN_ARGS, synthetic_dataset, torchrun
 
@@ -57,3 +58,26 @@ def test_more_epochs_continue_a_finished_run_exactly(tmp_path: Path) -> None:
     # Another config does not resume: it starts at epoch 0.
     other = train.main([*base, "--out", str(tmp_path / "run"), "--seed", "1"])
     assert other["history"][0]["samples_per_s"] != longer["history"][0]["samples_per_s"]
+
+
+def test_a_run_that_fails_while_writing_its_outputs_leaves_the_previous_run_whole(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint, export, metrics and predictions of --out change together or not at all."""
+    dataset, rows, meta = synthetic_dataset(tmp_path)
+    argv = ["--dataset", str(dataset), "--repo", str(tmp_path), "--feature-meta", str(meta), "--rows", str(rows),
+            "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--epochs", "1"]
+    first = train.main(argv)
+    before = {p.relative_to(tmp_path / "run"): p.read_bytes() for p in (tmp_path / "run").rglob("*")
+              if p.is_file() and "train_state" not in p.parts}
+
+    def crash(out: Path, meta) -> None:
+        raise OSError("disk full")
+
+    # Crash after the new checkpoint and metrics exist, before the export: nothing of the new run is visible.
+    monkeypatch.setattr(train, "write_export", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.main([*argv, "--seed", "1"])
+    after = {p.relative_to(tmp_path / "run"): p.read_bytes() for p in (tmp_path / "run").rglob("*")
+             if p.is_file() and "train_state" not in p.parts}
+    assert after == before
+    require_complete_unit(tmp_path / "run", "retrain", files=("metrics.json", "export/model.safetensors"))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_auc"] == first["test_auc"]
