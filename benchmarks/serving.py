@@ -1,37 +1,50 @@
-"""Online ranking latency: end-to-end HTTP p50/p99 for 100 candidates, its split, and baselines in the same run.
+"""Serving under concurrent load: throughput and p50/p99 at 1..8 clients, beside the bare Feast read and forward.
 
     make demo                                   # trains artifacts/demo and publishes feature_repo
-    python -m benchmarks.serving                # 500 requests of 100 random candidates each
-    python -m benchmarks.serving --run artifacts/demo --repo feature_repo --requests 1000
+    python -m benchmarks.serving                # 2 workers, 1/2/4/8 clients, 100 candidates per request
+    python -m benchmarks.serving --repo feature_repo --workers 2 --requests 800
 
-The server (``ranking.serve``) runs in a thread of this process on 127.0.0.1
-and a client sends ``POST /rank`` over a new connection per request (the
-server speaks HTTP/1.0), so end-to-end covers TCP, JSON, the Feast online
-read, the tensors and the model. The server reports its own split per
-request (Feast read, tensor build, forward). Baselines over the same
-requests, measured in the same run: the model forward alone on pre-built
-batches, and a direct SQL read of the same entity keys from the sqlite
-online store (no protobuf decoding): the floor of any read through Feast.
-Writes ``benchmarks/results/<name>.{json,md}``; the host is shared, so the
-load average before and after is recorded too.
+The service runs as its own command, ``python -m ranking.serve http --workers
+N`` on 127.0.0.1, in a child process (its workers are processes too), so
+clients and server do not share an interpreter. Each client is a thread with
+one keep-alive connection sending ``POST /rank`` back to back (a closed loop);
+every level sends the same requests. Baselines over the same requests, in
+this process while the server idles: the bare Feast online read
+(``ranking.rows.OnlineFeatures``) and the bare model forward on pre-built
+batches. The service's own overhead is what a 1-client request costs beyond
+those two (HTTP, JSON, validation, building the tensors, ranking).
+
+Targets, checked in the same run: throughput at the most clients at least
+``min_speedup`` times that of 1 client; p99 at the most clients within
+``max_p99_ratio`` times the 1-client p50; overhead under ``max_overhead`` of
+a 1-client request. The service reads whichever online store ``--repo``'s
+``feature_store.yaml`` selects. Writes ``benchmarks/results/<name>.{json,md}``;
+the host is shared, so the load average before and after is recorded too.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from benchmarks.feature_store import sqlite_reader
 from benchmarks.report import RESULTS_DIR, latency_stats, markdown_table, rerun_command, time_each, write_results
-from ranking.serve import HOST, Ranker, ServeConfig, make_server
+from ranking.serve import HOST, Ranker, ServeConfig
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -44,31 +57,44 @@ class ServingBenchConfig:
 
     Args:
         run: run folder of ``ranking.train`` (``make demo`` writes artifacts/demo).
-        repo: the published Feast repository the run was trained from.
-        requests: timed requests per measurement.
+        repo: the published Feast repository the run was trained from (its YAML picks the online store).
+        workers: server worker processes.
+        clients: concurrent clients per level.
+        requests: timed requests per level, shared by its clients.
         candidates: item ids per request, drawn without replacement from the model's items.
-        warmup: untimed requests first.
+        warmup: untimed requests per client before each level.
         seed: draws users and candidates.
-        target_p99_ms: the end-to-end p99 latency the benchmark checks against.
+        min_speedup: target: throughput at the most clients over that at 1 client.
+        max_p99_ratio: target: p99 at the most clients over the 1-client p50.
+        max_overhead: target: share of a 1-client request beyond the bare Feast read and forward.
+        start_timeout: seconds the server may take to answer /health.
         name: results file stem.
         results_dir: where the JSON and Markdown go.
     """
 
     run: Path = Path("artifacts/demo")
     repo: Path = Path("feature_repo")
-    requests: int = 500
+    workers: int = 2
+    clients: tuple[int, ...] = (1, 2, 4, 8)
+    requests: int = 400
     candidates: int = 100
-    warmup: int = 20
+    warmup: int = 5
     seed: int = 0
-    target_p99_ms: float = 50.0
+    min_speedup: float = 1.8
+    max_p99_ratio: float = 4.0
+    max_overhead: float = 0.25
+    start_timeout: float = 300.0
     name: str = "serving"
     results_dir: Path = RESULTS_DIR
 
     def __post_init__(self) -> None:
         self.run, self.repo, self.results_dir = Path(self.run), Path(self.repo), Path(self.results_dir)
-        for name in ("requests", "candidates"):
+        self.clients = tuple(sorted(set(self.clients)))
+        for name in ("requests", "candidates", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.clients[0] != 1:
+            raise ValueError(f"clients must start at 1 (the speedup's base), got {self.clients}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
@@ -82,102 +108,201 @@ def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int
             for _ in range(n)]
 
 
-def http_latencies(ranker: Ranker, requests: list[Request], warmup: int) -> tuple[list[float], list[dict]]:
-    """End-to-end seconds per request and the server's own timings (ms), against a server thread."""
-    server = make_server(ranker, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server_timings = []
+def free_port() -> int:
+    """A loopback port nobody listens on now (the server binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
-    def post(request: Request) -> None:
-        conn = http.client.HTTPConnection(HOST, server.server_address[1], timeout=30)
-        conn.request("POST", "/rank", body=json.dumps({"user_id": request[0], "item_ids": request[1]}))
-        response = conn.getresponse()
-        body = json.loads(response.read())
-        conn.close()
+
+class Client:
+    """One keep-alive connection to the service."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+
+    def get(self, path: str) -> tuple[int, dict]:
+        self.conn.request("GET", path)
+        response = self.conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def rank(self, request: Request) -> dict:
+        body = json.dumps({"user_id": request[0], "item_ids": request[1]})
+        self.conn.request("POST", "/rank", body=body, headers={"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        answer = json.loads(response.read())
         if response.status != 200:
-            raise RuntimeError(f"POST /rank answered {response.status}: {body}")
-        server_timings.append(body["timings_ms"])
+            raise RuntimeError(f"POST /rank answered {response.status}: {answer}")
+        return answer
 
-    try:
-        time_each(post, requests[:warmup])
-        server_timings.clear()
-        return time_each(post, requests[warmup:]), server_timings
-    finally:
-        server.shutdown()
-        server.server_close()
+    def close(self) -> None:
+        self.conn.close()
 
 
-def forward_latencies(ranker: Ranker, requests: list[Request]) -> list[float]:
-    """The model forward alone on the requests' batches, built beforehand."""
-    batches = [ranker.encode(ranker.read(user, items), user)[1] for user, items in requests]
-    index = iter(range(len(batches)))
-    return time_each(lambda _: ranker.score(batches[next(index)]), requests)
+@contextmanager
+def server(cfg: ServingBenchConfig) -> Iterator[int]:
+    """``python -m ranking.serve http`` in a child process; yields its port once /health answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "ranking.serve", "http", "--run", str(cfg.run), "--repo", str(cfg.repo),
+               "--port", str(port), "--workers", str(cfg.workers), "--max-candidates", str(max(cfg.candidates, 1000))]
+    with tempfile.TemporaryFile() as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(child, port, cfg.start_timeout, output)
+            yield port
+        finally:
+            child.terminate()  # uvicorn stops its workers on SIGTERM
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
-def summarise(e2e: list[float], server: list[dict], forward: list[float], sqlite: list[float]) -> dict:
-    """Latency stats per measurement, keyed as in the table."""
-    split = {key: latency_stats([t[key] / 1e3 for t in server]) for key in ("total", "feast", "tensors", "forward")}
+def wait_healthy(child: subprocess.Popen, port: int, timeout: float, output) -> None:
+    """Poll /health until it answers 200; the server's output in the error if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            break
+        try:
+            client = Client(port)
+            try:
+                if client.get("/health")[0] == 200:
+                    return
+            finally:
+                client.close()
+        except OSError:
+            pass
+        time.sleep(0.5)
+    output.seek(0)
+    tail = output.read().decode(errors="replace")[-3000:]
+    raise RuntimeError(f"the server on port {port} did not become healthy (exit {child.poll()}):\n{tail}")
+
+
+def load_level(port: int, requests: list[Request], clients: int, warmup: int) -> dict:
+    """``clients`` threads send ``requests`` between them; per-request seconds, wall seconds and server timings."""
+    connections = [Client(port) for _ in range(clients)]
+    for client in connections:
+        for request in requests[:warmup]:
+            client.rank(request)
+    latencies: list[float] = []
+    timings: list[dict] = []
+    next_index = itertools.count()  # next() on a count is atomic under the GIL
+    start_line = threading.Barrier(clients + 1)
+    errors: list[Exception] = []
+
+    def work(client: Client) -> None:
+        start_line.wait()
+        try:
+            while (i := next(next_index)) < len(requests):
+                t0 = time.perf_counter()
+                answer = client.rank(requests[i])
+                latencies.append(time.perf_counter() - t0)
+                timings.append(answer["timings_ms"])
+        except Exception as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(client,)) for client in connections]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    for client in connections:
+        client.close()
+    if errors:
+        raise errors[0]
+    return {"latencies": latencies, "wall_s": wall, "timings": timings}
+
+
+def baselines(ranker: Ranker, requests: list[Request], warmup: int) -> dict:
+    """Seconds per request of the bare Feast online read and of the bare forward on pre-built batches."""
+    read = lambda request: ranker.online(*request)  # noqa: E731
+    time_each(read, requests[:warmup])
+    feast = time_each(read, requests)
+    batches = [ranker.encode(ranker.online(user, items), user)[1] for user, items in requests]
+    forward = time_each(ranker.score, batches)
+    return {"feast_read": feast, "forward": forward}
+
+
+def evaluate(levels: dict[int, dict], bare: dict, cfg: ServingBenchConfig) -> dict:
+    """The three targets, each with its measured value, threshold and pass/fail."""
+    one, most = levels[1], levels[max(levels)]
+    speedup = most["throughput_rps"] / one["throughput_rps"]
+    p99_ratio = most["p99_ms"] / one["p50_ms"]
+    beyond = one["p50_ms"] - bare["feast_read"]["p50_ms"] - bare["forward"]["p50_ms"]
+    overhead = beyond / one["p50_ms"]
     return {
-        "end_to_end_http": latency_stats(e2e),
-        "server_total": split["total"],
-        "server_feast_read": split["feast"],
-        "server_tensors": split["tensors"],
-        "server_forward": split["forward"],
-        "baseline_forward_alone": latency_stats(forward),
-        "baseline_sqlite_read": latency_stats(sqlite),
+        "speedup": {"value": speedup, "target": f">= {cfg.min_speedup}", "pass": speedup >= cfg.min_speedup},
+        "p99_ratio": {"value": p99_ratio, "target": f"<= {cfg.max_p99_ratio}", "pass": p99_ratio <= cfg.max_p99_ratio},
+        "overhead": {"value": overhead, "target": f"< {cfg.max_overhead}", "pass": overhead < cfg.max_overhead},
     }
 
 
-LABELS = {
-    "end_to_end_http": "end to end: POST /rank, client side",
-    "server_total": "server: rank() total",
-    "server_feast_read": "server: Feast online read",
-    "server_tensors": "server: rows -> tensors (build_split)",
-    "server_forward": "server: model forward",
-    "baseline_forward_alone": "baseline: model forward alone",
-    "baseline_sqlite_read": "baseline: direct sqlite read, same keys",
-}
-
-
-def table(stats: dict) -> str:
-    """Markdown: absolute latencies and p50 ratios against both same-run baselines."""
-    forward, sqlite = stats["baseline_forward_alone"]["p50_ms"], stats["baseline_sqlite_read"]["p50_ms"]
-    rows = [
-        [LABELS[key], f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}",
-         f"{s['p50_ms'] / forward:.1f}x", f"{s['p50_ms'] / sqlite:.1f}x", str(s["n"])]
-        for key, s in stats.items()
-    ]
-    header = ["measurement", "p50 ms", "p99 ms", "mean ms", "p50 / forward alone", "p50 / sqlite read", "requests"]
-    return markdown_table(header, rows)
-
-
 def run(cfg: ServingBenchConfig) -> dict:
-    """Measure everything over the same requests; returns the payload written to JSON."""
+    """Measure every level and the baselines over the same requests; returns the payload written to JSON."""
     if not (cfg.run / "metrics.json").exists():
         raise SystemExit(f"{cfg.run}/metrics.json not found: run `make demo` first (it trains {cfg.run} "
                          f"and publishes {cfg.repo}), or pass --run and --repo")
     load_before = os.getloadavg()
     ranker = Ranker(ServeConfig(run=cfg.run, repo=cfg.repo))
-    requests = make_requests(cfg.warmup + cfg.requests, cfg.candidates, ranker.meta.n_users, ranker.meta.n_items,
-                             cfg.seed)
-    e2e, server = http_latencies(ranker, requests, cfg.warmup)
-    timed = requests[cfg.warmup:]
-    forward = forward_latencies(ranker, timed)
-    read_sqlite = sqlite_reader(ranker.online.store, ranker.online.service, ranker.online.sid_version)
-    time_each(read_sqlite, requests[: cfg.warmup])
-    stats = summarise(e2e, server, forward, time_each(read_sqlite, timed))
-    p99 = stats["end_to_end_http"]["p99_ms"]
+    requests = make_requests(cfg.requests, cfg.candidates, ranker.meta.n_users, ranker.meta.n_items, cfg.seed)
+    levels, split = {}, {}
+    with server(cfg) as port:
+        for clients in cfg.clients:
+            measured = load_level(port, requests, clients, cfg.warmup)
+            levels[clients] = {**latency_stats(measured["latencies"]), "clients": clients,
+                               "throughput_rps": len(requests) / measured["wall_s"], "wall_s": measured["wall_s"]}
+            if clients == 1:
+                split = {key: latency_stats([t[key] / 1e3 for t in measured["timings"]])
+                         for key in ("total", "feast", "tensors", "forward")}
+    bare = {key: latency_stats(seconds) for key, seconds in baselines(ranker, requests, cfg.warmup).items()}
     return {
-        "stats": stats,
-        "target": {"p99_ms": cfg.target_p99_ms, "end_to_end_p99_ms": p99, "met": bool(p99 < cfg.target_p99_ms)},
+        "levels": {str(k): v for k, v in levels.items()},
+        "server_split_1_client": split,
+        "baselines": bare,
+        "targets": evaluate(levels, bare, cfg),
         "sid_version": ranker.sid_version,
         "service": ranker.service,
+        "online_store": ranker.online.store.config.online_store.type,
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
-        "torch_threads": ServeConfig.threads,
+        "cpus": os.cpu_count(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "samples_ms": {"end_to_end_http": [s * 1e3 for s in e2e], "server": server,
-                       "baseline_forward_alone": [s * 1e3 for s in forward]},
     }
+
+
+def report(payload: dict, cfg: ServingBenchConfig) -> str:
+    """Markdown: one row per client level, the baselines and the server's split, then the targets."""
+    one = payload["levels"]["1"]
+    rows = [[f"POST /rank, {level['clients']} client(s)", f"{level['throughput_rps']:.1f}",
+             f"{level['throughput_rps'] / one['throughput_rps']:.2f}x", f"{level['p50_ms']:.2f}",
+             f"{level['p99_ms']:.2f}", f"{level['mean_ms']:.2f}", str(level["n"])]
+            for level in payload["levels"].values()]
+    parts = {"feast": "server: Feast online read (1 client)", "tensors": "server: rows -> tensors (1 client)",
+             "forward": "server: model forward (1 client)", "total": "server: rank() total (1 client)"}
+    rows += [[label, "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", str(s["n"])]
+             for label, s in ((parts[k], payload["server_split_1_client"][k]) for k in parts)]
+    bare = {"feast_read": "baseline: bare Feast online read", "forward": "baseline: bare model forward"}
+    rows += [[bare[k], "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", str(s["n"])]
+             for k, s in payload["baselines"].items()]
+    header = ["measurement", "requests/s", "vs 1 client", "p50 ms", "p99 ms", "mean ms", "requests"]
+    names = {"speedup": f"throughput at {max(cfg.clients)} clients / 1 client",
+             "p99_ratio": f"p99 at {max(cfg.clients)} clients / 1-client p50",
+             "overhead": "service overhead beyond bare Feast read + forward, share of a 1-client p50"}
+    targets = [f"- {names[k]}: {t['value']:.2f} (target {t['target']}): {'PASS' if t['pass'] else 'FAIL'}"
+               for k, t in payload["targets"].items()]
+    load = payload["load_average_1m"]
+    return (
+        markdown_table(header, rows) + "\n\n" + "\n".join(targets) + "\n\n"
+        f"{cfg.candidates} candidates per request, {cfg.requests} timed requests per level "
+        f"({cfg.warmup} warm-up per client), {cfg.workers} server workers, online store "
+        f"`{payload['online_store']}`, run `{cfg.run}`, service `{payload['service']}`. Clients and server share "
+        f"the machine's {payload['cpus']} CPUs; 1-min load average {load['before']:.2f} before, "
+        f"{load['after']:.2f} after (shared host)."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,19 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      allow_abbrev=False)
     defaults = ServingBenchConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     cfg = ServingBenchConfig(**vars(parser.parse_args(argv)))
     payload = run(cfg)
-    target = payload["target"]
-    text = table(payload["stats"]) + (
-        f"\n\n{cfg.candidates} candidates per request, {cfg.requests} timed requests after {cfg.warmup} warm-up, "
-        f"run `{cfg.run}`, service `{payload['service']}`. End-to-end p99 {target['end_to_end_p99_ms']:.2f} ms "
-        f"vs the {cfg.target_p99_ms:g} ms target: {'met' if target['met'] else 'NOT met'}. "
-        f"1-min load average {payload['load_average_1m']['before']:.2f} before, "
-        f"{payload['load_average_1m']['after']:.2f} after (shared host)."
-    )
-    command = rerun_command("benchmarks.serving", argv)
-    write_results(cfg.name, payload, text, command, results_dir=cfg.results_dir)
+    text = report(payload, cfg)
+    write_results(cfg.name, payload, text, rerun_command("benchmarks.serving", argv), results_dir=cfg.results_dir)
     print(text)
     return payload
 

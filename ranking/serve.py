@@ -1,41 +1,53 @@
-"""Online ranking: one user's candidate items, features from the Feast online store, one trained checkpoint.
+"""Online ranking: one user's candidate items, features from the Feast online store, one trained model.
 
     python -m ranking.serve rank --run artifacts/demo --repo feature_repo --user 5 --items 1 2 3
-    python -m ranking.serve http --run artifacts/demo --repo feature_repo --port 8765
+    python -m ranking.serve http --run artifacts/demo --repo feature_repo --port 8765 --workers 2
     curl -s 127.0.0.1:8765/rank -d '{"user_id": 5, "item_ids": [1, 2, 3]}'      # GET /health too
 
-The model is the run's best checkpoint (``<run>/checkpoint``, saved sharded by
-``ranking.train``), loaded once into the same model built unsharded on CPU.
-Features are the latest rows of the run's feature service, read through one
-FeatureStore kept for the process lifetime and encoded by the training code
-(``ranking.batches.build_split``), so a served score equals the offline
-model's score of the same row (tests/test_serve.py).
+The model is the run's, loaded once per process (:func:`load_model`) into the
+model built unsharded on CPU. Features are the latest rows of the run's
+feature service, one Feast online read per request for all candidates,
+encoded by the training code (``ranking.batches.build_split``), so a served
+score equals the offline model's score of the same row (tests/ranking/test_serve.py).
+The service talks to ``feast.FeatureStore`` only, so it serves from whichever
+online store the repository's ``feature_store.yaml`` selects.
 
 Cold start: a user or item the model has no id row for (an id beyond the
-checkpoint's tables, e.g. an item published after training) or that the
-store does not know is looked up as the unknown id 0; its SID, content and
-counts still come from the store, so a new item is scored through its SID.
-An item without any row in the store is scored on unknown features
-throughout and flagged ``"features": "none"``. The response lists the items
-best first: ``{"item_id", "score", "cold_item", "features", "sid"}``.
+model's tables, e.g. an item published after training) or that the store
+does not know is looked up as the unknown id 0; its SID, content and counts
+still come from the store, so a new item is scored through its SID. An item
+without any row in the store is scored on unknown features throughout and
+flagged ``"features": "none"``. The response lists the items best first:
+``{"item_id", "score", "cold_item", "features", "sid"}``.
+
+Store outages: a failed online read drops the store connection and retries
+once on a fresh one (a connection may point at a database file that was
+removed or replaced since); if that fails too the request gets
+:class:`StoreUnavailable` (HTTP 503, ``ranking.service``), and the next
+request reconnects again, so the service recovers by itself once the store
+is back.
+
+The HTTP service (FastAPI on uvicorn, several worker processes) is in
+``ranking.service``; :class:`HttpConfig` holds its limits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torchrec.datasets.utils import Batch
 
 from sidrank.cli import add_config_arguments, build_config, log_to_stderr, parser_for, run_main
@@ -43,39 +55,41 @@ from sidrank.io import read_json
 from sidrank.schema import DataError
 from sidrank import contract
 from ranking.batches import build_split
-from ranking.checkpoint import load_checkpoint
+from ranking.checkpoint import Loaded
+from ranking.export import load_export
 from ranking.rows import OnlineFeatures
 
 log = logging.getLogger("ranking.serve")
 
 # Loopback only: the service has no authentication.
 HOST = "127.0.0.1"
-MAX_BODY_BYTES = 1 << 20
 MAX_ID = 2**63 - 1  # Feast's int64 entity keys
+# The environment variable that hands an HttpConfig to uvicorn's worker processes (ranking.service).
+CONFIG_ENV = "SIDRANK_SERVE_CONFIG"
 USER_COLUMNS = (*contract.USER_COUNT_COLUMNS, contract.HIST_ITEMS, *contract.HIST_SID_PREFIXES)
 ITEM_CONTENT_COLUMNS = (contract.ITEM_TAGS, *contract.ITEM_SCALAR_COLUMNS, contract.SID_CODES)
 # (has behaviour counts, has content or SID) -> the response's "features" flag.
 FEATURE_FLAGS = {(True, True): "full", (False, True): "content", (True, False): "behaviour", (False, False): "none"}
+# The /health probe: the first user and item of every model's vocabulary, so the store must hold their rows.
+PROBE_USER, PROBE_ITEM = 1, 1
 
 
 @dataclass
 class ServeConfig:
-    """The serving process.
+    """The ranker of a serving process.
 
     Args:
-        run: run folder of ``ranking.train`` (``metrics.json`` and ``checkpoint/``).
-        repo: the Feast repository, published and materialized.
+        run: run folder of ``ranking.train`` (``metrics.json`` and the model).
+        repo: the Feast repository, published and materialized (any online store Feast supports).
         service: feature service; None means the one the run was trained on.
-        max_candidates: most item ids one request may rank.
-        port: HTTP port on 127.0.0.1 (0 picks a free one).
-        threads: torch intra-op threads.
+        max_candidates: most item ids one request may rank (more: HTTP 413).
+        threads: torch intra-op threads per process.
     """
 
     run: Path
     repo: Path
     service: str | None = None
     max_candidates: int = 1000
-    port: int = 8765
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -83,39 +97,142 @@ class ServeConfig:
         for name in ("max_candidates", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class HttpConfig:
+    """The HTTP service on 127.0.0.1 (FastAPI on uvicorn).
+
+    Args:
+        ranker: the model and store every worker loads.
+        port: HTTP port (0 picks a free one).
+        workers: worker processes, each with its own model and store connection.
+        max_body_bytes: largest request body; a larger one gets 413, decided from
+            Content-Length before the body is read (while streaming when chunked).
+        header_timeout: seconds a connection may take to send a request's head,
+            counted from its opening or its previous response; also the keep-alive idle limit.
+        body_timeout: seconds a request may take to send its body (then 408).
+        max_header_bytes: largest request head (more: 400).
+        limit_concurrency: open connections per worker beyond which requests get 503.
+        backlog: listen backlog of the server socket.
+        worker_timeout: seconds a worker may go without answering uvicorn's health ping
+            before it is replaced; a starting worker imports torch, TorchRec and Feast and
+            loads the model first (tens of seconds on two busy cores).
+    """
+
+    ranker: ServeConfig
+    port: int = 8765
+    workers: int = 1
+    max_body_bytes: int = 1 << 20
+    header_timeout: float = 5.0
+    body_timeout: float = 10.0
+    max_header_bytes: int = 16 << 10
+    limit_concurrency: int = 256
+    backlog: int = 4096
+    worker_timeout: float = 180.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranker, dict):
+            self.ranker = ServeConfig(**self.ranker)
         if not 0 <= self.port < 2**16:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("workers", "max_body_bytes", "max_header_bytes", "limit_concurrency", "backlog"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout", "worker_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> HttpConfig:
+        return cls(**json.loads(text))
+
+    def uvicorn_options(self) -> dict:
+        """uvicorn's settings for this config: the one place the limits reach the server."""
+        return {
+            "host": HOST,
+            "port": self.port,
+            "workers": self.workers,
+            "backlog": self.backlog,
+            "limit_concurrency": self.limit_concurrency,
+            "timeout_keep_alive": self.header_timeout,
+            "h11_max_incomplete_event_size": self.max_header_bytes,
+            "timeout_worker_healthcheck": self.worker_timeout,
+            # By name: uvicorn imports it in every worker process (ranking.service imports this module).
+            "http": "ranking.service:BoundedH11Protocol",
+            "access_log": False,
+        }
 
 
 class RequestError(ValueError):
-    """A malformed request (HTTP 400); the message says what to send instead."""
+    """A request the service refuses; ``status`` is its HTTP status, the message says what to send instead."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _require_id(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
-        raise RequestError(f"{what} must be an integer id >= 1, got {value!r}")
-    return value
+class StoreUnavailable(RuntimeError):
+    """The online store cannot be read now (HTTP 503); the message is safe to show a client."""
 
 
-def parse_request(payload: object, max_candidates: int) -> tuple[int, list[int]]:
-    """Validate ``{"user_id": int, "item_ids": [int, ...]}``; returns (user id, item ids).
+EntityId = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class RankRequest(BaseModel):
+    """``{"user_id": int, "item_ids": [int, ...], "sid_version": str (optional)}``; strict: no strings or bools as ids."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: EntityId
+    item_ids: list[EntityId] = Field(min_length=1)
+    sid_version: str | None = None
+
+
+def _describe(error: ValidationError) -> str:
+    """Pydantic's errors as one short line: ``field.index: message; ...``."""
+    parts = []
+    for item in error.errors(include_url=False)[:5]:
+        where = ".".join(str(part) for part in item["loc"])
+        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(parts)
+
+
+def parse_request(body: bytes | dict, max_candidates: int, sid_version: str) -> tuple[int, list[int]]:
+    """Validate a JSON body (bytes) or an already decoded object; returns (user id, item ids).
+
+    Duplicate item ids are refused, not merged: the response has one entry per
+    requested id, so a client never has to guess which of its entries were dropped.
 
     Raises:
-        RequestError: not an object, unknown or missing fields, ids that are
-            not positive integers, no candidates or more than ``max_candidates``.
+        RequestError: 400 for a body that is not JSON (nesting too deep included),
+            413 for more than ``max_candidates`` ids, 422 for anything else.
     """
-    if not isinstance(payload, dict):
-        raise RequestError('the body must be a JSON object {"user_id": int, "item_ids": [int, ...]}')
-    unknown = sorted(set(payload) - {"user_id", "item_ids"})
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; send only user_id and item_ids")
-    user_id = _require_id(payload.get("user_id"), "user_id")
-    items = payload.get("item_ids")
-    if not isinstance(items, list) or not items:
-        raise RequestError(f"item_ids must be a non-empty list of item ids, got {items!r}")
+    try:
+        if isinstance(body, bytes):
+            request = RankRequest.model_validate_json(body)
+        else:
+            request = RankRequest.model_validate(body)
+    except ValidationError as exc:
+        invalid_json = any(item["type"] == "json_invalid" for item in exc.errors())
+        raise RequestError(_describe(exc), 400 if invalid_json else 422) from None
+    items = request.item_ids
     if len(items) > max_candidates:
-        raise RequestError(f"{len(items)} candidates exceed the limit of {max_candidates} (--max-candidates)")
-    return user_id, [_require_id(item, f"item_ids[{i}]") for i, item in enumerate(items)]
+        raise RequestError(f"{len(items)} candidates exceed the limit of {max_candidates} (--max-candidates)", 413)
+    if len(set(items)) < len(items):
+        seen, repeated = set(), []
+        for item in items:
+            if item in seen and item not in repeated:
+                repeated.append(item)
+            seen.add(item)
+        raise RequestError(f"item_ids holds duplicates {repeated[:10]}; send each candidate once")
+    if request.sid_version is not None and request.sid_version != sid_version:
+        raise RequestError(f"sid_version {request.sid_version!r}: this server ranks with {sid_version!r}; "
+                           f"omit it or ask the server of that version")
+    return request.user_id, items
 
 
 class Candidates(NamedTuple):
@@ -152,8 +269,27 @@ def candidate_rows(online: pd.DataFrame, user_id: int, meta: contract.FeatureMet
     return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [contract.SID_CODES]))
 
 
+def read_metrics(run: Path) -> dict:
+    """The run's metrics.json (SID version, feature service, config)."""
+    path = run / "metrics.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found; pass the --out folder of `python -m ranking.train` as --run")
+    return read_json(path)
+
+
+def load_model(run: Path, meta: contract.FeatureMeta) -> Loaded:
+    """The run's trained model, built unsharded on CPU for the store's table sizes.
+
+    Only the weights-only export, its sha256 checked against the run's unit.json (never DCP's pickles).
+    """
+    return load_export(run, meta)
+
+
 class Ranker:
-    """A run's checkpoint and its feature service, loaded once; :meth:`rank` scores one request.
+    """A run's model and its feature service, loaded once; :meth:`rank` scores one request.
+
+    Thread-safe: one request at a time per process (the store connection and
+    the model are shared; ``--workers`` adds processes for parallelism).
 
     Args:
         cfg: serving configuration.
@@ -166,32 +302,47 @@ class Ranker:
     def __init__(self, cfg: ServeConfig) -> None:
         start = time.perf_counter()
         torch.set_num_threads(cfg.threads)
-        metrics_path = cfg.run / "metrics.json"
-        if not metrics_path.exists():
-            raise DataError(f"{metrics_path}: not found; pass the --out folder of `python -m ranking.train` as --run")
-        metrics = read_json(metrics_path)
+        metrics = read_metrics(cfg.run)
         self.cfg, self.sid_version = cfg, metrics["sid_version"]
         self.service = cfg.service or metrics["service"]
-        loaded = load_checkpoint(cfg.run / "checkpoint", contract.RepoPaths(cfg.repo).feature_meta(self.sid_version))
+        loaded = load_model(cfg.run, contract.RepoPaths(cfg.repo).feature_meta(self.sid_version))
         if loaded.config != metrics["config"]:
             raise DataError(
-                f"{metrics_path}: its config differs from the checkpoint's, so they come from different training "
-                f"runs (one interrupted?); retrain into a fresh --out"
+                f"{cfg.run / 'metrics.json'}: its config differs from the model's, so they come from different "
+                f"training runs (one interrupted?); retrain into a fresh --out"
             )
         self.model, self.meta, self.features = loaded.model, loaded.meta, loaded.features
-        self.online = OnlineFeatures(cfg.repo, self.service, self.sid_version)
-        # One request at a time: the sqlite store and the model are shared, and 2 cores gain nothing from overlap.
+        # DataError here (unknown service, unpublished version) is a configuration error, not an outage.
+        self.online: OnlineFeatures | None = OnlineFeatures(cfg.repo, self.service, self.sid_version)
         self._lock = threading.Lock()
-        self.rank(1, [1])  # warm-up, and the service's columns are checked before the first real request
+        try:
+            self.rank(PROBE_USER, [PROBE_ITEM])  # warm-up, and the service's columns are checked before any request
+        except StoreUnavailable:
+            log.warning("the online store cannot be read yet: requests get 503 until it can")
         log.info("ready in %.1fs: run %s, service %s, SID version %s", time.perf_counter() - start, cfg.run,
                  self.service, self.sid_version)
+
+    def _read_once(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
+        if self.online is None:
+            self.online = OnlineFeatures(self.cfg.repo, self.service, self.sid_version)
+        return self.online(user_id, item_ids)
 
     def read(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
         """The online store's latest features of ``user_id`` against ``item_ids`` (one row per item).
 
-        The SIDs are those of the checkpoint's version: it is a key of every request.
+        The SIDs are those of the model's version: it is a key of every request.
+
+        Raises:
+            StoreUnavailable: the read failed on the current connection and on a fresh one.
         """
-        return self.online(user_id, item_ids)
+        for attempt in (1, 2):
+            try:
+                return self._read_once(user_id, item_ids)
+            except Exception as exc:  # any failure of the store: sqlite, redis, a registry being rewritten
+                # A fresh FeatureStore opens a fresh connection (cheap once feast is imported).
+                self.online = None
+                log.warning("online read failed (attempt %d): %s: %s", attempt, type(exc).__name__, exc)
+        raise StoreUnavailable("the online feature store cannot be read; retry later")
 
     def encode(self, online: pd.DataFrame, user_id: int) -> tuple[Candidates, Batch]:
         """Online rows -> cold-start flags and one batch of all candidates, encoded as in training."""
@@ -208,7 +359,11 @@ class Ranker:
         return torch.sigmoid(logits).numpy()
 
     def rank(self, user_id: int, item_ids: list[int]) -> dict:
-        """Score ``item_ids`` for ``user_id``; the items best first, with cold-start flags and stage timings."""
+        """Score ``item_ids`` for ``user_id``; the items best first, with cold-start flags and stage timings.
+
+        Raises:
+            StoreUnavailable: the online store cannot be read.
+        """
         with self._lock:
             t0 = time.perf_counter()
             online = self.read(user_id, item_ids)
@@ -227,51 +382,26 @@ class Ranker:
         return {"user_id": user_id, "cold_user": cand.cold_user, "sid_version": self.sid_version, "items": items,
                 "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}}
 
+    def health(self) -> dict:
+        """A real online read and forward of the probe user and item, which every store of this run holds.
 
-def _handler(ranker: Ranker) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 30  # seconds: a client that sends less than its Content-Length must not hold a thread forever
-
-        def _send(self, status: HTTPStatus, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path != "/health":
-                return self._send(HTTPStatus.NOT_FOUND, {"error": f"no route GET {self.path}; try /health"})
-            self._send(HTTPStatus.OK, {"status": "ok", "service": ranker.service, "sid_version": ranker.sid_version})
-
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/rank":
-                return self._send(HTTPStatus.NOT_FOUND, {"error": f"no route POST {self.path}; try /rank"})
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if not 0 <= length <= MAX_BODY_BYTES:
-                    raise RequestError(f"Content-Length {length}: expected 0..{MAX_BODY_BYTES} bytes")
-                request = parse_request(json.loads(self.rfile.read(length) or b"null"), ranker.cfg.max_candidates)
-            except ValueError as exc:  # RequestError, bad JSON or UTF-8, bad Content-Length
-                return self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            try:
-                self._send(HTTPStatus.OK, ranker.rank(*request))
-            except Exception as exc:  # the server outlives any one request
-                log.exception("rank %s failed", request)
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
+        Raises:
+            StoreUnavailable: the read fails, or the store lacks the probe item's rows
+                (an emptied table reads as "no row", not as an error).
+        """
+        result = self.rank(PROBE_USER, [PROBE_ITEM])
+        if result["items"][0]["features"] == "none":
+            raise StoreUnavailable("the online feature store holds no features for known items; re-materialize it")
+        return {"status": "ok", "service": self.service, "sid_version": self.sid_version}
 
 
-def make_server(ranker: Ranker, port: int) -> ThreadingHTTPServer:
-    """An HTTP server on 127.0.0.1:``port`` (0: a free port, see ``server_address``); call ``serve_forever``."""
-    server = ThreadingHTTPServer((HOST, port), _handler(ranker))
-    server.daemon_threads = True
-    return server
+def preflight(cfg: ServeConfig) -> None:
+    """The run and the store exist and match, checked before worker processes start (each loads the model).
+
+    Raises:
+        DataError: as :class:`Ranker` would, without loading the model.
+    """
+    contract.RepoPaths(cfg.repo).feature_meta(read_metrics(cfg.run)["sid_version"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,12 +413,22 @@ def _parser() -> argparse.ArgumentParser:
     rank.add_argument("--user", type=int, required=True, default=argparse.SUPPRESS, help="user id")
     rank.add_argument("--items", type=int, nargs="+", required=True, default=argparse.SUPPRESS,
                       help="candidate item ids")
-    add_config_arguments(rank, ServeConfig, skip=("port",))
+    add_config_arguments(rank, ServeConfig)
     http = sub.add_parser("http", allow_abbrev=False, formatter_class=parser.formatter_class,
                           help="serve POST /rank and GET /health",
                           description="Serve POST /rank and GET /health on 127.0.0.1 until interrupted.")
-    add_config_arguments(http, ServeConfig)
+    add_config_arguments(http, HttpConfig)
     return parser
+
+
+def serve_http(cfg: HttpConfig) -> None:
+    """Run uvicorn with ``cfg.workers`` processes until interrupted; each builds the app from ``CONFIG_ENV``."""
+    import uvicorn
+
+    preflight(cfg.ranker)
+    os.environ[CONFIG_ENV] = cfg.to_json()
+    # By name, as a factory: worker processes import and build the app themselves.
+    uvicorn.run("ranking.service:app_from_environment", factory=True, **cfg.uvicorn_options())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -296,22 +436,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = vars(parser.parse_args(argv))
     command, user, items = args.pop("command"), args.pop("user", None), args.pop("items", None)
-    cfg = build_config(ServeConfig, args)
-    if command == "rank":
-        try:
-            request = parse_request({"user_id": user, "item_ids": items}, cfg.max_candidates)
-        except RequestError as exc:
-            parser.error(str(exc))
-        print(json.dumps(Ranker(cfg).rank(*request), indent=2))
+    if command == "http":
+        serve_http(build_config(HttpConfig, args))
         return
-    server = make_server(Ranker(cfg), cfg.port)
-    log.info("serving on http://%s:%d (POST /rank, GET /health)", *server.server_address[:2])
+    cfg = build_config(ServeConfig, args)
+    metrics = read_metrics(cfg.run)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        request = parse_request({"user_id": user, "item_ids": items}, cfg.max_candidates, metrics["sid_version"])
+    except RequestError as exc:
+        parser.error(str(exc))
+    try:
+        print(json.dumps(Ranker(cfg).rank(*request), indent=2))
+    except StoreUnavailable as exc:
+        raise DataError(f"{cfg.repo}: {exc}") from None
 
 
 if __name__ == "__main__":

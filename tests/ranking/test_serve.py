@@ -1,4 +1,4 @@
-"""Online ranking (ranking/serve.py) against a real published Feast repository and a trained checkpoint.
+"""Online ranking (ranking/serve.py, ranking/service.py) against a real published Feast repository and a trained checkpoint.
 
 A small random dataset is published into a tmp copy of feature_repo (real
 ``feast apply`` / ``materialize``) and ranked by a 1-process ``ranking.train``
@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import uvicorn
 from feast import FeatureStore
 from builders import TEST_SID_VERSION, publish_to_repo_copy, random_tied_events, write_feature_dataset
 
 from features import publish
 from sidrank.protocol import assign_protocol_split
 from sidrank.schema import DataError
-from ranking import serve, train
+from ranking import serve, service, train
 from sidrank import contract
 from sidrank.contract import DatasetPaths
 from ranking.batches import build_split
@@ -129,55 +137,189 @@ def test_new_item_is_scored_through_its_sid_and_a_featureless_item_is_flagged(se
 
 
 @pytest.mark.parametrize(
-    "payload, message",
+    "payload, status, message",
     [
-        ([1, 2], "JSON object"),
-        ({"user_id": "5", "item_ids": [1]}, "user_id must be an integer"),
-        ({"user_id": True, "item_ids": [1]}, "user_id must be an integer"),
-        ({"user_id": 5, "item_ids": [1, 2.5]}, r"item_ids\[1\] must be an integer"),
-        ({"user_id": 5, "item_ids": [0]}, r"item_ids\[0\] must be an integer id >= 1"),
-        ({"user_id": 5, "item_ids": []}, "non-empty list"),
-        ({"user_id": 5}, "non-empty list"),
-        ({"user_id": 5, "item_ids": list(range(1, 12))}, "11 candidates exceed the limit of 10"),
-        ({"user_id": 5, "item_ids": [1], "k": 3}, r"unknown field\(s\) \['k'\]"),
+        ([1, 2], 422, "Input should be a valid dictionary"),
+        (b"[1, 2]", 422, "Input should be an object"),
+        ({"user_id": "5", "item_ids": [1]}, 422, "user_id: Input should be a valid integer"),
+        ({"user_id": True, "item_ids": [1]}, 422, "user_id: Input should be a valid integer"),
+        ({"user_id": 5, "item_ids": [1, 2.5]}, 422, "item_ids.1: Input should be a valid integer"),
+        ({"user_id": 5, "item_ids": [0]}, 422, "item_ids.0: Input should be greater than or equal to 1"),
+        ({"user_id": 5, "item_ids": []}, 422, "item_ids: List should have at least 1 item"),
+        ({"user_id": 5}, 422, "item_ids: Field required"),
+        ({"user_id": 5, "item_ids": list(range(1, 12))}, 413, "11 candidates exceed the limit of 10"),
+        ({"user_id": 5, "item_ids": [1], "k": 3}, 422, "k: Extra inputs are not permitted"),
+        ({"user_id": 5, "item_ids": [3, 1, 3, 1, 3]}, 422, r"item_ids holds duplicates \[3, 1\]"),
+        ({"user_id": 5, "item_ids": [1], "sid_version": "other"}, 422, "this server ranks with 'test-v1'"),
+        (b"{not json", 400, "Invalid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "recursion limit exceeded"),
     ],
 )
-def test_malformed_requests_are_refused(payload: object, message: str) -> None:
-    with pytest.raises(serve.RequestError, match=message):
-        serve.parse_request(payload, max_candidates=10)
-    assert serve.parse_request({"user_id": 5, "item_ids": [3, 1]}, max_candidates=10) == (5, [3, 1])
+def test_malformed_requests_are_refused(payload: object, status: int, message: str) -> None:
+    with pytest.raises(serve.RequestError, match=message) as refused:
+        serve.parse_request(payload, max_candidates=10, sid_version=TEST_SID_VERSION)
+    assert refused.value.status == status
+    for good in ({"user_id": 5, "item_ids": [3, 1]}, b'{"user_id": 5, "item_ids": [3, 1], "sid_version": "test-v1"}'):
+        assert serve.parse_request(good, max_candidates=10, sid_version=TEST_SID_VERSION) == (5, [3, 1])
 
 
-def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+# Small limits so that each hostile client is cut off within a second or two.
+LIMITS = {"max_body_bytes": 4096, "header_timeout": 1.0, "body_timeout": 1.0}
+
+
+@contextmanager
+def running(cfg: serve.HttpConfig, ranker: serve.Ranker) -> Iterator[int]:
+    """The service on uvicorn in a thread of this process, with ``cfg``'s options; yields its port."""
+    sock = socket.socket()
+    sock.bind((serve.HOST, 0))
+    options = {k: v for k, v in cfg.uvicorn_options().items() if k not in ("host", "port", "workers")}
+    server = uvicorn.Server(uvicorn.Config(service.create_app(cfg, ranker), log_level="warning", **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def port(served: Served) -> Iterator[int]:
+    cfg = serve.HttpConfig(ranker=serve.ServeConfig(run=served.run, repo=served.repo, max_candidates=10), **LIMITS)
+    with running(cfg, served.ranker) as bound:
+        yield bound
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+             ) -> tuple[int, dict]:
     conn = http.client.HTTPConnection(serve.HOST, port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
+        assert response.getheader("Content-Type") == "application/json"
         return response.status, json.loads(response.read())
     finally:
         conn.close()
 
 
-def test_http_round_trip_and_bad_requests(served: Served) -> None:
-    server = serve.make_server(served.ranker, port=0)
-    port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert _request(port, "GET", "/health") == (200, {"status": "ok", "service": served.ranker.service,
-                                                          "sid_version": TEST_SID_VERSION})
-        status, body = _request(port, "POST", "/rank", json.dumps({"user_id": 2, "item_ids": [4, 5, 6]}).encode())
-        assert status == 200
-        assert scores_by_item(body) == scores_by_item(served.ranker.rank(2, [4, 5, 6]))
-        for bad, message in ((b"{not json", "Expecting property name"), (b'{"user_id": 2, "item_ids": "4"}',
-                             "non-empty list"), (b"", "JSON object")):
-            status, body = _request(port, "POST", "/rank", bad)
-            assert status == 400 and message in body["error"], body
-        assert _request(port, "POST", "/nope", b"{}")[0] == 404
-        assert _request(port, "GET", "/health")[0] == 200  # still serving after the bad requests
-    finally:
-        server.shutdown()
-        server.server_close()
+def _rank_body(user: int, items: list[int]) -> bytes:
+    return json.dumps({"user_id": user, "item_ids": items}).encode()
+
+
+def test_http_round_trip_and_bad_requests(served: Served, port: int) -> None:
+    assert _request(port, "GET", "/health") == (200, {"status": "ok", "service": served.ranker.service,
+                                                      "sid_version": TEST_SID_VERSION})
+    status, body = _request(port, "POST", "/rank", _rank_body(2, [4, 5, 6]))
+    assert status == 200
+    assert scores_by_item(body) == scores_by_item(served.ranker.rank(2, [4, 5, 6]))
+    for bad, code, message in (
+        (b"{not json", 400, "Invalid JSON"),
+        (b'{"user_id": 2, "item_ids": "4"}', 422, "item_ids: Input should be a valid array"),
+        (b"", 400, "Invalid JSON"),
+        (_rank_body(2, [4, 4]), 422, "duplicates [4]"),
+        (_rank_body(2, list(range(1, 12))), 413, "limit of 10"),
+    ):
+        status, body = _request(port, "POST", "/rank", bad)
+        assert status == code and message in body["error"], body
+    assert _request(port, "POST", "/nope", b"{}") == (404, {"error": "Not Found"})
+    for method, path in (("GET", "/rank"), ("PUT", "/rank"), ("DELETE", "/health"), ("BREW", "/health")):
+        assert _request(port, method, path) == (405, {"error": "Method Not Allowed"}), (method, path)
+    assert _request(port, "GET", "/health")[0] == 200  # still serving after the bad requests
+
+
+def test_hostile_bodies_get_an_answer_not_a_dropped_connection(served: Served, port: int) -> None:
+    nested = b'{"user_id": ' + b"[" * 1000 + b"]" * 1000 + b', "item_ids": [1]}'
+    status, body = _request(port, "POST", "/rank", nested)
+    assert status == 400 and "recursion limit exceeded" in body["error"]
+    # 50 MB with its Content-Length: refused from the header; the rest is read and discarded, so the
+    # client, which sends the whole body before reading, gets the 413 instead of a broken pipe.
+    status, body = _request(port, "POST", "/rank", b"x" * (50 << 20))
+    assert status == 413 and "limit of 4096 bytes" in body["error"]
+    chunked = iter([b"[" * 3000, b"1" * 3000])  # no Content-Length: counted while it streams
+    status, body = _request(port, "POST", "/rank", chunked)
+    assert status == 413 and "limit of 4096 bytes" in body["error"]
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends before it closes ``sock``; fails if it is still open after ``seconds``."""
+    sock.settimeout(seconds)
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_slow_clients_are_cut_off(port: int) -> None:
+    # A head trickled a byte at a time: closed once the header timeout (1 s) has passed since the connection opened.
+    with socket.create_connection((serve.HOST, port)) as sock:
+        start = time.monotonic()
+        sock.sendall(b"P")
+        time.sleep(0.5)
+        sock.sendall(b"O")
+        assert _closed_within(sock, 5) == b"" and time.monotonic() - start < 3
+    # A body slower than the body timeout (1 s): 408 with a JSON reason.
+    with socket.create_connection((serve.HOST, port)) as sock:
+        sock.sendall(b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        answer = _closed_within(sock, 5)
+        assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer
+    # An idle keep-alive connection after a full request is closed too.
+    with socket.create_connection((serve.HOST, port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _closed_within(sock, 5).startswith(b"HTTP/1.1 200")
+
+
+def test_connections_beyond_the_concurrency_limit_get_503(served: Served) -> None:
+    cfg = serve.HttpConfig(ranker=serve.ServeConfig(run=served.run, repo=served.repo), limit_concurrency=2,
+                           backlog=64)
+    assert cfg.uvicorn_options()["backlog"] == 64 and cfg.uvicorn_options()["limit_concurrency"] == 2
+    with running(cfg, served.ranker) as bound:
+        held = [socket.create_connection((serve.HOST, bound)) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # both accepted
+            conn = http.client.HTTPConnection(serve.HOST, bound, timeout=30)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 503
+            conn.close()
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert _request(bound, "GET", "/health")[0] == 200
+
+
+def test_store_outage_answers_503_and_recovers_without_restart(served: Served, tmp_path: Path) -> None:
+    repo = shutil.copytree(served.repo, tmp_path / "repo")
+    ranker = serve.Ranker(serve.ServeConfig(run=served.run, repo=repo))
+    database, backup = repo / "data" / "online_store.db", tmp_path / "online_store.db"
+    shutil.copy(database, backup)
+    cfg = serve.HttpConfig(ranker=ranker.cfg)
+    request = _rank_body(2, [4, 5, 6])
+    with running(cfg, ranker) as bound:
+        expected = _request(bound, "POST", "/rank", request)
+        assert expected[0] == 200
+        # The online tables vanish under the running server (the file truncated in place).
+        database.write_bytes(b"")
+        for path, body in (("/rank", request), ("/health", None)):
+            status, answer = _request(bound, "POST" if body else "GET", path, body)
+            assert status == 503, answer
+            assert answer == {"error": "the online feature store cannot be read; retry later"}
+        # Restored as a new file (the way a copy or a rebuild replaces it): no restart needed.
+        shutil.copy(backup, tmp_path / "restored.db")
+        os.replace(tmp_path / "restored.db", database)
+        assert _request(bound, "GET", "/health")[0] == 200
+        status, answer = _request(bound, "POST", "/rank", request)
+        assert status == 200 and scores_by_item(answer) == scores_by_item(expected[1])
+        # Emptied tables read as "no rows", not as an error: /health still refuses them.
+        with sqlite3.connect(database) as conn:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                conn.execute(f'DELETE FROM "{table}"')
+        status, answer = _request(bound, "GET", "/health")
+        assert status == 503 and "re-materialize" in answer["error"]
 
 
 def test_cli_rank_prints_the_ranking(served: Served, capsys: pytest.CaptureFixture) -> None:
@@ -193,17 +335,20 @@ def test_store_of_another_sid_version_or_missing_run_is_refused(served: Served, 
         contract.RepoPaths(served.repo).feature_meta("other-v9")
     with pytest.raises(DataError, match="metrics.json: not found"):
         serve.Ranker(serve.ServeConfig(run=tmp_path, repo=served.repo))
-    with pytest.raises(DataError, match="no checkpoint"):
-        serve.load_checkpoint(tmp_path / "checkpoint", served.ranker.meta)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
+        serve.load_model(tmp_path, served.ranker.meta)
 
 
-def test_serving_benchmark_writes_its_table(served: Served, tmp_path: Path) -> None:
+def test_serving_benchmark_runs_the_service_under_load(served: Served, tmp_path: Path) -> None:
     from benchmarks import serving
 
-    payload = serving.main(["--run", str(served.run), "--repo", str(served.repo), "--requests", "4", "--warmup", "1",
-                            "--candidates", "10", "--results-dir", str(tmp_path)])
-    assert set(payload["stats"]) == set(serving.LABELS)
-    assert all(stat["n"] == 4 and stat["p50_ms"] > 0 for stat in payload["stats"].values())
-    assert payload["target"]["met"] == (payload["stats"]["end_to_end_http"]["p99_ms"] < 50)
-    assert "end to end: POST /rank" in (tmp_path / "serving.md").read_text()
+    payload = serving.main(["--run", str(served.run), "--repo", str(served.repo), "--requests", "6", "--warmup", "1",
+                            "--candidates", "10", "--clients", "1", "2", "--workers", "2",
+                            "--results-dir", str(tmp_path)])
+    assert set(payload["levels"]) == {"1", "2"}
+    assert all(level["n"] == 6 and level["throughput_rps"] > 0 for level in payload["levels"].values())
+    assert set(payload["baselines"]) == {"feast_read", "forward"}
+    assert set(payload["targets"]) == {"speedup", "p99_ratio", "overhead"}
+    text = (tmp_path / "serving.md").read_text()
+    assert "POST /rank, 2 client(s)" in text and ("PASS" in text or "FAIL" in text)
     assert json.loads((tmp_path / "serving.json").read_text())["command"].startswith("python -m benchmarks.serving")
