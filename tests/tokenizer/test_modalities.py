@@ -126,7 +126,7 @@ def test_items_with_gaps_in_ids_are_rejected(tmp_path: Path) -> None:
     ("cached", "problem"),
     [
         (np.full((len(TITLES), modalities.TEXT_DIM), np.nan, np.float32), "NaN/inf values"),
-        (np.ones((len(TITLES), 300), np.float32), r"shape \(5, 300\), expected \(5, 384\)"),
+        (np.full((len(TITLES), 300), 300**-0.5, np.float32), r"shape \(5, 300\), expected \(5, 384\)"),  # unit rows
     ],
 )
 def test_a_bad_text_cache_is_named_and_deleted_so_the_rerun_recomputes(
