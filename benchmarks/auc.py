@@ -15,6 +15,9 @@ over ``ranking.train``'s defaults:
 - ``full_no_sid``: ``full`` without SIDs.
 - ``full_random_init``: ``full`` with randomly initialised user and item
   tables instead of the co-watch factors of the train rows.
+- ``id_no_content`` / ``sid_no_content``: ``item_id`` / ``sid`` without the
+  item's genre tags and release year, so the SIDs are the only content a
+  cold item has (what SIDs add where nothing else describes the item).
 
 Baselines on exactly the ``full`` model's inputs: LightGBM (one run per seed)
 and logistic regression (deterministic), both with every choice made on
@@ -57,10 +60,18 @@ VARIANTS = {
     "full": [],
     "full_no_sid": ["--no-use-sid"],
     "full_random_init": ["--factor-init", "random"],
+    "id_no_content": ["--no-use-sid", "--no-use-item-content", "--numeric", "mlp", "--dropout", "0", "--history", "pooled"],
+    "sid_no_content": ["--no-use-item-content", "--numeric", "mlp", "--dropout", "0", "--history", "pooled"],
 }
 REPORTED = ("test_auc", "test_auc_cold", "test_gauc", "test_logloss", "valid_auc")
 # (A, B) pairs compared on the same test rows; A - B.
-COMPARISONS = (("full", "lightgbm"), ("sid", "item_id"), ("full", "full_no_sid"), ("full", "full_random_init"))
+COMPARISONS = (
+    ("full", "lightgbm"),
+    ("sid", "item_id"),
+    ("full", "full_no_sid"),
+    ("full", "full_random_init"),
+    ("sid_no_content", "id_no_content"),
+)
 
 
 @dataclass

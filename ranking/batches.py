@@ -124,10 +124,11 @@ def _sparse_features(
         feats[contract.HIST_ITEMS] = (values, lengths)
     for column, size in profile_columns(meta, cfg).items():
         feats[column] = (_int_column(rows, column, size, source), ones)
-    values, lengths = _list_column(rows, contract.ITEM_TAGS, source)
-    check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{contract.ITEM_TAGS}'")
-    feats[contract.ITEM_TAGS] = (values, lengths)
-    feats["year_bucket"] = (_int_column(rows, "year_bucket", meta.n_year_buckets, source), ones)
+    if cfg.use_item_content:
+        values, lengths = _list_column(rows, contract.ITEM_TAGS, source)
+        check_ids_in_range(values, meta.n_tags + 1, f"{source}: column '{contract.ITEM_TAGS}'")
+        feats[contract.ITEM_TAGS] = (values, lengths)
+        feats["year_bucket"] = (_int_column(rows, "year_bucket", meta.n_year_buckets, source), ones)
     if cfg.use_sid:
         feats.update(_sid_features(rows, meta, cfg, source, allow_missing_sid))
     return feats

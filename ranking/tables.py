@@ -8,6 +8,7 @@ TorchRec silently zeroes ids outside a table):
   history item and a candidate item are the same vector (``use_item_id``)
 - each user-profile column in use -> its own table of the vocabulary size
 - ``tag_ids`` bag -> ``t_tag`` (n_tags + 1); ``year_bucket`` -> ``t_year``
+  (``use_item_content``)
 - SIDs (``use_sid``): ``sid_<l>`` per code position (K + 1, code + 1, 0 =
   unknown); prefix n-grams ``sid_prefix_<d>`` and the history prefixes
   ``hist_sid_p1`` / ``hist_sid_p2``, hashed by :func:`prefix_bucket` into
@@ -64,6 +65,9 @@ class FeatureConfig:
             test users have no train rows, docs/architecture.md).
         use_item_id: item id and history item bag (one shared table).
         use_sid: SID code positions, hashed prefixes and history prefix bags.
+        use_item_content: the item's tag (genre) bag and release-year bucket;
+            off, a cold item is known to the model only through its SID
+            (if any) and its behaviour counts.
         prefix_buckets: rows of the hashed prefix table; None means
             ``max(MIN_PREFIX_BUCKETS, PREFIX_BUCKETS_PER_ITEM * n_items)``.
         rate_prior_pos: pseudo-positives ``a`` of the smoothed rates.
@@ -78,6 +82,7 @@ class FeatureConfig:
     use_user_id: bool = True
     use_item_id: bool = True
     use_sid: bool = True
+    use_item_content: bool = True
     prefix_buckets: int | None = None
     rate_prior_pos: float = 1.0
     rate_prior_neg: float = 1.0
@@ -150,8 +155,9 @@ def sparse_tables(meta: contract.FeatureMeta, cfg: FeatureConfig) -> list[Sparse
     if cfg.use_item_id:
         tables.append(SparseTable("t_item", meta.n_items + 1, ("item_id", contract.HIST_ITEMS), pooled=not attention))
     tables += [SparseTable(f"t_{col}", size, (col,)) for col, size in profile_columns(meta, cfg).items()]
-    tables.append(SparseTable("t_tag", meta.n_tags + 1, (contract.ITEM_TAGS,)))
-    tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
+    if cfg.use_item_content:
+        tables.append(SparseTable("t_tag", meta.n_tags + 1, (contract.ITEM_TAGS,)))
+        tables.append(SparseTable("t_year", meta.n_year_buckets, ("year_bucket",)))
     if cfg.use_sid:
         L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
         tables += [SparseTable(f"t_sid_{lvl}", K + 1, (f"sid_{lvl}",)) for lvl in range(L)]

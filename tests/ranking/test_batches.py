@@ -139,6 +139,10 @@ def test_feature_selections_of_the_benchmark() -> None:
     assert tables(use_item_id=False) == common | sid
     keys = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(use_item_id=False), "r").keys
     assert "item_id" not in keys and "hist_items" not in keys
+    # Without the item content, a cold item is described by its SID alone (the no_content rungs).
+    assert tables(use_item_content=False) == common - {"t_tag", "t_year"} | {"t_item"} | sid
+    keys = build_split(tiny_rows(), TINY_ROWS_META, FeatureConfig(use_item_content=False), "r").keys
+    assert "tag_ids" not in keys and "year_bucket" not in keys and "sid_0" in keys
 
 
 def test_batch_gather_equals_per_row_lists() -> None:
