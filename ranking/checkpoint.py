@@ -113,11 +113,17 @@ def _complete_epochs(out: Path) -> list[int]:
 def _training_state(dmp: DistributedModelParallel, opt: CombinedOptimizer) -> dict[str, Any]:
     """Model, optimizers and every rank's RNG ([world, n] uint8 rows, the same tensor on every rank)."""
     rng = [None] * dist.get_world_size()
-    dist.all_gather_object(rng, torch.get_rng_state())
+    dist.all_gather_object(rng, _rng_state(dmp.device))
     # Fused SGD keeps no state; DCP saves nothing for its empty per-table dicts but would look them up on load.
     optim = opt.state_dict()
     optim["state"] = {key: value for key, value in optim["state"].items() if value}
     return {"model": dmp.state_dict(), "optim": optim, "rng": torch.stack(rng)}
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """This process's CPU generator state, then (on a GPU) its device's: uint8 [n]."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return torch.cat([torch.get_rng_state(), *cuda])
 
 
 def save_epoch(dmp: DistributedModelParallel, opt: CombinedOptimizer, out: Path, progress: Progress) -> None:
@@ -164,7 +170,11 @@ def resume(dmp: DistributedModelParallel, opt: CombinedOptimizer, out: Path, con
     optim = opt.state_dict()
     optim["state"].update(state["optim"]["state"])
     opt.load_state_dict(optim)
-    torch.set_rng_state(state["rng"][dist.get_rank()].clone())  # a row view at an offset crashes it
+    mine = state["rng"][dist.get_rank()].clone()  # a row view at an offset crashes set_rng_state
+    cpu = len(torch.get_rng_state())
+    torch.set_rng_state(mine[:cpu])
+    if dmp.device.type == "cuda":
+        torch.cuda.set_rng_state(mine[cpu:], dmp.device)
     log.info("resumed from %s (best epoch %d)", epoch_dir(out, progress[0].epoch), progress[0].best_epoch)
     return progress[0]
 

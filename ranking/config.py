@@ -11,6 +11,7 @@ from sidrank.contract import DatasetPaths
 from sidrank.schema import DataError
 from ranking.tables import FeatureConfig
 from ranking.model import ModelConfig
+from ranking.distributed import DEVICES
 from ranking.sharding import SPARSE_OPTIMIZERS
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
         seed: seeds init and the per-epoch shuffle (shared by all ranks).
         ddr_cap_gb: host memory per rank the planner may fill.
         save_checkpoint: write the best model as ``<out>/checkpoint`` (DCP) and ``<out>/export`` (what serving loads).
+        device: ``cpu`` (gloo) or ``cuda`` (NCCL, one GPU per local rank); None means cuda when torch sees a GPU.
         resume: continue from the last finished epoch in ``<out>/train_state`` when it holds this
             config (all but epochs and patience) at this world size; off: start at epoch 0.
         features: sparse feature selection.
@@ -61,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     ddr_cap_gb: float = 4.0
     save_checkpoint: bool = True
+    device: str | None = field(default=None, metadata={"choices": DEVICES})
     resume: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -10,22 +10,54 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
+from sidrank.schema import DataError
 
-def init_distributed() -> bool:
-    """Join torchrun's gloo group, or form a one-process group; True if this call created it."""
+
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """This rank's device: ``cuda:<LOCAL_RANK>`` or ``cpu``; None means cuda when torch sees a GPU.
+
+    Raises:
+        DataError: cuda requested but torch sees none (a CPU build, or no driver), or fewer GPUs than local ranks.
+    """
+    if requested not in (None, *DEVICES):
+        raise DataError(f"--device {requested}: expected one of {DEVICES} (or none: cuda when available)")
+    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not torch.cuda.is_available():
+        raise DataError(
+            f"--device cuda: torch {torch.__version__} sees no GPU (CUDA build: {torch.version.cuda or 'no'}); "
+            f"install the CUDA torch and fbgemm-gpu (`python -m benchmarks.gpu_smoke --print-install`) or pass --device cpu"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise DataError(f"--device cuda: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPUs on this host; "
+                        f"start at most that many processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: torch.device = torch.device("cpu")) -> bool:
+    """Join torchrun's group (NCCL on GPUs, gloo on CPU), or form a one-process group; True if this call created it."""
     if dist.is_initialized():
         return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "RANK" in os.environ:
         # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a
-        # restarted rank reads the dead ranks' gloo addresses and times out connecting to them.
+        # restarted rank reads the dead ranks' addresses and times out connecting to them.
         store, rank, world = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
                                 world_size=world)
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 

@@ -2,11 +2,13 @@
 
 Every table gets the fused kernel with its optimizer applied in backward;
 the dense layers are data-parallel (DDP) with Adam, as in TorchRec's DLRM
-example.
+example. The same code plans for CPU ranks (gloo) and GPU ranks (NCCL): the
+sharding types and the topology follow the device.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,12 +36,28 @@ SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
 }
 
-# Row-wise pooled tables are GPU-only; column-wise splits only dims > 128 (no min_partition given).
-FUSED_SHARDING_TYPES = [
-    t.value for t in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE)
-]
-# Unpooled tables (EmbeddingCollection) also shard row-wise over gloo on CPU.
-UNPOOLED_SHARDING_TYPES = [*FUSED_SHARDING_TYPES[:2], ShardingType.ROW_WISE.value]
+SHARDERS = (EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder())
+
+
+def sharding_types(pooled: bool, device_type: str) -> list[str]:
+    """The sharding types a table may get on ``device_type``: what TorchRec's sharder supports there.
+
+    CPU: pooled tables table-, column- or table-column-wise (row-wise pooled
+    tables are GPU-only), unpooled ones also row-wise; GPU adds row-wise and
+    table-row-wise for pooled tables. Never data-parallel: those tables would
+    train with the dense Adam, so SID and id tables would learn at rates set
+    by their size, not by the features.
+    """
+    sharder = SHARDERS[0] if pooled else SHARDERS[1]
+    return [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
+
+
+def topology(world: int, device: torch.device, ddr_cap_bytes: int) -> Topology:
+    """The planner's view of the job: ``world`` ranks, ``LOCAL_WORLD_SIZE`` (torchrun's) of them per host."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    hbm = {"hbm_cap": torch.cuda.get_device_properties(device).total_memory} if device.type == "cuda" else {}
+    return Topology(world_size=world, local_world_size=local_world, compute_device=device.type,
+                    ddr_cap=ddr_cap_bytes, **hbm)
 
 
 def shard_model(
@@ -51,6 +69,7 @@ def shard_model(
     lr_dense: float,
     ddr_cap_bytes: int,
     pooling_factors: Mapping[str, float] | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
     """Plan the tables across the ranks of the default process group and wrap the model in DMP.
 
@@ -67,32 +86,30 @@ def shard_model(
         pooling_factors: feature -> mean ids per row (``SplitTensors.pooling_factors``);
             the planner assumes 1 per feature without them and would put the
             20-id history bags beside each other on one rank.
+        device: this rank's device (``ranking.distributed.resolve_device``).
 
     Returns:
         (model, optimizer, plan) with plan ``{"ranks": {table: [ranks]},
-        "kinds": {table: "sharding_type/kernel"}, "text": printable plan}``.
+        "kinds": {table: "sharding_type/kernel"}, "text": printable plan,
+        "local_world_size": ranks per host}``.
     """
     # Unset, the fused kernel would silently use SGD with lr 0.01.
     optimizer = SPARSE_OPTIMIZERS[sparse_optimizer]
     apply_optimizer_in_backward(optimizer, model.model.embedding_parameters(), {"lr": lr_sparse})
-    world = dist.get_world_size()
-    topology = Topology(world_size=world, local_world_size=world, compute_device="cpu", ddr_cap=ddr_cap_bytes)
-    # Fused kernels only: the planner would make small tables data-parallel, and
-    # those train with the dense Adam, so SID and id tables would learn at
-    # rates set by their size, not by the features.
     pooling = pooling_factors or {}
     constraints = {
         t.name: ParameterConstraints(
-            sharding_types=FUSED_SHARDING_TYPES if t.pooled else UNPOOLED_SHARDING_TYPES,
+            sharding_types=sharding_types(t.pooled, device.type),
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             pooling_factors=[max(pooling.get(f, 1.0), 1e-3) for f in t.features],
         )
         for t in tables
     }
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    hosts = topology(dist.get_world_size(), device, ddr_cap_bytes)
+    planner = EmbeddingShardingPlanner(topology=hosts, constraints=constraints)
+    sharders = list(SHARDERS)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adam(p, lr=lr_dense)
     )
@@ -101,6 +118,7 @@ def shard_model(
         "ranks": {t: list(ps.ranks or []) for t, ps in params},
         "kinds": {t: f"{ps.sharding_type}/{ps.compute_kernel}" for t, ps in params},
         "text": str(plan),
+        "local_world_size": hosts.local_world_size,
     }
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), summary
 

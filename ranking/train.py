@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torchrec
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
@@ -53,11 +54,11 @@ from sidrank.metrics import auc, evaluate_predictions
 from sidrank.protocol import cold_item_ids, train_item_counts
 from sidrank.schema import SPLITS, DataError, require_file, validate_events
 from ranking.archs import item_rows, quantile_bin_edges
-from ranking.batches import DENSE_FEATURES, SplitTensors, build_split
+from ranking.batches import DENSE_FEATURES, RankerBatch, SplitTensors, build_split
 from ranking.tables import sparse_tables
 from ranking.checkpoint import Progress, load_best, resume, save_checkpoint, save_epoch
 from ranking.config import TrainConfig, config_from_args, read_meta
-from ranking.distributed import init_distributed, on_every_rank
+from ranking.distributed import init_distributed, on_every_rank, resolve_device
 from ranking.export import write_export
 from ranking.model import build_model
 from ranking.sharding import shard_model
@@ -70,13 +71,16 @@ log = logging.getLogger(__name__)
 
 def train_epoch(
     dmp: DistributedModelParallel, opt: CombinedOptimizer, train: SplitTensors, n_train: int, cfg: TrainConfig,
-    epoch: int,
+    epoch: int, pipeline: TrainPipelineSparseDist | None = None,
 ) -> tuple[float, float, float]:
     """One pass over train in global batches, each rank over its shard.
 
-    ``train`` is this rank's shard of the ``n_train`` train rows. Returns the
-    mean BCE over ranks, the AUC of the logits as they were produced during
-    the epoch (the train curve, free of a second pass) and global samples/s.
+    ``train`` is this rank's shard of the ``n_train`` train rows. With a
+    ``pipeline`` (GPUs), TorchRec overlaps the next batches' host-to-device
+    copy and input all-to-all with this batch's step; without, a plain loop.
+    Returns the mean BCE over ranks, the AUC of the logits as they were
+    produced during the epoch (the train curve, free of a second pass) and
+    global samples/s.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     local = cfg.batch_size // world
@@ -86,26 +90,39 @@ def train_epoch(
     # holds at least n_train // world rows, so the last partial batch is dropped.
     n_steps = n_train // cfg.batch_size
     dmp.train()
-    loss_sum, start = torch.zeros(()), time.perf_counter()
-    logits, labels = torch.empty(n_steps * local), torch.empty(n_steps * local)
+    device = dmp.device
+    loss_sum, start = torch.zeros((), device=device), time.perf_counter()
+    logits, labels = torch.empty(n_steps * local, device=device), torch.empty(n_steps * local, device=device)
+    batches = _batches(train, order, local, n_steps, epoch)
     bar = tqdm(range(n_steps), desc=f"epoch {epoch}", disable=rank != 0, mininterval=1.0)
     for step in bar:
-        _fail_once_for_tests(rank, epoch, step)
-        loss, (bce, step_logits, step_labels) = dmp(train.batch(order[step * local : (step + 1) * local]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if pipeline is None:
+            loss, (bce, step_logits, step_labels) = dmp(next(batches).to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        else:
+            bce, step_logits, step_labels = pipeline.progress(batches)
         loss_sum += bce
         logits[step * local : (step + 1) * local], labels[step * local : (step + 1) * local] = step_logits, step_labels
         if rank == 0 and step % 20 == 0:
             rate = (step + 1) * cfg.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{bce.item():.4f}", samples_s=f"{rate:.0f}")
+    if pipeline is not None:
+        pipeline.detach()  # evaluation calls the model itself
     rate = n_steps * cfg.batch_size / (time.perf_counter() - start)
     dist.all_reduce(loss_sum)
-    gathered = [torch.empty(2, len(logits)) for _ in range(world)]
+    gathered = [torch.empty(2, len(logits), device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.stack([logits, labels]))
-    every = torch.cat(gathered, dim=1).numpy()
+    every = torch.cat(gathered, dim=1).cpu().numpy()
     return float(loss_sum) / (n_steps * world), auc(every[1], every[0], what="train auc"), rate
+
+
+def _batches(train: SplitTensors, order: torch.Tensor, local: int, n_steps: int, epoch: int) -> Iterator[RankerBatch]:
+    """The epoch's ``n_steps`` local batches of ``train`` in ``order``, on the host."""
+    for step in range(n_steps):
+        _fail_once_for_tests(dist.get_rank(), epoch, step)
+        yield train.batch(order[step * local : (step + 1) * local])
 
 
 def _fail_once_for_tests(rank: int, epoch: int, step: int) -> None:
@@ -128,7 +145,7 @@ def score_split(
     runs the same number of batches, padded (padding rows carry row_id -1
     and are dropped after the gather).
     """
-    world = dist.get_world_size()
+    world, device = dist.get_world_size(), dmp.device
     n_batches = math.ceil(math.ceil(n_rows / world) / local)
     index = torch.arange(n_batches * local)
     real = index < len(part)
@@ -138,14 +155,14 @@ def score_split(
     # no_grad, not inference_mode: inference tensors break TorchRec's sharded modules.
     with torch.no_grad():
         for b in range(n_batches):
-            _, (_, logits, _) = dmp(part.batch(index[b * local : (b + 1) * local]))
+            _, (_, logits, _) = dmp(part.batch(index[b * local : (b + 1) * local]).to(device))
             scores.append(torch.sigmoid(logits))
-    local_ids = torch.where(real, part.row_ids[index], -1)
+    local_ids = torch.where(real, part.row_ids[index], -1).to(device)
     gathered_ids = [torch.empty_like(local_ids) for _ in range(world)]
-    gathered_scores = [torch.empty(len(local_ids)) for _ in range(world)]
+    gathered_scores = [torch.empty(len(local_ids), device=device) for _ in range(world)]
     dist.all_gather(gathered_ids, local_ids)
     dist.all_gather(gathered_scores, torch.cat(scores))
-    ids, probs = torch.cat(gathered_ids).numpy(), torch.cat(gathered_scores).numpy()
+    ids, probs = torch.cat(gathered_ids).cpu().numpy(), torch.cat(gathered_scores).cpu().numpy()
     keep = ids >= 0
     order = np.argsort(ids[keep], kind="stable")
     return ids[keep][order], probs[keep][order].astype(np.float64)
@@ -165,13 +182,14 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def run(cfg: TrainConfig) -> dict | None:
-    """Train, early-stop on valid AUC and evaluate the best epoch; metrics dict on rank 0, else None."""
+def run(cfg: TrainConfig, device: torch.device = torch.device("cpu")) -> dict | None:
+    """Train on ``device``, early-stop on valid AUC and evaluate the best epoch; metrics dict on rank 0, else None."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     # 1. one thread per rank (2 cores), seeds shared by all ranks; main() set up the gloo group
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
@@ -213,7 +231,9 @@ def run(cfg: TrainConfig) -> dict | None:
         edges = None
         if cfg.model.numeric == "ple":
             edges = torch.from_numpy(quantile_bin_edges(splits["train"].dense.numpy(), cfg.model.numeric_bins))
+            edges = edges.to(device)
             dist.broadcast(edges, src=0)  # rank 0's train shard sets every rank's bins
+            edges = edges.cpu()
         rows = item_rows(train_item_counts(events, meta.n_items), cfg.model.item_min_train_rows)
         model = build_model(
             tables, len(DENSE_FEATURES), cfg.model, device="meta", numeric_edges=edges, item_rows=rows
@@ -221,6 +241,7 @@ def run(cfg: TrainConfig) -> dict | None:
         dmp, opt, plan = shard_model(
             model, tables, sparse_optimizer=cfg.sparse_optimizer, lr_sparse=cfg.lr_sparse, lr_dense=cfg.lr_dense,
             ddr_cap_bytes=int(cfg.ddr_cap_gb * 2**30), pooling_factors=splits["train"].pooling_factors(),
+            device=device,
         )
         log.info("sharding plan:\n%s", plan["text"])
         if cfg.model.sid_init == "codebook":
@@ -242,11 +263,13 @@ def run(cfg: TrainConfig) -> dict | None:
     local = cfg.batch_size // world
     progress = resume(dmp, opt, cfg.out, config) if cfg.resume else None
     progress = progress or Progress(-1, -1, -math.inf, [], False, config, world)
+    # The plain loop on CPU: no copies to hide, and gloo's all-to-all would not overlap a 1-thread rank's compute.
+    pipeline = TrainPipelineSparseDist(dmp, opt, device) if device.type == "cuda" else None
     for epoch in range(progress.epoch + 1, cfg.epochs):
         if progress.stopped:
             break
         with _timed(timings, "train_s"):
-            loss, train_auc, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch)
+            loss, train_auc, rate = train_epoch(dmp, opt, splits["train"], n_rows["train"], cfg, epoch, pipeline)
         with _timed(timings, "eval_s"):
             valid = _predictions(split_events["valid"], *score_split(dmp, splits["valid"], n_rows["valid"], local))
         valid_auc = auc(valid["label"].to_numpy(), valid["score"].to_numpy(), what="valid auc")
@@ -291,6 +314,8 @@ def run(cfg: TrainConfig) -> dict | None:
             "epochs_run": len(history),
             **{f"{s}_rows": n for s, n in n_rows.items()},
             "world_size": world,
+            "local_world_size": plan["local_world_size"],
+            "device": device.type,
             "sid_version": meta.sid_version,
             "service": cfg.service_for(meta),
             "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
@@ -312,9 +337,10 @@ def run(cfg: TrainConfig) -> dict | None:
 def main(argv: list[str] | None = None) -> dict | None:
     """CLI entry: returns the metrics dict on rank 0 (None on other ranks)."""
     cfg = config_from_args(argv)
-    created = init_distributed()
+    device = resolve_device(cfg.device)
+    created = init_distributed(device)
     try:
-        return run(cfg)
+        return run(cfg, device)
     finally:
         if created:
             dist.destroy_process_group()
