@@ -81,15 +81,16 @@ def create_app(cfg: HttpConfig, ranker: Ranker) -> FastAPI:
         # Starlette re-raises after this answer, so uvicorn logs the traceback; the client learns nothing internal.
         return _error(500, "internal error; see the server log")
 
+    # JSONResponse, not a dict: FastAPI would walk every item of the answer through jsonable_encoder first.
     @app.post("/rank")
-    async def rank(request: Request) -> dict:
+    async def rank(request: Request) -> JSONResponse:
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout)
         user_id, item_ids = parse_request(body, cfg.ranker.max_candidates, ranker.sid_version)
-        return await run_in_threadpool(ranker.rank, user_id, item_ids)
+        return JSONResponse(await run_in_threadpool(ranker.rank, user_id, item_ids))
 
     @app.get("/health")
-    async def health() -> dict:
-        return await run_in_threadpool(ranker.health)
+    async def health() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(ranker.health))
 
     return app
 
