@@ -40,7 +40,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
@@ -222,12 +223,8 @@ def parse_request(body: bytes | dict, max_candidates: int, sid_version: str) -> 
     items = request.item_ids
     if len(items) > max_candidates:
         raise RequestError(f"{len(items)} candidates exceed the limit of {max_candidates} (--max-candidates)", 413)
-    if len(set(items)) < len(items):
-        seen, repeated = set(), []
-        for item in items:
-            if item in seen and item not in repeated:
-                repeated.append(item)
-            seen.add(item)
+    repeated = [item for item, count in Counter(items).items() if count > 1]
+    if repeated:
         raise RequestError(f"item_ids holds duplicates {repeated[:10]}; send each candidate once")
     if request.sid_version is not None and request.sid_version != sid_version:
         raise RequestError(f"sid_version {request.sid_version!r}: this server ranks with {sid_version!r}; "
