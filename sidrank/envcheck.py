@@ -1,6 +1,12 @@
-"""Fail fast when the environment has the CUDA fbgemm or a stranger package.
+"""Fail fast when fbgemm does not match torch's build, or a stranger package shadows ours.
 
-Run by `make venv`; also imported by the install test.
+TorchRec needs fbgemm's kernels built for the same device as torch: the CPU
+build ``fbgemm-gpu-cpu`` beside a CPU torch (what ``make venv`` installs),
+the CUDA build ``fbgemm-gpu`` beside a CUDA torch (a GPU machine, see
+:func:`cuda_install_lines`). The CUDA fbgemm beside a CPU torch is the
+install trap: torchrec's declared dependency pulls it (2.7 GB) and the
+import breaks. Run by `make venv`; also imported by the install test and
+``benchmarks.gpu_smoke``.
 """
 
 from __future__ import annotations
@@ -8,27 +14,74 @@ from __future__ import annotations
 import importlib.metadata as md
 import sys
 
+# The stack this project is tested with (the Makefile installs the CPU side).
+TORCH, FBGEMM, TORCHREC = "2.13.0", "1.8.0", "1.8.0"
+# PyTorch's wheel index for a CUDA variant, e.g. cu128 for CUDA 12.8.
+CUDA_INDEX = "https://download.pytorch.org/whl/{tag}"
+
+
+def cuda_tag(torch_cuda: str) -> str:
+    """``12.8`` -> ``cu128``: the local version tag of torch's and fbgemm's CUDA wheels."""
+    return "cu" + torch_cuda.replace(".", "")
+
+
+def cuda_install_lines(tag: str = "cu128") -> list[str]:
+    """The pip commands that turn this venv into a GPU one (CUDA torch, the matching fbgemm-gpu, torchrec)."""
+    index = CUDA_INDEX.format(tag=tag)
+    return [
+        "pip uninstall -y torch fbgemm-gpu-cpu",
+        f"pip install torch=={TORCH} fbgemm-gpu=={FBGEMM} --index-url {index}",
+        f"pip install --no-deps torchrec=={TORCHREC}",
+        "python -m sidrank.envcheck",
+    ]
+
+
+def fbgemm_problems(torch_cuda: str | None, packages: dict[str, str]) -> list[str]:
+    """What is wrong with the fbgemm next to a torch of CUDA version ``torch_cuda`` (None: a CPU build).
+
+    Args:
+        torch_cuda: ``torch.version.cuda``.
+        packages: installed distribution name (lower case, ``-``) -> version.
+    """
+    cpu, cuda = packages.get("fbgemm-gpu-cpu"), packages.get("fbgemm-gpu")
+    if torch_cuda is None:
+        if cuda is not None:
+            return [f"fbgemm-gpu {cuda} (CUDA build) is installed beside a CPU torch; `pip uninstall fbgemm-gpu` "
+                    f"and install torchrec with --no-deps"]
+        if cpu is None:
+            return [f"fbgemm-gpu-cpu is missing; `pip install fbgemm-gpu-cpu=={FBGEMM}`"]
+        return [] if cpu.split("+")[0] == FBGEMM else [f"fbgemm-gpu-cpu {cpu} installed; this stack needs {FBGEMM}"]
+    tag, fix = cuda_tag(torch_cuda), "; ".join(cuda_install_lines(cuda_tag(torch_cuda))[:2])
+    if cpu is not None:
+        return [f"fbgemm-gpu-cpu {cpu} (CPU build) is installed beside a CUDA {torch_cuda} torch; {fix}"]
+    if cuda is None:
+        return [f"fbgemm-gpu is missing beside a CUDA {torch_cuda} torch; {fix}"]
+    version, _, local = cuda.partition("+")
+    if version != FBGEMM or local not in ("", tag):
+        return [f"fbgemm-gpu {cuda} installed beside torch for CUDA {torch_cuda}; this stack needs {FBGEMM}+{tag}: {fix}"]
+    return []
+
+
+def installed() -> dict[str, str]:
+    """Installed distributions: name (lower case, ``-``) -> version."""
+    return {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
+
 
 def check() -> list[str]:
     """Return a list of problems with the installed stack (empty when sound)."""
+    packages = installed()
     problems = []
-    installed = {d.metadata["Name"].lower().replace("_", "-") for d in md.distributions()}
-    if "fbgemm-gpu" in installed:
-        problems.append("fbgemm-gpu (CUDA build) is installed; `pip uninstall fbgemm-gpu` and install torchrec with --no-deps")
-    if "fbgemm-gpu-cpu" not in installed:
-        problems.append("fbgemm-gpu-cpu is missing; `pip install fbgemm-gpu-cpu==1.8.0`")
     for stranger in ("tokenizer", "ranking"):
-        if stranger in installed:
+        if stranger in packages:
             problems.append(f"PyPI package '{stranger}' is installed and shadows ours; `pip uninstall {stranger}`")
     try:
-        import fbgemm_gpu  # noqa: F401
         import torch
-        import torchrec  # noqa: F401
 
-        if torch.version.cuda is not None:
-            problems.append(f"torch {torch.__version__} is a CUDA build; install torch==2.13.0 (CPU wheel)")
+        problems += fbgemm_problems(torch.version.cuda, packages)
+        import fbgemm_gpu  # noqa: F401
+        import torchrec  # noqa: F401
     except Exception as exc:  # any import failure is the problem to report
-        problems.append(f"import torchrec/fbgemm_gpu failed: {exc!r}")
+        problems.append(f"import torch/torchrec/fbgemm_gpu failed: {exc!r}")
     return problems
 
 
