@@ -19,7 +19,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pytest
-from builders import EVENTS_START, comparable_rows, publish_to_repo_copy, random_tied_events, write_feature_dataset
+from builders import (
+    EVENTS_START,
+    comparable_rows,
+    publish_to_repo_copy,
+    random_tied_events,
+    reseal_dataset_units,
+    write_feature_dataset,
+)
 
 from features.build import to_micros
 from ranking.rows import load_training_rows
@@ -68,6 +75,7 @@ def retrieved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     paths = write_feature_dataset(root / "data", events, N_USERS, N_ITEMS, profile_columns=())
     meta = {**read_json(paths.meta), **entries}
     write_json(meta, paths.meta)
+    reseal_dataset_units(paths)
     repo = publish_to_repo_copy(paths, root / "repo", materialize=False)
     return Retrieved(protocol, events, comparable_rows(load_training_rows(repo, events)), meta)
 
