@@ -12,6 +12,7 @@ import pytest
 
 import demo
 from benchmarks import auc as bench_auc
+from benchmarks import gpu_smoke as bench_gpu_smoke
 from benchmarks import plots as bench_plots
 from features import build as feature_build, publish
 from ingest import cli as ingest_cli
@@ -39,6 +40,7 @@ COMMANDS = [
     ("python -m demo", demo.main, []),
     ("python -m benchmarks.auc", bench_auc.main, []),
     ("python -m benchmarks.plots", bench_plots.main, []),
+    ("python -m benchmarks.gpu_smoke", bench_gpu_smoke.main, []),
 ]
 # The module whose `__main__` block runs each program.
 ENTRY_MODULES = {
