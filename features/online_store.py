@@ -36,6 +36,8 @@ config refuses a connection string that is not ``host:port[,...]`` (an unset
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import signal
 import socket
 import subprocess
 import time
@@ -61,6 +63,8 @@ STORE_FILES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yam
 REDIS_ENV = "SIDRANK_REDIS"
 REDIS_START_S = 20.0
 REDIS_STOP_S = 20.0
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
 
 
 def store_yaml(repo: Path, store: str) -> Path:
@@ -137,12 +141,17 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the starting process dies, so a killed run leaks no server."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _start(folder: Path, port: int) -> subprocess.Popen | None:
     """A redis-server on ``port``, once it answers PING; None when it exits first (the port was taken)."""
     command = [str(redis_executable()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
                "--save", "", "--appendonly", "no", "--logfile", str(folder / "redis.log")]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, preexec_fn=_stop_with_parent)
     deadline = time.monotonic() + REDIS_START_S
     while process.poll() is None and time.monotonic() < deadline:
         if _answers(port):

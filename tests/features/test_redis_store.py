@@ -14,6 +14,9 @@ ranker's own dense inputs of those reads.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -151,6 +154,21 @@ def test_redis_server_is_stopped_on_exit(tmp_path: Path) -> None:
             assert not refused(server.connection_string)
             raise KeyError("a failing test body")
     assert server.process.poll() is not None and refused(server.connection_string)
+
+
+def test_a_killed_run_leaves_no_redis_server(tmp_path: Path) -> None:
+    script = ("import sys, time\nfrom features.online_store import redis_server\n"
+              "with redis_server(sys.argv[1]) as server:\n"
+              "    print(server.connection_string, server.process.pid, flush=True)\n    time.sleep(120)\n")
+    runner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    connection_string, pid = runner.stdout.readline().split()
+    assert not refused(connection_string)
+    runner.kill()  # no finally, no atexit: only the kernel can tell the server
+    runner.wait()
+    deadline = time.monotonic() + 10
+    while not refused(connection_string) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert refused(connection_string), f"redis-server {pid} outlived the process that started it"
 
 
 def test_an_unset_redis_address_is_refused_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
