@@ -177,7 +177,8 @@ def redis_server(folder: Path, attempts: int = 3) -> Iterator[RedisServer]:
     Its log goes to ``folder/redis.log``. A port taken between choosing it
     and binding it costs one more attempt.
     """
-    folder = Path(folder)
+    # Absolute: redis-server changes into --dir before it opens --logfile.
+    folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
         port = _free_port()
