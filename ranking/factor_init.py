@@ -9,9 +9,9 @@ cannot carry any row's label) gives those dot products co-watching geometry
 from the first step, the model-side form of an item-factor similarity feature.
 
 Only train rows enter the factors (the protocol's train split), so valid and
-test events and the cold items' held-out rows never do; items (users) without
-a train row keep TorchRec's uniform init. Scaled to the default init's std so
-the sparse learning rate means the same as with a random init.
+test events and the cold items' held-out rows never do; ids without a train
+row start at zero. The factor rows' scale is ``scale`` times TorchRec's
+default init std (``--factor-scale``, chosen on valid AUC).
 
     weights = cowatch_weights(train_events, tables, dim=16, seed=0)
     load_table_weights(dmp, weights)  # every rank, after DistributedModelParallel
@@ -65,10 +65,14 @@ def cowatch_factors(users: np.ndarray, items: np.ndarray, n_users: int, n_items:
     return sides[0], sides[1]
 
 
-def unit_rows_to_table(factors: np.ndarray, rows: int, dim: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    """[rows, D] table: the rows with a non-zero factor from it (entry std ``std``), the others uniform of std ``std``."""
-    bound = std * math.sqrt(3.0)
-    table = torch.empty(rows, dim).uniform_(-bound, bound, generator=generator)
+def unit_rows_to_table(factors: np.ndarray, rows: int, dim: int, std: float) -> torch.Tensor:
+    """[rows, D] table: the rows with a non-zero factor from it, at entry std ``std``; the others zero.
+
+    An id the train rows never saw (a user or item new in valid or test, the
+    unknown row) starts at zero, so it adds nothing to the interaction until
+    trained instead of a random vector the factor scale would magnify.
+    """
+    table = torch.zeros(rows, dim)
     norms = np.linalg.norm(factors, axis=1)
     seen = np.flatnonzero(norms > 0)
     block = torch.zeros(len(seen), dim)
@@ -147,7 +151,7 @@ def cowatch_weights(
         train_events: the protocol's train rows (``user_id``, ``item_id``).
         tables: the model's tables (``ranking.tables.sparse_tables``).
         dim: D, the table width.
-        seed: seeds the SVD start vector and the rows without a factor.
+        seed: seeds the SVD start vector.
         scale: entry std of the factor rows as a multiple of TorchRec's default init std.
         sids: the SID version's item codes; None leaves the SID tables to their own init.
         codebook_size: K of ``sids``.
@@ -164,11 +168,10 @@ def cowatch_weights(
     rows = {name: f for name, f in (("t_user", user_f), ("t_item", item_f)) if name in sizes}
     if sids is not None:
         rows.update(sid_factor_rows(item_f, sids, tables, codebook_size))
-    generator = torch.Generator().manual_seed(seed)
     weights = {}
     for name, factors in rows.items():
         std = default_init_std(sizes[name]) * scale
-        weights[name] = unit_rows_to_table(factors, sizes[name], dim, std, generator)
+        weights[name] = unit_rows_to_table(factors, sizes[name], dim, std)
         seen = int((np.abs(factors).sum(axis=1) > 0).sum())
         log.info("%s: %d of %d rows from co-watch factors (rank %d)", name, seen, sizes[name], factors.shape[1])
     return weights

@@ -61,11 +61,11 @@ def test_weights_ignore_labels_and_are_reproducible() -> None:
     assert set(first) == {"t_user", "t_item"}
     for name in first:
         assert torch.equal(first[name], again[name])
-    # Rows with a factor have entry std scale x the default init's; the unknown row keeps the uniform init.
+    # Rows with a factor have entry std scale x the default init's; the unknown row starts at zero.
     item = cowatch_weights(events, tables, DIM, seed=3, scale=4.0)["t_item"]
     std = default_init_std(N_ITEMS + 1)
     assert abs(item[1:].std().item() / (4.0 * std) - 1) < 0.1
-    assert item[0].abs().max() <= std * np.sqrt(3.0) * 4.0
+    assert not item[0].any()
 
 
 def test_cold_item_sid_rows_come_from_train_items_with_its_codes() -> None:
