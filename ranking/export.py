@@ -19,13 +19,29 @@ import safetensors
 import safetensors.torch
 
 from sidrank import contract
-from sidrank.io import require_complete_unit, write_json
+from sidrank.io import read_json, require_complete_unit, write_json
 from sidrank.schema import DataError
 from ranking.checkpoint import Loaded, load_checkpoint, unsharded_model
 
 EXPORT_DIR = "export"
 WEIGHTS, MODEL_JSON = f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/model.json"
 EXPORT_FORMAT = 1
+# What every finished run holds, with or without a model.
+RESULTS = ("metrics.json", "predictions_valid.parquet", "predictions_test.parquet")
+
+
+def _retrain(run: Path) -> str:
+    return f"python -m ranking.train --config {run / 'metrics.json'}"
+
+
+def read_run(run: Path) -> dict:
+    """A finished run's metrics.json, after checking the run's files (predictions too) against its unit.json.
+
+    Raises:
+        DataError: an unfinished run (no unit.json), or a file missing or changed since the run wrote it.
+    """
+    require_complete_unit(run, _retrain(run), files=RESULTS)
+    return read_json(run / "metrics.json")
 
 
 def write_export(out: Path, meta: contract.FeatureMeta) -> None:
@@ -51,8 +67,7 @@ def load_export(run: Path, meta: contract.FeatureMeta) -> Loaded:
     Raises:
         DataError: an unfinished or altered run, an export of another format, tables that differ from ``meta``.
     """
-    require_complete_unit(run, f"python -m ranking.train --config {run / 'metrics.json'}",
-                          files=("metrics.json", MODEL_JSON, WEIGHTS))
+    require_complete_unit(run, _retrain(run), files=(*RESULTS, MODEL_JSON, WEIGHTS))
     description = json.loads((run / MODEL_JSON).read_text())
     if description.get("format") != EXPORT_FORMAT:
         raise DataError(f"{run / MODEL_JSON}: key 'format' is {description.get('format')!r}, expected "

@@ -18,7 +18,7 @@ from sidrank.schema import DataError
 from ranking import serve, train
 from ranking.batches import build_split
 from ranking.checkpoint import load_checkpoint
-from ranking.export import MODEL_JSON, WEIGHTS, load_export
+from ranking.export import MODEL_JSON, WEIGHTS, load_export, read_run
 from test_train_torchrun import META, TRAIN_ARGS, synthetic_dataset
 
 
@@ -107,3 +107,13 @@ def test_a_tampered_or_unfinished_export_is_refused(run: tuple[Path, pd.DataFram
     _republished(folder, {MODEL_JSON: json.dumps({**description, "format": 99}).encode()})
     with pytest.raises(DataError, match="key 'format' is 99"):
         load_export(folder, META)
+
+
+def test_benchmarks_read_only_whole_runs(run: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(run[0], folder)
+    assert read_run(folder) == json.loads((folder / "metrics.json").read_text())
+    predictions = pd.read_parquet(folder / "predictions_test.parquet")
+    predictions.assign(score=1 - predictions["score"]).to_parquet(folder / "predictions_test.parquet")
+    with pytest.raises(DataError, match="predictions_test.parquet: missing or changed"):
+        read_run(folder)
