@@ -296,7 +296,10 @@ def write_click_dataset(root: Path, n_items: int = 120, n_users: int = 20, seed:
     for key in ("user", "item"):
         grouped = rows.groupby(f"{key}_id")
         rows[f"{key}_count"] = grouped.cumcount().astype(float).replace(0.0, np.nan)  # NaN: no earlier row
-        rows[f"{key}_pos_count"] = (grouped["label"].cumsum() - rows["label"]).astype(float)
+        # Both of a pair come from one behaviour row: missing together.
+        rows[f"{key}_pos_count"] = (grouped["label"].cumsum() - rows["label"]).astype(float).where(
+            rows[f"{key}_count"].notna()
+        )
     (root / "rows").mkdir()
     rows.to_parquet(root / "rows" / "ranker_v1.parquet", index=False)
     paths.meta.write_text(json.dumps({"n_items": n_items, "n_users": n_users, "precomputed_modalities": True}))
