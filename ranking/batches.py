@@ -134,23 +134,14 @@ def _sparse_features(
     return feats
 
 
-def _count_column(rows: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    counts = rows[column].fillna(0).to_numpy(np.float64)
-    if (counts < 0).any():
-        raise DataError(f"{source}: column '{column}' has negative counts; rebuild the behaviour features")
-    return counts
-
-
 def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.ndarray:
     """[N, len(DENSE_FEATURES)] float32 dense matrix (see the module docstring)."""
+    contract.check_behaviour_counts(rows, source)
     a, b = cfg.rate_prior_pos, cfg.rate_prior_neg
     columns = []
     for count_col, pos_col in (contract.USER_COUNT_COLUMNS, contract.ITEM_COUNT_COLUMNS):
-        count, pos = _count_column(rows, count_col, source), _count_column(rows, pos_col, source)
-        if (pos > count).any():
-            raise DataError(
-                f"{source}: column '{pos_col}' exceeds '{count_col}' in some rows; rebuild the behaviour features"
-            )
+        # Both missing: no earlier event (check_behaviour_counts refused a lone missing one).
+        count, pos = (rows[c].fillna(0).to_numpy(np.float64) for c in (count_col, pos_col))
         columns.append((np.log1p(count), np.log1p(pos), (pos + a) / (count + a + b)))
     (log_uc, log_upc, user_rate), (log_ic, log_ipc, item_rate) = columns
     _, hist_len = _list_column(rows, contract.HIST_ITEMS, source)

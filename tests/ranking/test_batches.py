@@ -107,6 +107,21 @@ def test_missing_counts_read_as_zero() -> None:
     assert dense[2, DENSE_FEATURES.index("log_hist_len")] == pytest.approx(np.log1p(2))
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("user_count", np.nan, "'user_count' is missing in rows \\[1\\] where 'user_pos_count' is set"),
+        ("item_count", -1.0, "'item_count' has negative counts"),
+        ("item_pos_count", 99.0, "'item_pos_count' exceeds 'item_count'"),
+    ],
+)
+def test_bad_counts_name_the_column_at_fault(column: str, value: float, message: str) -> None:
+    rows = tiny_rows()
+    rows.loc[1, column] = value
+    with pytest.raises(DataError, match=message):
+        build_split(rows, TINY_ROWS_META, FeatureConfig(), "rows.parquet")
+
+
 def test_missing_sid_raises_unless_sids_are_unused() -> None:
     rows = tiny_rows()
     rows["sid_codes"] = pd.Series([np.array([0, 1, 2]), None, np.array([1, 0, 0])], dtype=object)
