@@ -345,10 +345,11 @@ def test_serving_benchmark_runs_the_service_under_load(served: Served, tmp_path:
     payload = serving.main(["--run", str(served.run), "--repo", str(served.repo), "--requests", "6", "--warmup", "1",
                             "--candidates", "10", "--clients", "1", "2", "--workers", "2",
                             "--results-dir", str(tmp_path)])
-    assert set(payload["levels"]) == {"1", "2"}
-    assert all(level["n"] == 6 and level["throughput_rps"] > 0 for level in payload["levels"].values())
-    assert set(payload["baselines"]) == {"feast_read", "forward"}
-    assert set(payload["targets"]) == {"speedup", "p99_ratio", "overhead"}
+    measured = payload["stores"]["sqlite"]
+    assert set(measured["levels"]) == {"1", "2"}
+    assert all(level["n"] == 6 and level["throughput_rps"] > 0 for level in measured["levels"].values())
+    assert set(measured["baselines"]) == {"feast_read", "forward"}
+    assert set(measured["targets"]) == {"speedup", "p99_ratio", "overhead"}
     text = (tmp_path / "serving.md").read_text()
     assert "POST /rank, 2 client(s)" in text and ("PASS" in text or "FAIL" in text)
     assert json.loads((tmp_path / "serving.json").read_text())["command"].startswith("python -m benchmarks.serving")
