@@ -65,9 +65,10 @@ def synthetic_dataset(root: Path, *, shuffle_train_labels: bool = False, seed: i
         in_train = events["split"] == "train"
         events.loc[in_train, "label"] = rng.permutation(events.loc[in_train, "label"].to_numpy())
     hist = [rng.integers(1, N_ITEMS + 1, rng.integers(0, 5)) for _ in range(N_ROWS)]
+    no_user_rows = rng.random(N_ROWS) < 0.2  # a user's first row: no counts before it
     rows = events.drop(columns=["split"]).assign(
-        user_count=np.where(rng.random(N_ROWS) < 0.2, np.nan, rng.integers(0, 50, N_ROWS)),
-        user_pos_count=0,
+        user_count=np.where(no_user_rows, np.nan, rng.integers(0, 50, N_ROWS)),
+        user_pos_count=np.where(no_user_rows, np.nan, 0),
         item_count=rng.integers(0, 50, N_ROWS),
         item_pos_count=0,
         year_bucket=rng.integers(0, 4, N_ROWS),
