@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sidrank.io import write_json, write_parquet
+from sidrank.io import publish_unit, write_json, write_parquet
 from sidrank.protocol import assign_protocol_split
 from sidrank.schema import DataError
 from ranking import shards, train
@@ -259,7 +259,8 @@ def test_sid_version_selects_meta_service_and_cache_and_names_both_versions(tmp_
     assert cfg.rows_path_for(META) == dataset / "rows" / "rq_test" / "ranker_v1.parquet"
     # A version the repository never published: the error lists what is published.
     registry = {"default": "rq-test", "versions": {"rq-test": {"name": "rq_test"}}}
-    write_json(registry, repo / "data" / contract.SID_VERSIONS_FILE)
+    with publish_unit(repo / "data") as staging:  # the store's data folder is one unit
+        write_json(registry, staging / contract.SID_VERSIONS_FILE)
     with pytest.raises(DataError, match=r"SID version 'rq-other' is not published .*\['rq-test'\]"):
         train.main([*base, "--sid-version", "rq-other"])
     # A feature meta of another version than configured: both named.
