@@ -127,10 +127,16 @@ def _timed_materialize(store, repo: Path) -> float:
 
 
 def bench_materialize(repo: Path) -> dict:
-    """Feast's materialize into sqlite against direct sqlite writes of the same rows, then into Redis."""
-    feast_s = _timed_materialize(feature_store(repo), repo)
+    """Feast's materialize into sqlite against direct sqlite writes of the same rows, then into Redis.
+
+    Both stores start empty: the sqlite tables of an earlier run are emptied, the Redis server is new.
+    """
     online = repo / "data" / "online_store.db"
     tables = online_tables(online)
+    with sqlite3.connect(online) as con:
+        for table in tables:
+            con.execute(f'DELETE FROM "{table}"')
+    feast_s = _timed_materialize(feature_store(repo), repo)
     with sqlite3.connect(online) as con:
         rows = {t: con.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables}
         entities = sum(con.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{t}"').fetchone()[0] for t in tables)
@@ -229,9 +235,10 @@ def bench_historical(cfg: FeatureStoreBenchConfig, dataset: Path, repo: Path) ->
     equal = len(asof_rows) == len(pandas_rows) == len(entity) and _same_values(asof_rows, pandas_rows, features)
     sample = entity.sample(n=min(cfg.stock_sample, len(entity)), random_state=cfg.seed)
     sample_asof_s, sample_asof = _timed_retrieval(asof_store, sample, service)
+    stock = feature_store(repo, offline_type="duckdb")
     # The stock duckdb store reads relative source paths from the working directory.
     with contextlib.chdir(repo.resolve()):
-        stock_s, stock_rows = _timed_retrieval(feature_store(repo, offline_type="duckdb"), sample, service)
+        stock_s, stock_rows = _timed_retrieval(stock, sample, service)
     return {
         "entity_rows": len(entity), "features": len(features),
         "asof_s": asof_s, "asof_rows_out": len(asof_rows), "pandas_s": pandas_s, "pandas_rows_out": len(pandas_rows),
