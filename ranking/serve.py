@@ -253,14 +253,16 @@ def candidate_rows(online: pd.DataFrame, user_id: int, meta: contract.FeatureMet
     behaviour, content = _present(online, contract.ITEM_COUNT_COLUMNS), _present(online, ITEM_CONTENT_COLUMNS)
     item_ids = online["item_id"].to_numpy(np.int64)
     cold_items = (item_ids > meta.n_items) | ~(behaviour | content)
-    # History items published after training have no id row either.
-    history = [None if h is None else np.where(np.asarray(h) > meta.n_items, 0, h) for h in online[contract.HIST_ITEMS]]
+    # A user feature, so the same on every row; items published after training have no id row either.
+    history = online[contract.HIST_ITEMS].iloc[0]
+    if history is not None:
+        history = np.where(np.asarray(history) > meta.n_items, 0, history)
     rows = online.assign(
         row_id=np.arange(len(online)),  # build_split orders by row_id: this keeps the request's order
         label=0,
         user_id=0 if cold_user else user_id,
         item_id=np.where(cold_items, 0, item_ids),
-        **{contract.HIST_ITEMS: history},
+        **{contract.HIST_ITEMS: [history] * len(online)},
     )
     flags = [FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)]
     return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [contract.SID_CODES]))
