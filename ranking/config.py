@@ -41,6 +41,8 @@ class TrainConfig:
         ddr_cap_gb: host memory per rank the planner may fill.
         save_checkpoint: write the best model as ``<out>/checkpoint`` (DCP) and ``<out>/export`` (what serving loads).
         device: ``cpu`` (gloo) or ``cuda`` (NCCL, one GPU per local rank); None means cuda when torch sees a GPU.
+        train_pipeline: train through TorchRec's TrainPipelineSparseDist (the next batches' copy to the
+            device and input all-to-all overlap this step); None means on GPUs only.
         resume: continue from the last finished epoch in ``<out>/train_state`` when it holds this
             config (all but epochs and patience) at this world size; off: start at epoch 0.
         features: sparse feature selection.
@@ -64,6 +66,7 @@ class TrainConfig:
     ddr_cap_gb: float = 4.0
     save_checkpoint: bool = True
     device: str | None = field(default=None, metadata={"choices": DEVICES})
+    train_pipeline: bool | None = None
     resume: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

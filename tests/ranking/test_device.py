@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torchrec.distributed.types import ShardingType
@@ -87,3 +88,16 @@ def test_two_nodes_on_one_host(tmp_path: Path) -> None:
     assert (metrics["world_size"], metrics["local_world_size"], metrics["device"]) == (2, 1, "cpu")
     assert {r for ranks in metrics["plan"].values() for r in ranks} == {0, 1}
     assert metrics["test_auc"] > 0.7
+
+
+def test_the_gpu_training_pipeline_trains_like_the_plain_loop(tmp_path: Path) -> None:
+    """TorchRec's TrainPipelineSparseDist (the GPU path) run on CPU: the same model as the plain loop."""
+    dataset, rows, meta = synthetic_dataset(tmp_path)
+    base = ["--dataset", str(dataset), "--repo", str(tmp_path), "--feature-meta", str(meta), "--rows", str(rows),
+            *TRAIN_ARGS, "--epochs", "2", "--no-save-checkpoint"]
+    plain = train.main([*base, "--out", str(tmp_path / "plain")])
+    piped = train.main([*base, "--out", str(tmp_path / "piped"), "--train-pipeline"])
+    assert piped["config"]["train_pipeline"] and plain["config"]["train_pipeline"] is None
+    assert [h["train_loss"] for h in piped["history"]] == [h["train_loss"] for h in plain["history"]]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "plain" / "predictions_test.parquet"),
+                                  pd.read_parquet(tmp_path / "piped" / "predictions_test.parquet"))
