@@ -361,6 +361,13 @@ def table(result: dict) -> str:
     return markdown_table(header, rows)
 
 
+def load_note(load: dict) -> str:
+    """The machine's load around the measurements: other jobs inflate every time, not the same-run ratios."""
+    before, after = (", ".join(f"{v:.1f}" for v in load[k]) for k in ("before", "after"))
+    return (f"Load average (1, 5, 15 min) before {before}, after {after}: the machine may be shared, which "
+            f"slows every operation; the ratios compare stores in the same run (online requests interleaved).")
+
+
 @contextlib.contextmanager
 def redis_address(connection_string: str) -> Iterator[None]:
     """``SIDRANK_REDIS`` names the server inside the block (what feature_store.redis.yaml reads), as before after."""
@@ -378,11 +385,13 @@ def redis_address(connection_string: str) -> Iterator[None]:
 def run(cfg: FeatureStoreBenchConfig, command: str) -> dict:
     """Prepare, start a redis-server for the run, measure, write the results; the server is stopped after."""
     dataset, repo = prepare(cfg)
+    load_before = os.getloadavg()
     with online_store.redis_server(cfg.root / "redis") as server, redis_address(server.connection_string):
         result = {"events": cfg.events, "materialize": bench_materialize(repo)}
         result["historical"] = bench_historical(cfg, dataset, repo)
         result["online"] = bench_online(cfg, repo)
-    text = table(result)
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    text = table(result) + "\n\n" + load_note(result["load_average"])
     write_results(cfg.name, {**result, "config": {k: str(v) for k, v in vars(cfg).items()}}, text, command)
     print(text)
     return result
