@@ -1,44 +1,19 @@
-"""Training survives a failure: every epoch is checkpointed and a restarted job continues after the last one."""
+"""Training survives a failure: every epoch is checkpointed and a restarted job continues after the last one.
+
+The torchrun case (a killed rank under --max-restarts) is in test_train_torchrun.py, beside the
+uninterrupted 2-rank run it is compared with.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from sidrank.io import require_complete_unit
 from ranking import train
-from test_train_torchrun import TRAIN_ARGS, synthetic_dataset, torchrun
-
-
-def _same_run(a: dict, b: dict) -> None:
-    """Metrics and per-epoch history equal, measured speeds and timings aside."""
-    skip = {"timings", "samples_per_s", "history", "config"}
-    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
-    strip = [{k: v for k, v in h.items() if k != "samples_per_s"} for h in a["history"]]
-    assert strip == [{k: v for k, v in h.items() if k != "samples_per_s"} for h in b["history"]]
-
-
-@pytest.mark.slow
-def test_killed_rank_restarts_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    dataset, rows, meta = synthetic_dataset(tmp_path)
-    whole, _ = torchrun(dataset, rows, meta, tmp_path / "whole")
-    marker = tmp_path / "failed-once"
-    # Rank 1 dies in the middle of epoch 1; torchrun restarts both ranks once.
-    launcher = ("--standalone", "--nproc_per_node", "2", "--max-restarts", "1")
-    resumed, log = torchrun(dataset, rows, meta, tmp_path / "resumed", launcher=launcher,
-                            env={"RANKING_FAIL_ONCE": f"1,1,5,{marker}"})
-
-    assert marker.exists()
-    assert "resumed from" in log and "epoch-0000" in log, log[-3000:]
-    _same_run(whole, resumed)
-    for split in ("valid", "test"):
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(tmp_path / "whole" / f"predictions_{split}.parquet"),
-            pd.read_parquet(tmp_path / "resumed" / f"predictions_{split}.parquet"),
-        )
+from test_train_torchrun import TRAIN_ARGS, same_run, synthetic_dataset
 
 
 def test_more_epochs_continue_a_finished_run_exactly(tmp_path: Path) -> None:
@@ -52,7 +27,7 @@ def test_more_epochs_continue_a_finished_run_exactly(tmp_path: Path) -> None:
 
     # The first two epochs were not run again: their measured speeds are carried over from the state.
     assert longer["history"][:2] == short["history"]
-    _same_run(whole, longer)
+    same_run(whole, longer)
     progress = json.loads((tmp_path / "run" / "train_state" / "epoch-0003" / "progress.json").read_text())
     assert progress["epoch"] == 3 and len(progress["history"]) == 4
     # Another config does not resume: it starts at epoch 0.
