@@ -232,6 +232,15 @@ def test_http_round_trip_and_bad_requests(served: Served, port: int) -> None:
     assert _request(port, "GET", "/health")[0] == 200  # still serving after the bad requests
 
 
+def test_a_failing_request_answers_500_without_internals(served: Served, port: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise KeyError("sidrank_item_sid_fv column sid_codes")
+
+    monkeypatch.setattr(served.ranker, "encode", broken)
+    assert _request(port, "POST", "/rank", _rank_body(2, [4])) == (500, {"error": "internal error; see the server log"})
+
+
 def test_hostile_bodies_get_an_answer_not_a_dropped_connection(served: Served, port: int) -> None:
     nested = b'{"user_id": ' + b"[" * 1000 + b"]" * 1000 + b', "item_ids": [1]}'
     status, body = _request(port, "POST", "/rank", nested)
