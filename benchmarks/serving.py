@@ -45,9 +45,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
+import psutil
 
 from feast.constants import FEAST_FS_YAML_FILE_PATH_ENV_NAME
 
@@ -130,6 +131,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Server(NamedTuple):
+    """A running ``ranking.serve http``: where it listens and its process (the parent of the workers)."""
+
+    port: int
+    pid: int
+
+
+def cpu_seconds(pid: int, children: bool) -> float:
+    """User + system CPU seconds of ``pid``, with its living children (uvicorn's workers) or without."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *(root.children(recursive=True) if children else [])])
+
+
 class Client:
     """One keep-alive connection to the service."""
 
@@ -190,8 +204,8 @@ def serving_from(store: str, repo: Path, folder: Path) -> Iterator[None]:
 
 
 @contextmanager
-def server(cfg: ServingBenchConfig) -> Iterator[int]:
-    """``python -m ranking.serve http`` in a child process; yields its port once /health answers 200."""
+def server(cfg: ServingBenchConfig) -> Iterator[Server]:
+    """``python -m ranking.serve http`` in a child process, yielded once /health answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "ranking.serve", "http", "--run", str(cfg.run), "--repo", str(cfg.repo),
                "--port", str(port), "--workers", str(cfg.workers), "--max-candidates", str(max(cfg.candidates, 1000))]
@@ -199,7 +213,7 @@ def server(cfg: ServingBenchConfig) -> Iterator[int]:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         try:
             wait_healthy(child, port, cfg.start_timeout, output)
-            yield port
+            yield Server(port, child.pid)
         finally:
             child.terminate()  # uvicorn stops its workers on SIGTERM
             try:
@@ -230,9 +244,13 @@ def wait_healthy(child: subprocess.Popen, port: int, timeout: float, output) -> 
     raise RuntimeError(f"the server on port {port} did not become healthy (exit {child.poll()}):\n{tail}")
 
 
-def load_level(port: int, requests: list[Request], clients: int, warmup: int) -> dict:
-    """``clients`` threads send ``requests`` between them; per request (seconds, the server's timings in ms), wall seconds."""
-    connections = [Client(port) for _ in range(clients)]
+def load_level(served: Server, requests: list[Request], clients: int, warmup: int) -> dict:
+    """``clients`` threads send ``requests`` between them.
+
+    Returns per request (seconds, the server's timings in ms), the wall seconds,
+    and the CPU seconds the server's processes and this process spent meanwhile.
+    """
+    connections = [Client(served.port) for _ in range(clients)]
     for client in connections:
         for request in requests[:warmup]:
             client.rank(request)
@@ -254,16 +272,20 @@ def load_level(port: int, requests: list[Request], clients: int, warmup: int) ->
     threads = [threading.Thread(target=work, args=(client,)) for client in connections]
     for thread in threads:
         thread.start()
+    # The client alone: the server is a child of this process.
+    server_cpu, client_cpu = cpu_seconds(served.pid, children=True), cpu_seconds(os.getpid(), children=False)
     start_line.wait()
     t0 = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t0
+    server_cpu = cpu_seconds(served.pid, children=True) - server_cpu
+    client_cpu = cpu_seconds(os.getpid(), children=False) - client_cpu
     for client in connections:
         client.close()
     if errors:
         raise errors[0]
-    return {"samples": samples, "wall_s": wall}
+    return {"samples": samples, "wall_s": wall, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu}
 
 
 def baselines(ranker: Ranker, requests: list[Request], warmup: int) -> dict:
@@ -302,11 +324,13 @@ def measure_store(cfg: ServingBenchConfig) -> dict:
     ranker = Ranker(ServeConfig(run=cfg.run, repo=cfg.repo))
     requests = make_requests(cfg.requests, cfg.candidates, ranker.meta.n_users, ranker.meta.n_items, cfg.seed)
     levels = {}
-    with server(cfg) as port:
+    with server(cfg) as served:
         for clients in cfg.clients:
-            measured = load_level(port, requests, clients, cfg.warmup)
+            measured = load_level(served, requests, clients, cfg.warmup)
             levels[clients] = {**latency_stats([seconds for seconds, _ in measured["samples"]]), "clients": clients,
-                               "throughput_rps": len(requests) / measured["wall_s"], "wall_s": measured["wall_s"]}
+                               "throughput_rps": len(requests) / measured["wall_s"], "wall_s": measured["wall_s"],
+                               "server_cpu_ms_per_request": measured["server_cpu_s"] / len(requests) * 1e3,
+                               "client_cpu_ms_per_request": measured["client_cpu_s"] / len(requests) * 1e3}
             if clients == 1:
                 alone = measured["samples"]
     split = {key: latency_stats([t[key] / 1e3 for _, t in alone]) for key in ("total", "feast", "tensors", "forward")}
@@ -346,21 +370,24 @@ def store_rows(store: str, measured: dict) -> list[list[str]]:
     one = measured["levels"]["1"]
     rows = [[store, f"POST /rank, {level['clients']} client(s)", f"{level['throughput_rps']:.1f}",
              f"{level['throughput_rps'] / one['throughput_rps']:.2f}x", f"{level['p50_ms']:.2f}",
-             f"{level['p99_ms']:.2f}", f"{level['mean_ms']:.2f}", str(level["n"])]
+             f"{level['p99_ms']:.2f}", f"{level['mean_ms']:.2f}", f"{level['server_cpu_ms_per_request']:.1f}",
+             f"{level['client_cpu_ms_per_request']:.1f}", str(level["n"])]
             for level in measured["levels"].values()]
     split = {"feast": "server: Feast online read (1 client)", "tensors": "server: rows -> tensors (1 client)",
              "forward": "server: model forward (1 client)", "total": "server: rank() total (1 client)"}
     bare = {"feast_read": "baseline: bare Feast online read", "forward": "baseline: bare model forward"}
     stats = [(label, measured["server_split_1_client"][k]) for k, label in split.items()]
     stats += [(label, measured["baselines"][k]) for k, label in bare.items()]
-    rows += [[store, label, "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", str(s["n"])]
+    rows += [[store, label, "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", "", "",
+              str(s["n"])]
              for label, s in stats]
     return rows
 
 
 def report(payload: dict, cfg: ServingBenchConfig) -> str:
     """Markdown: the rows of every store, then the targets per store."""
-    header = ["store", "measurement", "requests/s", "vs 1 client", "p50 ms", "p99 ms", "mean ms", "requests"]
+    header = ["store", "measurement", "requests/s", "vs 1 client", "p50 ms", "p99 ms", "mean ms",
+              "server CPU ms/req", "client CPU ms/req", "requests"]
     rows = [row for store, measured in payload["stores"].items() for row in store_rows(store, measured)]
     names = {"speedup": f"throughput at {max(cfg.clients)} clients / 1 client",
              "p99_ratio": f"p99 at {max(cfg.clients)} clients / 1-client p50",
@@ -374,7 +401,10 @@ def report(payload: dict, cfg: ServingBenchConfig) -> str:
         f"{cfg.candidates} candidates per request, {cfg.requests} timed requests per level "
         f"({cfg.warmup} warm-up per client), {cfg.workers} server workers, run `{cfg.run}`, service `{service}`. "
         f"Clients and server share the machine's {payload['cpus']} CPUs; 1-min load average "
-        f"{load['before']:.2f} before, {load['after']:.2f} after (shared host)."
+        f"{load['before']:.2f} before, {load['after']:.2f} after (shared host). CPU ms/req: CPU time of the "
+        f"server's processes (all workers) and of the client process over a level, per request; with the "
+        f"host to itself, {payload['cpus']} CPUs bound the throughput near {payload['cpus']} s / (server + "
+        f"client CPU per request)."
     )
 
 

@@ -356,7 +356,8 @@ def test_serving_benchmark_runs_the_service_under_load(served: Served, tmp_path:
                             "--results-dir", str(tmp_path)])
     measured = payload["stores"]["sqlite"]
     assert set(measured["levels"]) == {"1", "2"}
-    assert all(level["n"] == 6 and level["throughput_rps"] > 0 for level in measured["levels"].values())
+    assert all(level["n"] == 6 and level["throughput_rps"] > 0 and level["server_cpu_ms_per_request"] > 0
+               for level in measured["levels"].values())
     assert set(measured["baselines"]) == {"feast_read", "forward"}
     assert set(measured["targets"]) == {"speedup", "p99_ratio", "overhead"}
     text = (tmp_path / "serving.md").read_text()
