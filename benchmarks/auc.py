@@ -43,6 +43,7 @@ from benchmarks import baselines, plots
 from benchmarks.report import RESULTS_DIR, fmt, markdown_table, mean_std, rerun_command, write_results
 from demo import DemoConfig, ensure_feature_repo, run_stage, stage_commands
 from ranking.config import TrainConfig, config_from_args
+from ranking.export import read_run
 from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
 from sidrank.contract import DatasetPaths
 from sidrank.io import read_json
@@ -217,7 +218,7 @@ def run(cfg: AucBenchConfig, command: str) -> dict:
     )
     inputs = baselines.baseline_inputs(full)
     test = inputs.events["test"]
-    runs = {v: [read_json(d / "metrics.json") for d in dirs] for v, dirs in run_dirs.items()}
+    runs = {v: [read_run(d) for d in dirs] for v, dirs in run_dirs.items()}
     scores = {v: [baselines.run_test_scores(d, test) for d in dirs] for v, dirs in run_dirs.items()}
     if cfg.baselines:
         for model, fits in fit_baselines(cfg, inputs).items():

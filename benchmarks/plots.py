@@ -24,11 +24,11 @@ from matplotlib.ticker import MaxNLocator
 
 from benchmarks import baselines
 from ranking.config import config_from_args
+from ranking.export import read_run
 from sidrank.cli import parser_for, run_main
-from sidrank.io import atomic_path, read_json, write_json
+from sidrank.io import atomic_path, write_json
 from sidrank.metrics import auc
 from sidrank.protocol import train_item_counts
-from sidrank.schema import require_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def auc_by_frequency(test: pd.DataFrame, counts: np.ndarray, scores: dict[str, n
 
 def plot_run(run: Path) -> list[Path]:
     """Both pictures for the run folder ``run`` (its metrics.json and test predictions)."""
-    metrics = read_json(require_file(run / "metrics.json", "python -m ranking.train --out RUN"))
+    metrics = read_run(run)
     written = [training_curves(metrics["history"], metrics["best_epoch"], run / CURVES_PNG)]
     cfg = config_from_args(["--config", str(run / "metrics.json")])
     inputs = baselines.baseline_inputs(cfg)

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from sidrank.contract import DatasetPaths
 from sidrank.io import read_json, write_json
+from ranking.export import read_run
 from sidrank.protocol import PROTOCOLS, TEMPORAL, check_protocol, dataset_folder_name
 from tokenizer.train import METHODS
 
 # The project's Feast definitions, copied (without data) for a store of another protocol or a benchmark.
+DEMO_JSON = "demo.json"  # beside the run folder's sealed files: tokenizer collisions, demo config, stage times
 PROJECT_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 
 # P code positions x K codes: every tokenizer method fits this budget, and the
@@ -194,14 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
     timings["plots"] = run_stage("plots", [sys.executable, "-m", "benchmarks.plots", "--run", str(cfg.out)])
 
     paths = DatasetPaths(cfg.dataset_dir)
-    metrics = read_json(cfg.out / "metrics.json")
+    metrics = read_run(cfg.out)
     version = metrics["sid_version"]
     tokenizer_metrics = read_json(paths.sid_dir(version) / "metrics.json")
-    metrics["sid_collision_rate"] = tokenizer_metrics["collision_rate"]
-    metrics["demo"] = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "stage_seconds": timings}
-    write_json(metrics, cfg.out / "metrics.json")
+    # The run folder is the ranker's sealed unit: the demo's own figures go beside it, in demo.json.
+    demo = {
+        "sid_collision_rate": tokenizer_metrics["collision_rate"],
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "stage_seconds": timings,
+    }
+    write_json(demo, cfg.out / DEMO_JSON)
+    metrics = {**metrics, "sid_collision_rate": demo["sid_collision_rate"]}
     ranks = metrics["world_size"]
-    print(f"\nResults ({cfg.dataset_dir.name}, tokenizer {version}, {ranks} ranks) -> {cfg.out}/metrics.json")
+    print(f"\nResults ({cfg.dataset_dir.name}, tokenizer {version}, {ranks} ranks) -> {cfg.out}/metrics.json, {DEMO_JSON}")
     print(results_table(metrics))
     return metrics
 

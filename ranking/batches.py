@@ -168,6 +168,18 @@ class RankerBatch(Batch):
         sequence = None if self.sequence_features is None else self.sequence_features.to(device, non_blocking)
         return RankerBatch(moved.dense_features, moved.sparse_features, moved.labels, sequence)
 
+    # TrainPipelineSparseDist copies batches on a side stream; every tensor it moved must be recorded
+    # on the consuming stream, or the allocator may reuse its memory early.
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.sequence_features is not None:
+            self.sequence_features.record_stream(stream)
+
+    def pin_memory(self) -> RankerBatch:
+        pinned = super().pin_memory()
+        sequence = None if self.sequence_features is None else self.sequence_features.pin_memory()
+        return RankerBatch(pinned.dense_features, pinned.sparse_features, pinned.labels, sequence)
+
 
 @dataclass
 class SplitTensors:
