@@ -15,12 +15,12 @@ export OMP_NUM_THREADS ?= 1
 
 venv: $(STAMP)
 
-# torch first from the CPU wheel on disk; fbgemm-gpu-cpu 1.8.0 matches torch
-# 2.13; torchrec --no-deps so pip never pulls the 2.7 GB CUDA fbgemm-gpu.
-$(STAMP): requirements.txt pyproject.toml
+# torch first with the matching CPU fbgemm (fbgemm-gpu-cpu); torchrec --no-deps so
+# pip never pulls the 2.7 GB CUDA fbgemm-gpu. The pins live in sidrank/envcheck.py.
+$(STAMP): requirements.txt pyproject.toml sidrank/envcheck.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/pip install -q $$($(BIN)/python sidrank/envcheck.py --pins torch)
+	$(BIN)/pip install -q --no-deps $$($(BIN)/python sidrank/envcheck.py --pins torchrec)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m sidrank.envcheck

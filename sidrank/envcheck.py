@@ -85,7 +85,18 @@ def check() -> list[str]:
     return problems
 
 
+def cpu_install_args() -> tuple[list[str], list[str]]:
+    """The CPU stack's pip arguments: (torch + fbgemm-gpu-cpu, torchrec installed with --no-deps)."""
+    return [f"torch=={TORCH}", f"fbgemm-gpu-cpu=={FBGEMM}"], [f"torchrec=={TORCHREC}"]
+
+
 if __name__ == "__main__":
+    # `python sidrank/envcheck.py --pins torch|torchrec` needs only the standard library: the Makefile
+    # reads the pins from here before the environment exists, so they are written in one place.
+    if sys.argv[1:2] == ["--pins"]:
+        torch_args, torchrec_args = cpu_install_args()
+        print(" ".join(torch_args if sys.argv[2:] == ["torch"] else torchrec_args))
+        sys.exit(0)
     found = check()
     for line in found:
         print(f"envcheck: {line}", file=sys.stderr)

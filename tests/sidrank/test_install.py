@@ -52,3 +52,21 @@ def test_our_packages_are_ours():
     repo = PROJECT_ROOT
     for module in (tokenizer, ranking):
         assert Path(module.__file__).resolve().is_relative_to(repo), module.__file__
+
+
+def test_the_makefile_reads_the_pins_from_envcheck_without_the_environment():
+    import subprocess
+    import sys
+
+    # -S -I: no site-packages, so the pins must come from the standard library alone (make runs it first).
+    script = PROJECT_ROOT / "sidrank" / "envcheck.py"
+    pins = {
+        which: subprocess.run([sys.executable, "-S", "-I", str(script), "--pins", which], check=True,
+                              capture_output=True, text=True).stdout.split()
+        for which in ("torch", "torchrec")
+    }
+    assert pins == {
+        "torch": [f"torch=={envcheck.TORCH}", f"fbgemm-gpu-cpu=={envcheck.FBGEMM}"],
+        "torchrec": [f"torchrec=={envcheck.TORCHREC}"],
+    }
+    assert "envcheck.py --pins torch" in (PROJECT_ROOT / "Makefile").read_text()
