@@ -15,7 +15,6 @@ the seeds; ``item_id`` (no SIDs at all) is the reference. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from pathlib import Path
 from benchmarks.auc import REPORTED
 from benchmarks.report import fmt, markdown_table, mean_std, rerun_command, write_results
 from demo import CODE_BUDGET, DemoConfig, run_stage, stage_commands
-from sidrank.io import read_json
+from ranking.export import read_run
+from sidrank.cli import parser_for
 from sidrank.contract import LATEST, DatasetPaths
 
 TOKENIZERS = ("rqkmeans", "rqvae", "mm_rqvae", "mmq", "mmq_ft")
@@ -89,7 +89,7 @@ def rank(cfg: AblationConfig, label: str, seed: int, flags: list[str]) -> dict:
     out = cfg.runs / label / f"seed{seed}"
     ranker = stage_commands(dataclasses.replace(cfg.demo, out=out, seed=seed))[-1][1]
     run_stage(f"ranker {label} seed {seed}", [*ranker, "--no-save-checkpoint", *flags])
-    return read_json(out / "metrics.json")
+    return read_run(out)
 
 
 def grid(cfg: AblationConfig, tokenizer: str, version: str) -> dict[str, list[dict]]:
@@ -104,13 +104,13 @@ def grid(cfg: AblationConfig, tokenizer: str, version: str) -> dict[str, list[di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for("python -m benchmarks.auc_ablation", __doc__.splitlines()[0] + " Other flags go to ranking.train.")
     defaults = AblationConfig()
-    parser.add_argument("--tokenizers", nargs="+", default=list(defaults.tokenizers))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    parser.add_argument("--runs", type=Path, default=defaults.runs)
-    parser.add_argument("--name", default=defaults.name)
-    parser.add_argument("--nproc", type=int, default=defaults.demo.nproc)
+    parser.add_argument("--tokenizers", nargs="+", default=list(defaults.tokenizers), help="keys of TOKENIZERS")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="ranker seeds")
+    parser.add_argument("--runs", type=Path, default=defaults.runs, help="folder of per-run outputs")
+    parser.add_argument("--name", default=defaults.name, help="results file stem")
+    parser.add_argument("--nproc", type=int, default=defaults.demo.nproc, help="torchrun ranks per ranker run")
     args, ranker_args = parser.parse_known_args(argv)
     cfg = AblationConfig(
         demo=DemoConfig(nproc=args.nproc, ranker_args=ranker_args), tokenizers=tuple(args.tokenizers),

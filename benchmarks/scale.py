@@ -21,7 +21,6 @@ training) are split out from its metrics.json. Writes
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import shutil
@@ -34,6 +33,7 @@ import psutil
 
 from benchmarks.report import markdown_table, rerun_command, write_results
 import demo
+from sidrank.cli import parser_for
 from sidrank.io import read_json
 
 REPO = Path(__file__).resolve().parents[1] / "feature_repo"
@@ -160,13 +160,15 @@ def tables(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     defaults = ScaleConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, nargs="+", default=list(defaults.events))
-    parser.add_argument("--method", default=defaults.method)
-    parser.add_argument("--nproc", type=int, default=defaults.nproc)
-    parser.add_argument("--root", type=Path, default=defaults.root)
-    parser.add_argument("--name", default=defaults.name)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser = parser_for("python -m benchmarks.scale", __doc__.splitlines()[0] + " Other flags go to ranking.train.")
+    parser.add_argument("--events", type=int, nargs="+", default=list(defaults.events),
+                        help="dataset sizes in events; items = events / 10, users = events / 100")
+    parser.add_argument("--method", default=defaults.method, help="tokenizer method")
+    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranker ranks")
+    parser.add_argument("--root", type=Path, default=defaults.root,
+                        help="where every size's artifacts and Feast repository go")
+    parser.add_argument("--name", default=defaults.name, help="results file name")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="dataset, tokenizer and ranker seed")
     args, ranker_args = parser.parse_known_args(argv)
     cfg = ScaleConfig(**{**vars(args), "events": tuple(args.events)},
                       ranker_args=tuple(ranker_args) or defaults.ranker_args)

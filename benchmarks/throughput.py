@@ -26,7 +26,6 @@ self CPU time explain any missed target. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR, markdown_table, rerun_command, write_results
+from sidrank.cli import add_config_arguments, parse_config, parser_for
 from sidrank.io import read_json, write_json
 from sidrank import contract
 
@@ -270,24 +270,11 @@ def report(cfg: ThroughputConfig, runs: list[dict], checks: list[dict], bandwidt
     return "\n".join(text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = ThroughputConfig()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    for f in dataclasses.fields(ThroughputConfig):
-        flag, default = f"--{f.name.replace('_', '-')}", getattr(d, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=list(default))
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    return p
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run every launch, write the JSON and Markdown, return the payload."""
-    cfg = ThroughputConfig(**vars(_parser().parse_args(argv)))
+    parser = parser_for("python -m benchmarks.throughput", __doc__.splitlines()[0])
+    add_config_arguments(parser, ThroughputConfig)
+    cfg = parse_config(parser, ThroughputConfig, argv)
     threads = os.cpu_count() or 1
     bandwidth = {"one_thread": copy_bandwidth(cfg.copy_gib, cfg.copy_repeats, 1), "threads": threads,
                  "all_threads": copy_bandwidth(cfg.copy_gib, cfg.copy_repeats, threads)}

@@ -12,8 +12,14 @@ import pytest
 
 import demo
 from benchmarks import auc as bench_auc
+from benchmarks import auc_ablation as bench_auc_ablation
+from benchmarks import feature_store as bench_feature_store
 from benchmarks import gpu_smoke as bench_gpu_smoke
 from benchmarks import plots as bench_plots
+from benchmarks import scale as bench_scale
+from benchmarks import throughput as bench_throughput
+from benchmarks import tokenizer_speed as bench_tokenizer_speed
+from benchmarks import tokenizers as bench_tokenizers
 from features import build as feature_build, publish
 from ingest import cli as ingest_cli
 from ranking import serve
@@ -41,6 +47,12 @@ COMMANDS = [
     ("python -m benchmarks.auc", bench_auc.main, []),
     ("python -m benchmarks.plots", bench_plots.main, []),
     ("python -m benchmarks.gpu_smoke", bench_gpu_smoke.main, []),
+    ("python -m benchmarks.feature_store", bench_feature_store.main, []),
+    ("python -m benchmarks.auc_ablation", bench_auc_ablation.main, []),
+    ("python -m benchmarks.scale", bench_scale.main, []),
+    ("python -m benchmarks.throughput", bench_throughput.main, []),
+    ("python -m benchmarks.tokenizer_speed", bench_tokenizer_speed.main, []),
+    ("python -m benchmarks.tokenizers", bench_tokenizers.main, []),
 ]
 # The module whose `__main__` block runs each program.
 ENTRY_MODULES = {
