@@ -36,6 +36,8 @@ DENSE_FEATURES = (
     "item_pos_rate",
     "log_hist_len",
 )
+
+
 def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(values int64 [nnz], lengths int64 [N]) of a list column; a missing list is empty."""
     try:
