@@ -61,10 +61,14 @@ def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarr
 
 def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.ndarray:
     """A scalar categorical id column; NaN (not joined) means 0 = unknown."""
-    values = rows[column].fillna(0).to_numpy(np.float64)
-    if not np.array_equal(values, np.round(values)):
-        raise DataError(f"{source}: column '{column}' has non-integer ids; expected int64")
-    values = values.astype(np.int64)
+    series = rows[column]
+    if series.dtype.kind in "iu":  # the common case (training rows, online reads): no NaN, no rounding to check
+        values = series.to_numpy(np.int64)
+    else:
+        floats = series.fillna(0).to_numpy(np.float64)
+        if not np.array_equal(floats, np.round(floats)):
+            raise DataError(f"{source}: column '{column}' has non-integer ids; expected int64")
+        values = floats.astype(np.int64)
     check_ids_in_range(values, size, f"{source}: column '{column}'")
     return values
 
@@ -259,7 +263,8 @@ def build_split(
     require_columns(rows, needed, source)
     if not rows["label"].isin([0, 1]).all():
         raise DataError(f"{source}: column 'label' must be 0/1; rebuild the events with the ingest stage")
-    rows = rows.sort_values("row_id", kind="stable")
+    if not rows["row_id"].is_monotonic_increasing:
+        rows = rows.sort_values("row_id", kind="stable")
     feats = _sparse_features(rows, meta, cfg, source, allow_missing_sid)
     tables = sparse_tables(meta, cfg)
     keys = tuple(f for table in tables for f in table.features)

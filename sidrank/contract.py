@@ -110,7 +110,7 @@ def check_behaviour_counts(rows: "pd.DataFrame", source: str) -> None:
     fix = "rebuild the behaviour features (python -m features.build) and the training rows"
     for count, positive in (USER_COUNT_COLUMNS, ITEM_COUNT_COLUMNS):
         # numpy, not pandas, per column: serving runs this for every request of 100 rows.
-        values = {c: rows[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in (count, positive)}
+        values = {c: np.asarray(rows[c], dtype=np.float64) for c in (count, positive)}
         for column, other in ((count, positive), (positive, count)):
             lone = np.isnan(values[column]) & ~np.isnan(values[other])
             if lone.any():
