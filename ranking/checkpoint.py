@@ -94,9 +94,16 @@ class Progress:
     world: int
 
 
+# What a resumed run may change: the budget (more epochs or patience continue a run) and how it runs
+# (its own folder's spelling, device, loop, what is saved at the end); the data and the model must match.
+NOT_RESUME_RELEVANT = (
+    "epochs", "patience", "out", "device", "train_pipeline", "save_checkpoint", "resume", "ddr_cap_gb",
+)
+
+
 def _resumable(config: dict) -> dict:
-    """The config a resumed run must share with its state: all but the budget (more epochs continue a run)."""
-    return {k: v for k, v in config.items() if k not in ("epochs", "patience")}
+    """The config a resumed run must share with its state (all but NOT_RESUME_RELEVANT)."""
+    return {k: v for k, v in config.items() if k not in NOT_RESUME_RELEVANT}
 
 
 def epoch_dir(out: Path, epoch: int) -> Path:

@@ -34,13 +34,16 @@ def _retrain(run: Path) -> str:
     return f"python -m ranking.train --config {run / 'metrics.json'}"
 
 
-def read_run(run: Path) -> dict:
+def read_run(run: Path, *, with_export: bool = False) -> dict:
     """A finished run's metrics.json, after checking the run's files (predictions too) against its unit.json.
+
+    Args:
+        with_export: also require the weights-only export (what serving loads).
 
     Raises:
         DataError: an unfinished run (no unit.json), or a file missing or changed since the run wrote it.
     """
-    require_complete_unit(run, _retrain(run), files=RESULTS)
+    require_complete_unit(run, _retrain(run), files=(*RESULTS, *((MODEL_JSON, WEIGHTS) if with_export else ())))
     return read_json(run / "metrics.json")
 
 

@@ -82,7 +82,7 @@ def unit_rows_to_table(factors: np.ndarray, rows: int, dim: int, std: float) -> 
     return table
 
 
-def mean_factor_rows(factors: np.ndarray, keys: np.ndarray, rows: int) -> np.ndarray:
+def sum_factor_rows(factors: np.ndarray, keys: np.ndarray, rows: int) -> np.ndarray:
     """[rows, k] sum of the item factors that share each key (row); direction only matters."""
     out = np.zeros((rows, factors.shape[1]))
     np.add.at(out, keys, factors)
@@ -116,14 +116,14 @@ def sid_factor_rows(
     out = {}
     for table in tables:
         if table.name.startswith("t_sid_") and table.features == (f"sid_{table.name[6:]}",):
-            out[table.name] = mean_factor_rows(factors, codes[:, int(table.name[6:])] + 1, table.num_embeddings)
+            out[table.name] = sum_factor_rows(factors, codes[:, int(table.name[6:])] + 1, table.num_embeddings)
             continue
         depths = sorted({depth_of[f] for f in table.features if f in depth_of})
         if depths:
             keys = np.concatenate([
                 prefix_bucket(encode_prefixes(codes[:, :d], codebook_size), d, table.num_embeddings) for d in depths
             ])
-            out[table.name] = mean_factor_rows(np.tile(factors, (len(depths), 1)), keys, table.num_embeddings)
+            out[table.name] = sum_factor_rows(np.tile(factors, (len(depths), 1)), keys, table.num_embeddings)
     return out
 
 
@@ -139,6 +139,8 @@ def cowatch_weights(
     train_events: pd.DataFrame,
     tables: Sequence[SparseTable],
     dim: int,
+    n_users: int,
+    n_items: int,
     *,
     seed: int,
     scale: float = 1.0,
@@ -151,6 +153,8 @@ def cowatch_weights(
         train_events: the protocol's train rows (``user_id``, ``item_id``).
         tables: the model's tables (``ranking.tables.sparse_tables``).
         dim: D, the table width.
+        n_users: the feature meta's user count (ids 1..n_users).
+        n_items: the feature meta's item count: every item a SID row may name, cold ones too.
         seed: seeds the SVD start vector.
         scale: entry std of the factor rows as a multiple of TorchRec's default init std.
         sids: the SID version's item codes; None leaves the SID tables to their own init.
@@ -160,10 +164,8 @@ def cowatch_weights(
         table name -> [num_embeddings, D] float32, identical on every rank.
     """
     sizes = {t.name: t.num_embeddings for t in tables}
-    n_users = sizes.get("t_user", int(train_events["user_id"].max()) + 1)
-    n_items = sizes.get("t_item", int(train_events["item_id"].max()) + 1)
     user_f, item_f = cowatch_factors(
-        train_events["user_id"].to_numpy(), train_events["item_id"].to_numpy(), n_users, n_items, dim, seed
+        train_events["user_id"].to_numpy(), train_events["item_id"].to_numpy(), n_users + 1, n_items + 1, dim, seed
     )
     rows = {name: f for name, f in (("t_user", user_f), ("t_item", item_f)) if name in sizes}
     if sids is not None:

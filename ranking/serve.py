@@ -52,12 +52,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torchrec.datasets.utils import Batch
 
 from sidrank.cli import add_config_arguments, build_config, log_to_stderr, parser_for, run_main
-from sidrank.io import read_json
 from sidrank.schema import DataError
 from sidrank import contract
 from ranking.batches import build_split
 from ranking.checkpoint import Loaded
-from ranking.export import load_export
+from ranking.export import load_export, read_run
 from ranking.rows import OnlineFeatures
 
 log = logging.getLogger("ranking.serve")
@@ -268,14 +267,6 @@ def candidate_rows(online: pd.DataFrame, user_id: int, meta: contract.FeatureMet
     return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [contract.SID_CODES]))
 
 
-def read_metrics(run: Path) -> dict:
-    """The run's metrics.json (SID version, feature service, config)."""
-    path = run / "metrics.json"
-    if not path.exists():
-        raise DataError(f"{path}: not found; pass the --out folder of `python -m ranking.train` as --run")
-    return read_json(path)
-
-
 def load_model(run: Path, meta: contract.FeatureMeta) -> Loaded:
     """The run's trained model, built unsharded on CPU for the store's table sizes.
 
@@ -301,7 +292,7 @@ class Ranker:
     def __init__(self, cfg: ServeConfig) -> None:
         start = time.perf_counter()
         torch.set_num_threads(cfg.threads)
-        metrics = read_metrics(cfg.run)
+        metrics = read_run(cfg.run, with_export=True)
         self.cfg, self.sid_version = cfg, metrics["sid_version"]
         self.service = cfg.service or metrics["service"]
         loaded = load_model(cfg.run, contract.RepoPaths(cfg.repo).feature_meta(self.sid_version))
@@ -400,7 +391,7 @@ def preflight(cfg: ServeConfig) -> None:
     Raises:
         DataError: as :class:`Ranker` would, without loading the model.
     """
-    contract.RepoPaths(cfg.repo).feature_meta(read_metrics(cfg.run)["sid_version"])
+    contract.RepoPaths(cfg.repo).feature_meta(read_run(cfg.run, with_export=True)["sid_version"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -439,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         serve_http(build_config(HttpConfig, args))
         return
     cfg = build_config(ServeConfig, args)
-    metrics = read_metrics(cfg.run)
+    metrics = read_run(cfg.run, with_export=True)
     try:
         request = parse_request({"user_id": user, "item_ids": items}, cfg.max_candidates, metrics["sid_version"])
     except RequestError as exc:

@@ -251,7 +251,8 @@ def run(cfg: TrainConfig, device: torch.device = torch.device("cpu")) -> dict | 
             sid_cowatch = cfg.features.use_sid and cfg.model.sid_init == "cowatch"
             sids = pd.read_parquet(paths.sid_dir(meta.sid_version) / "sids.parquet") if sid_cowatch else None
             weights = cowatch_weights(
-                split_events["train"], tables, cfg.model.emb_dim, seed=cfg.seed, scale=cfg.model.factor_scale,
+                split_events["train"], tables, cfg.model.emb_dim, meta.n_users, meta.n_items,
+                seed=cfg.seed, scale=cfg.model.factor_scale,
                 sids=sids, codebook_size=meta.sid_codebook_size,
             )
             if cfg.model.factor_init != "cowatch":
@@ -263,6 +264,8 @@ def run(cfg: TrainConfig, device: torch.device = torch.device("cpu")) -> dict | 
     local = cfg.batch_size // world
     progress = resume(dmp, opt, cfg.out, config) if cfg.resume else None
     progress = progress or Progress(-1, -1, -math.inf, [], False, config, world)
+    # Patience is part of the budget a rerun may raise: a run stopped early under a smaller one goes on.
+    progress.stopped = progress.stopped and progress.epoch - progress.best_epoch >= cfg.patience
     # The plain loop on CPU by default: no copies to hide, and no gain measured on 2 cores.
     use_pipeline = cfg.train_pipeline if cfg.train_pipeline is not None else device.type == "cuda"
     pipeline = TrainPipelineSparseDist(dmp, opt, device) if use_pipeline else None

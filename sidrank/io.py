@@ -237,15 +237,15 @@ def require_complete_unit(
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-        listed = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        listed = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{manifest_path}: unreadable unit manifest ({exc}); {fix}") from exc
     for name in files:
         if name not in listed:
             raise DataError(f"{folder / name}: not part of the unit listed in {manifest_path}; {fix}")
-    for name, entry in listed.items():
+    for name, (size, sha256) in listed.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != size or file_sha256(path) != sha256:
             raise DataError(f"{path}: missing or changed since {manifest_path} was written (a half-written or "
                             f"hand-edited unit); {fix}")
     recorded = manifest.get("built_from", {})

@@ -56,13 +56,13 @@ def test_weights_ignore_labels_and_are_reproducible() -> None:
     events = planted_events()
     tables = sparse_tables(META, FeatureConfig(use_sid=False))
     flipped = events.assign(label=1 - events["label"])
-    first = cowatch_weights(events, tables, DIM, seed=3)
-    again = cowatch_weights(flipped, tables, DIM, seed=3)
+    first = cowatch_weights(events, tables, DIM, N_USERS, N_ITEMS, seed=3)
+    again = cowatch_weights(flipped, tables, DIM, N_USERS, N_ITEMS, seed=3)
     assert set(first) == {"t_user", "t_item"}
     for name in first:
         assert torch.equal(first[name], again[name])
     # Rows with a factor have entry std scale x the default init's; the unknown row starts at zero.
-    item = cowatch_weights(events, tables, DIM, seed=3, scale=4.0)["t_item"]
+    item = cowatch_weights(events, tables, DIM, N_USERS, N_ITEMS, seed=3, scale=4.0)["t_item"]
     std = default_init_std(N_ITEMS + 1)
     assert abs(item[1:].std().item() / (4.0 * std) - 1) < 0.1
     assert not item[0].any()
@@ -95,8 +95,19 @@ def test_cold_item_sid_rows_come_from_train_items_with_its_codes() -> None:
 def test_init_tables_lands_in_an_unsharded_model() -> None:
     tables = sparse_tables(META, FeatureConfig())
     model = build_model(tables, len(DENSE_FEATURES), ModelConfig(emb_dim=DIM), device="cpu")
-    weights = cowatch_weights(planted_events(), tables, DIM, seed=0)
+    weights = cowatch_weights(planted_events(), tables, DIM, N_USERS, N_ITEMS, seed=0)
     assert init_tables(model, weights, "test") == ["t_item", "t_user"]
     state = model.state_dict()
     key = next(k for k in state if k.endswith("t_item.weight"))
     assert torch.equal(state[key], weights["t_item"])
+
+
+def test_sid_rows_without_an_item_table_cover_items_train_never_saw() -> None:
+    # --no-use-item-id --sid-init cowatch: the factors are sized by the meta, not the largest train id.
+    events = planted_events()
+    events = events[events["item_id"] < 30]
+    tables = sparse_tables(META, FeatureConfig(use_item_id=False))
+    item_ids = np.arange(1, N_ITEMS + 1)
+    sids = pd.DataFrame({"item_id": item_ids, "sid_0": (item_ids > 20).astype(int), "sid_1": item_ids % CODES})
+    weights = cowatch_weights(events, tables, DIM, N_USERS, N_ITEMS, seed=0, sids=sids, codebook_size=CODES)
+    assert "t_item" not in weights and weights["t_sid_0"].shape == (CODES + 1, DIM)

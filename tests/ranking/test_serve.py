@@ -266,11 +266,11 @@ def _closed_within(sock: socket.socket, seconds: float) -> bytes:
 def test_slow_clients_are_cut_off(port: int) -> None:
     # A head trickled a byte at a time: closed once the header timeout (1 s) has passed since the connection opened.
     with socket.create_connection((serve.HOST, port)) as sock:
-        start = time.monotonic()
         sock.sendall(b"P")
         time.sleep(0.5)
         sock.sendall(b"O")
-        assert _closed_within(sock, 5) == b"" and time.monotonic() - start < 3
+        # Held forever before; the 5 s wait is the bound, not a timing claim on a busy machine.
+        assert _closed_within(sock, 5) == b""
     # A body slower than the body timeout (1 s): 408 with a JSON reason.
     with socket.create_connection((serve.HOST, port)) as sock:
         sock.sendall(b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
@@ -289,16 +289,29 @@ def test_connections_beyond_the_concurrency_limit_get_503(served: Served) -> Non
     with running(cfg, served.ranker) as bound:
         held = [socket.create_connection((serve.HOST, bound)) for _ in range(2)]
         try:
-            time.sleep(0.2)  # both accepted
-            conn = http.client.HTTPConnection(serve.HOST, bound, timeout=30)
-            conn.request("GET", "/health")
-            assert conn.getresponse().status == 503
-            conn.close()
+            # Polled, not slept: the held connections are accepted (and later released) when the loop gets to it.
+            assert _status_within(bound, 503, seconds=10)
         finally:
             for sock in held:
                 sock.close()
-        time.sleep(0.2)
-        assert _request(bound, "GET", "/health")[0] == 200
+        assert _status_within(bound, 200, seconds=10)
+
+
+def _status_within(port: int, status: int, seconds: float) -> bool:
+    """Whether GET /health answers ``status`` at some point within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(serve.HOST, port, timeout=30)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == status:
+                return True
+        except (ConnectionError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    return False
 
 
 def test_store_outage_answers_503_and_recovers_without_restart(served: Served, tmp_path: Path) -> None:
@@ -342,7 +355,7 @@ def test_cli_rank_prints_the_ranking(served: Served, capsys: pytest.CaptureFixtu
 def test_store_of_another_sid_version_or_missing_run_is_refused(served: Served, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"SID version 'other-v9' is not published .*\['{TEST_SID_VERSION}'\]"):
         contract.RepoPaths(served.repo).feature_meta("other-v9")
-    with pytest.raises(DataError, match="metrics.json: not found"):
+    with pytest.raises(DataError, match="incomplete or missing .no unit.json"):
         serve.Ranker(serve.ServeConfig(run=tmp_path, repo=served.repo))
     with pytest.raises(DataError, match=re.escape(str(tmp_path))):
         serve.load_model(tmp_path, served.ranker.meta)

@@ -50,6 +50,9 @@ def test_a_failing_writer_leaves_the_old_unit(tmp_path: Path) -> None:
         (lambda d: (d / UNIT_MANIFEST).unlink(), "incomplete or missing"),
         (lambda d: (d / "a.txt").write_text("edited"), "missing or changed"),
         (lambda d: (d / "a.txt").unlink(), "missing or changed"),
+        # A manifest entry without its size (hand-edited) is a DataError, not a KeyError.
+        (lambda d: (d / UNIT_MANIFEST).write_text('{"files": {"a.txt": {"sha256": "0"}}}'), "unreadable unit manifest"),
+        (lambda d: (d / UNIT_MANIFEST).write_text('{"files": {"a.txt": "x"}}'), "unreadable unit manifest"),
     ],
 )
 def test_readers_refuse_an_incomplete_or_changed_unit(tmp_path: Path, damage, message: str) -> None:
