@@ -55,7 +55,7 @@ class GpuSmokeConfig:
     cpu_nproc: int = 2
     prepare: bool = True
     print_install: bool = False
-    cuda_tag: str = "cu128"
+    cuda_tag: str = envcheck.DEFAULT_CUDA_TAG
     artifacts: Path = DemoConfig.artifacts
     runs: Path = Path("artifacts/bench/gpu_smoke")
     results_dir: Path = RESULTS_DIR

@@ -208,7 +208,7 @@ def server(cfg: ServingBenchConfig) -> Iterator[Server]:
     """``python -m ranking.serve http`` in a child process, yielded once /health answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "ranking.serve", "http", "--run", str(cfg.run), "--repo", str(cfg.repo),
-               "--port", str(port), "--workers", str(cfg.workers), "--max-candidates", str(max(cfg.candidates, 1000))]
+               "--port", str(port), "--workers", str(cfg.workers), "--max-candidates", str(max(cfg.candidates, ServeConfig.max_candidates))]
     with tempfile.TemporaryFile() as output:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         try:

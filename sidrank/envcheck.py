@@ -25,7 +25,10 @@ def cuda_tag(torch_cuda: str) -> str:
     return "cu" + torch_cuda.replace(".", "")
 
 
-def cuda_install_lines(tag: str = "cu128") -> list[str]:
+DEFAULT_CUDA_TAG = "cu128"  # the CUDA variant the GPU install lines name unless told another
+
+
+def cuda_install_lines(tag: str = DEFAULT_CUDA_TAG) -> list[str]:
     """The pip commands that turn this venv into a GPU one (CUDA torch, the matching fbgemm-gpu, torchrec)."""
     index = CUDA_INDEX.format(tag=tag)
     return [
