@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ import psutil
 from feast.constants import FEAST_FS_YAML_FILE_PATH_ENV_NAME
 
 from benchmarks.report import RESULTS_DIR, latency_stats, markdown_table, rerun_command, time_each, write_results
+from sidrank.net import free_port
 from features import online_store, publish
 from ranking.serve import HOST, Ranker, ServeConfig
 
@@ -122,13 +122,6 @@ def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int
     rng = np.random.default_rng(seed)
     return [(int(rng.integers(1, n_users + 1)), (rng.choice(n_items, candidates, replace=False) + 1).tolist())
             for _ in range(n)]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class Server(NamedTuple):

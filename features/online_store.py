@@ -53,6 +53,7 @@ from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 from feast.repo_config import RepoConfig
 from pydantic import field_validator
 
+from sidrank.net import free_port
 from sidrank.schema import DataError
 
 STORE_TYPE = "features.online_store.RepoSqliteOnlineStore"
@@ -126,12 +127,6 @@ def redis_executable() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
@@ -181,7 +176,7 @@ def redis_server(folder: Path, attempts: int = 3) -> Iterator[RedisServer]:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
-        port = _free_port()
+        port = free_port()
         process = _start(folder, port)
         if process is not None:
             break

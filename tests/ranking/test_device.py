@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torchrec.distributed.types import ShardingType
 
+from sidrank.net import free_port
 from sidrank.schema import DataError
 from ranking import train
 from ranking.distributed import resolve_device
@@ -62,17 +62,11 @@ def test_sharding_types_follow_the_device() -> None:
             assert ShardingType.DATA_PARALLEL.value not in sharding_types(pooled, device)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_on_one_host(tmp_path: Path) -> None:
     """torchrun --nnodes 2 with one process each, started twice on this host, rendezvous over c10d."""
     dataset, rows, meta = synthetic_dataset(tmp_path)
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
