@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sidrank import contract
 from sidrank.schema import DataError, check_ids_in_range, require_columns
-from ranking.tables import FeatureConfig, prefix_bucket, profile_columns, sparse_tables
+from ranking.tables import FeatureConfig, item_prefix_buckets, prefix_bucket, profile_columns, sparse_tables
 
 DENSE_FEATURES = (
     "log_user_count",
@@ -104,10 +104,8 @@ def _sid_features(
     L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
     known = codes[:, 0] >= 0
     feats = {f"sid_{lvl}": (codes[:, lvl] + 1, np.ones(len(rows), np.int64)) for lvl in range(L)}
-    prefix = np.zeros(int(known.sum()), np.int64)
-    for d in range(1, L + 1):
-        prefix = prefix * K + codes[known, d - 1]  # mixed radix, as contract.encode_prefix
-        feats[f"sid_prefix_{d}"] = (prefix_bucket(prefix, d, buckets), known.astype(np.int64))
+    for depth, bucket in enumerate(item_prefix_buckets(codes[known], K, buckets), start=1):
+        feats[f"sid_prefix_{depth}"] = (bucket, known.astype(np.int64))
     for depth, column in enumerate(contract.HIST_SID_PREFIXES[:L], start=1):
         values, lengths = _list_column(rows, column, source)
         check_ids_in_range(values, K**depth, f"{source}: column '{column}' (depth-{depth} prefixes)")

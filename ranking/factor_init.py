@@ -32,7 +32,7 @@ from scipy.sparse.linalg import svds
 from sidrank import contract
 from sidrank.schema import is_sid_code_column
 from ranking.sid_init import default_init_std
-from ranking.tables import SparseTable, prefix_bucket
+from ranking.tables import SparseTable, item_prefix_buckets
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +120,10 @@ def sid_factor_rows(
             continue
         depths = sorted({depth_of[f] for f in table.features if f in depth_of})
         if depths:
-            keys = np.concatenate([
-                prefix_bucket(encode_prefixes(codes[:, :d], codebook_size), d, table.num_embeddings) for d in depths
-            ])
+            by_depth = item_prefix_buckets(codes[:, : max(depths)], codebook_size, table.num_embeddings)
+            keys = np.concatenate([by_depth[d - 1] for d in depths])
             out[table.name] = sum_factor_rows(np.tile(factors, (len(depths), 1)), keys, table.num_embeddings)
     return out
-
-
-def encode_prefixes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
-    """[N, d] codes -> [N] mixed-radix prefixes (``contract.encode_prefix`` row by row)."""
-    value = np.zeros(len(codes), np.int64)
-    for column in codes.T:
-        value = value * codebook_size + column
-    return value
 
 
 def cowatch_weights(

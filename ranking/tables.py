@@ -127,6 +127,15 @@ def prefix_bucket(values: np.ndarray, depth: int, buckets: int) -> np.ndarray:
     return (x % np.uint64(buckets)).astype(np.int64)
 
 
+def item_prefix_buckets(codes: np.ndarray, codebook_size: int, buckets: int) -> list[np.ndarray]:
+    """[N, L] SID codes -> L arrays [N]: the bucket of each item's depth-d prefix, d = 1..L."""
+    out, prefix = [], np.zeros(len(codes), np.int64)
+    for depth in range(1, codes.shape[1] + 1):
+        prefix = prefix * codebook_size + codes[:, depth - 1]  # mixed radix, as contract.encode_prefix
+        out.append(prefix_bucket(prefix, depth, buckets))
+    return out
+
+
 def profile_columns(meta: contract.FeatureMeta, cfg: FeatureConfig) -> dict[str, int]:
     """The user-profile feature columns in use -> vocabulary size."""
     if cfg.profile_columns is None:
