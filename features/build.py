@@ -194,9 +194,11 @@ def _sid_config_value(config: dict, key: str) -> int | None:
 
 
 def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_size: int | None) -> SidTable:
-    """Read and check one SID version: every item has exactly one SID, codes inside the codebook."""
+    """Read and check one SID version: every item has exactly one SID, codes inside the codebook.
+
+    The caller checks the version's unit first (:meth:`DatasetPaths.built_from_sids`).
+    """
     sid_dir = paths.sid_dir(version)
-    paths.sid_digest(version)
     source = sid_dir / "sids.parquet"
     config_path = sid_dir / "config.json"
     config = read_json(config_path) if config_path.exists() else {}
@@ -233,8 +235,7 @@ def load_sids(paths: DatasetPaths, version: str, item_ids: np.ndarray, codebook_
 
 
 def _load_dataset(paths: DatasetPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Read events, items, users and meta.json and check that they agree."""
-    paths.dataset_digest()
+    """Read events, items, users and meta.json and check that they agree (the caller checks the unit first)."""
     meta_path = paths.meta
     meta = read_json(meta_path)
     absent_keys = [key for key in ("n_users", "n_items", "user_profile_columns") if key not in meta]
@@ -269,8 +270,11 @@ def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
         The :class:`sidrank.contract.FeatureMeta` also written to ``feature_meta.json``.
     """
     paths = DatasetPaths(config.dataset)
+    # Each upstream unit is hashed once, before its files are read; the digests recorded are of what was read.
+    built_from_dataset = paths.built_from_dataset()
     events, items, users, meta = _load_dataset(paths)
     version = paths.resolve_sid_version(config.sid_version)
+    built_from = paths.built_from_sids(version, built_from_dataset)
     sids = load_sids(paths, version, items["item_id"].to_numpy(), config.codebook_size)
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
     log.info("events %d (positive rate %.3f), users %d, items %d, SID %s (L=%d, K=%d)", len(events),
@@ -304,7 +308,7 @@ def build_features(config: FeaturesConfig) -> contract.FeatureMeta:
         user_profile={name: len(vocab) + 1 for name, vocab in profile_vocab.items()},
         events_sha256=file_sha256(paths.events),
     )
-    with publish_unit(paths.features, built_from=paths.built_from_sids(version)) as staging:
+    with publish_unit(paths.features, built_from=built_from) as staging:
         for name, frame in tables.items():
             write_table(frame, staging / f"{name}.parquet")
             log.info("%s: %d rows", name, len(frame))

@@ -33,7 +33,8 @@ Rollback guard: Feast's sqlite online store upserts without comparing event
 times, so materializing a window that ends earlier than an earlier one puts
 older values over newer ones. ``data/materialized.json`` records the window
 materialized so far; a publish whose window would end before it is refused
-before anything is written (:func:`check_materialize_window`).
+before anything in the repository changes (:func:`check_materialize_window`,
+run on the staged tables, the ones a materialize would read).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.build import SHARED_TABLES, TABLES
+from features.build import SHARED_TABLES
 from sidrank import contract
 from sidrank.cli import run_main
 from sidrank.contract import DatasetPaths, RepoPaths
@@ -227,11 +228,17 @@ def published_registry(paths: RepoPaths) -> dict:
         return {"default": None, "versions": {}}
 
 
-def copy_tables(dataset: DatasetPaths, repo: Path, *, set_default: bool = True) -> dict:
+def copy_tables(dataset: DatasetPaths, repo: Path, *, set_default: bool = True, check_window: bool = False) -> dict:
     """Write one SID version's tables and meta into the repository's data folder and register it.
 
     The data folder's files are one unit (:func:`sidrank.io.publish_unit`):
     tables, feature metas and the registry appear together or not at all.
+    The feature unit is checked once (:meth:`DatasetPaths.require_features`).
+
+    Args:
+        check_window: refuse tables whose stamps end before the window the
+            online store holds (:func:`check_materialize_window`), checked on
+            the staged tables, so the refusal leaves the data folder as it was.
 
     Returns:
         The updated registry (also written to ``data/sid_versions.json``).
@@ -269,6 +276,9 @@ def copy_tables(dataset: DatasetPaths, repo: Path, *, set_default: bool = True) 
             shutil.copyfile(source, staged(paths.feature_meta_path(other)))
         shutil.copyfile(staged(paths.feature_meta_path(registry["default"])), staged(paths.default_feature_meta_path))
         write_json(registry, staged(paths.sid_registry))
+        if check_window:
+            # Exactly the tables a materialize after this publish reads: the new version's and those kept.
+            check_materialize_window(paths, tables_stamp_range([staged(t) for t in published_tables(repo)])[1])
     log.info("SID versions %s, default %s", sorted(registry["versions"]), registry["default"])
     return registry
 
@@ -326,22 +336,19 @@ def publish(config: PublishConfig) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     Raises:
         DataError: the features are incomplete or stale, or (with
             materialize) their window ends before the online store's
-            (:func:`check_materialize_window`); nothing is written then.
+            (:func:`check_materialize_window`); the repository is left as
+            it was then.
 
     Returns:
         The materialized (start, end) range, or None without materialization.
     """
-    dataset, paths = DatasetPaths(config.dataset), RepoPaths(config.repo)
-    dataset.require_features()
-    if config.materialize:
-        # Versions kept beside this one come from the same events, so these tables set the window's end.
-        check_materialize_window(paths, tables_stamp_range([dataset.features / f"{t}.parquet" for t in TABLES])[1])
-    copy_tables(dataset, config.repo, set_default=config.set_default)
+    paths = RepoPaths(config.repo)
+    copy_tables(DatasetPaths(config.dataset), config.repo, set_default=config.set_default,
+                check_window=config.materialize)
     log.info("%s", run_feast(config.repo, "apply").strip())
     if not config.materialize:
         return None
     start, end = stamp_range(config.repo)
-    check_materialize_window(paths, end)
     log.info("%s", run_feast(config.repo, "materialize", start.isoformat(), end.isoformat()).strip())
     record_materialized(paths, start, end)
     return start, end

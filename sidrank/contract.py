@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sidrank.io import require_complete_unit, write_text
+from sidrank.io import read_unit_file, require_built_from, require_complete_unit, write_text
 from sidrank.schema import DataError, require_file
 
 if TYPE_CHECKING:
@@ -256,22 +256,38 @@ class DatasetPaths:
             "digest"
         ]
 
-    def sid_digest(self, version: str) -> str:
-        """The digest of SID ``version``'s complete unit, built from the current dataset unit."""
-        return require_complete_unit(self.sid_dir(version), self.sids_command(), built_from=self.built_from_dataset())[
-            "digest"
-        ]
+    def sid_digest(self, version: str, built_from_dataset: dict[str, str] | None = None) -> str:
+        """The digest of SID ``version``'s complete unit, built from the current dataset unit.
 
-    def built_from_sids(self, version: str) -> dict[str, str]:
-        """``built_from`` of the feature unit made from SID ``version`` of this dataset."""
-        return {**self.built_from_dataset(), BUILT_FROM_SIDS: self.sid_digest(version)}
+        Args:
+            built_from_dataset: :meth:`built_from_dataset` as the caller has
+                just computed it, so the dataset unit is not hashed again;
+                None computes it here.
+        """
+        dataset = self.built_from_dataset() if built_from_dataset is None else built_from_dataset
+        return require_complete_unit(self.sid_dir(version), self.sids_command(), built_from=dataset)["digest"]
+
+    def built_from_sids(self, version: str, built_from_dataset: dict[str, str] | None = None) -> dict[str, str]:
+        """``built_from`` of the feature unit made from SID ``version`` of this dataset (each unit hashed once).
+
+        Args:
+            built_from_dataset: as for :meth:`sid_digest`.
+        """
+        dataset = self.built_from_dataset() if built_from_dataset is None else built_from_dataset
+        return {**dataset, BUILT_FROM_SIDS: self.sid_digest(version, dataset)}
 
     def require_features(self) -> dict:
-        """The manifest of the complete feature unit, built from the current dataset and its SID version."""
-        # The SID version is read from the unit itself, so the unit is checked before its meta is trusted.
-        require_complete_unit(self.features, self.features_command(), files=(FEATURE_META_FILE,))
-        version = str(json.loads(self.feature_meta.read_text())["sid_version"])
-        return require_complete_unit(self.features, self.features_command(), built_from=self.built_from_sids(version))
+        """The manifest of the complete feature unit, built from the current dataset and its SID version.
+
+        Every unit involved (features, dataset, SID version) is hashed once per call.
+        """
+        manifest = require_complete_unit(self.features, self.features_command(), files=(FEATURE_META_FILE,))
+        # The SID version is read from the checked unit's own meta (its bytes checked against the manifest),
+        # then the manifest's upstream digests are compared without hashing the feature unit again.
+        meta = json.loads(read_unit_file(self.features, manifest, FEATURE_META_FILE, self.features_command()))
+        require_built_from(self.features, manifest, self.features_command(),
+                           self.built_from_sids(str(meta["sid_version"])))
+        return manifest
 
     def resolve_sid_version(self, version: str) -> str:
         """``LATEST`` -> the version named in ``sids/LATEST``; any other name is returned as is."""

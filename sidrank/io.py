@@ -14,6 +14,12 @@ the folder and the command that rebuilds it. So a run killed at any moment
 leaves either the old unit, or a folder readers refuse, never a mix they
 accept. Files a unit does not list (a later stage's subfolders) are not part
 of it and are left alone.
+
+Hashing costs time in proportion to the data, so a reader checks each unit
+once per operation: one that learns the upstream from the unit's own files
+reads them with :func:`read_unit_file` and compares the digests with
+:func:`require_built_from`, instead of hashing the unit twice. Nothing is
+remembered between operations: a unit replaced on disk is seen by the next.
 """
 
 from __future__ import annotations
@@ -248,11 +254,50 @@ def require_complete_unit(
         if not path.is_file() or path.stat().st_size != size or file_sha256(path) != sha256:
             raise DataError(f"{path}: missing or changed since {manifest_path} was written (a half-written or "
                             f"hand-edited unit); {fix}")
+    require_built_from(folder, manifest, rebuild, built_from or {})
+    return manifest
+
+
+def require_built_from(folder: str | Path, manifest: Mapping[str, Any], rebuild: str,
+                       built_from: Mapping[str, str]) -> None:
+    """Refuse a unit whose manifest (one :func:`require_complete_unit` returned) records other upstream digests.
+
+    For a reader that learns the upstream only from the unit's own files: it
+    compares the manifest it has checked instead of hashing the unit again.
+
+    Raises:
+        DataError: the unit is stale; the message names ``folder`` and ``rebuild``.
+    """
     recorded = manifest.get("built_from", {})
-    for key, digest in (built_from or {}).items():
+    for key, digest in built_from.items():
         if recorded.get(key) != digest:
             raise DataError(
                 f"{folder}: stale, built from another {key} (recorded {str(recorded.get(key))[:12]}, now "
-                f"{digest[:12]}: the {key} was rebuilt since); {fix}"
+                f"{digest[:12]}: the {key} was rebuilt since); rebuild it with `{rebuild}`"
             )
-    return manifest
+
+
+def read_unit_file(folder: str | Path, manifest: Mapping[str, Any], name: str, rebuild: str) -> bytes:
+    """The bytes of file ``name`` of the unit whose checked manifest is ``manifest``.
+
+    The file is read once and its sha256 compared with the manifest's, so a
+    unit replaced between the check and this read is refused instead of its
+    file being taken for the checked unit's.
+
+    Raises:
+        DataError: the file is not listed, missing or differs from the
+            manifest; the message names it and ``rebuild``.
+    """
+    path = Path(folder) / name
+    fix = f"rebuild it with `{rebuild}`"
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise DataError(f"{path}: not part of the unit listed in {Path(folder) / UNIT_MANIFEST}; {fix}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{path}: missing or changed since {Path(folder) / UNIT_MANIFEST} was written (replaced "
+                        f"while it was read, or hand-edited); {fix}")
+    return data

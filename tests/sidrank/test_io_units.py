@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sidrank.io import UNIT_MANIFEST, publish_unit, require_complete_unit
+from sidrank.io import UNIT_MANIFEST, publish_unit, read_unit_file, require_built_from, require_complete_unit
 from sidrank.schema import DataError
 
 REBUILD = "python -m make-it"
@@ -66,6 +66,29 @@ def test_readers_refuse_a_unit_built_from_another_upstream(tmp_path: Path) -> No
     publish(tmp_path, {"a.txt": "a"}, {"dataset": "old-digest"})
     with pytest.raises(DataError, match="stale, built from another dataset"):
         require_complete_unit(tmp_path, REBUILD, built_from={"dataset": "new-digest"})
+
+
+def test_a_checked_manifest_is_compared_with_upstream_digests_without_hashing_again(tmp_path: Path) -> None:
+    publish(tmp_path, {"a.txt": "a"}, {"dataset": "d1"})
+    manifest = require_complete_unit(tmp_path, REBUILD)
+    require_built_from(tmp_path, manifest, REBUILD, {"dataset": "d1"})
+    with pytest.raises(DataError, match=f"stale, built from another dataset.*{REBUILD}"):
+        require_built_from(tmp_path, manifest, REBUILD, {"dataset": "d2"})
+
+
+def test_a_unit_file_read_after_the_check_must_still_be_the_checked_one(tmp_path: Path) -> None:
+    """A unit replaced between the check and the read is refused, not paired with the old manifest."""
+    publish(tmp_path, {"a.txt": "old a"})
+    manifest = require_complete_unit(tmp_path, REBUILD)
+    assert read_unit_file(tmp_path, manifest, "a.txt", REBUILD) == b"old a"
+    with pytest.raises(DataError, match=f"b.txt: not part of the unit.*{REBUILD}"):
+        read_unit_file(tmp_path, manifest, "b.txt", REBUILD)
+    publish(tmp_path, {"a.txt": "new a"})
+    with pytest.raises(DataError, match=f"a.txt: missing or changed.*{REBUILD}"):
+        read_unit_file(tmp_path, manifest, "a.txt", REBUILD)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(DataError, match=f"a.txt: missing or changed.*{REBUILD}"):
+        read_unit_file(tmp_path, manifest, "a.txt", REBUILD)
 
 
 def test_sigkill_after_the_first_rename_leaves_a_unit_readers_refuse_and_the_next_run_cleans_up(tmp_path: Path) -> None:
