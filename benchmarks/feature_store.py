@@ -37,7 +37,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ import demo
 from features import online_store, publish
 from sidrank import contract
 from sidrank.cli import add_config_arguments, parse_config, parser_for, run_main
+from sidrank.envvars import env_override
 from sidrank.schema import from_micros, to_micros
 
 PROG = "python -m benchmarks.feature_store"
@@ -368,25 +369,14 @@ def load_note(load: dict) -> str:
             f"slows every operation; the ratios compare stores in the same run (online requests interleaved).")
 
 
-@contextlib.contextmanager
-def redis_address(connection_string: str) -> Iterator[None]:
-    """``SIDRANK_REDIS`` names the server inside the block (what feature_store.redis.yaml reads), as before after."""
-    previous = os.environ.get(online_store.REDIS_ENV)
-    os.environ[online_store.REDIS_ENV] = connection_string
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[online_store.REDIS_ENV]
-        else:
-            os.environ[online_store.REDIS_ENV] = previous
-
-
 def run(cfg: FeatureStoreBenchConfig, command: str) -> dict:
     """Prepare, start a redis-server for the run, measure, write the results; the server is stopped after."""
     dataset, repo = prepare(cfg)
     load_before = os.getloadavg()
-    with online_store.redis_server(cfg.root / "redis") as server, redis_address(server.connection_string):
+    with (
+        online_store.redis_server(cfg.root / "redis") as server,
+        env_override({online_store.REDIS_ENV: server.connection_string}),
+    ):
         result = {"events": cfg.events, "materialize": bench_materialize(repo)}
         result["historical"] = bench_historical(cfg, dataset, repo)
         result["online"] = bench_online(cfg, repo)
