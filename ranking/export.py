@@ -28,10 +28,27 @@ WEIGHTS, MODEL_JSON = f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/model.js
 EXPORT_FORMAT = 1
 # What every finished run holds, with or without a model.
 RESULTS = ("metrics.json", "predictions_valid.parquet", "predictions_test.parquet")
+# The keys of model.json that load_export reads, as paths from the top.
+MODEL_JSON_KEYS = (("config", "features"), ("config", "model"), ("meta", "n_users"), ("meta", "n_items"))
 
 
 def _retrain(run: Path) -> str:
     return f"python -m ranking.train --config {run / 'metrics.json'}"
+
+
+def require_model_keys(description: object, run: Path) -> None:
+    """Refuse a ``model.json`` without a key of :data:`MODEL_JSON_KEYS` (hand-edited, or from another writer).
+
+    Raises:
+        DataError: naming the file, the first missing key and the command that writes a new export.
+    """
+    for path in MODEL_JSON_KEYS:
+        node = description
+        for depth, key in enumerate(path):
+            if not isinstance(node, dict) or key not in node:
+                raise DataError(f"{run / MODEL_JSON}: missing key '{'.'.join(path[:depth + 1])}'; retrain to write a "
+                                f"new export: `{_retrain(run)}`")
+            node = node[key]
 
 
 def read_run(run: Path, *, with_export: bool = False) -> dict:
@@ -68,13 +85,15 @@ def load_export(run: Path, meta: contract.FeatureMeta) -> Loaded:
     served as unknown); every other table must match ``meta``.
 
     Raises:
-        DataError: an unfinished or altered run, an export of another format, tables that differ from ``meta``.
+        DataError: an unfinished or altered run, an export of another format or without a key it
+            needs, tables that differ from ``meta``.
     """
     require_complete_unit(run, _retrain(run), files=(*RESULTS, MODEL_JSON, WEIGHTS))
     description = json.loads((run / MODEL_JSON).read_text())
     if description.get("format") != EXPORT_FORMAT:
         raise DataError(f"{run / MODEL_JSON}: key 'format' is {description.get('format')!r}, expected "
                         f"{EXPORT_FORMAT}; retrain with this version of `python -m ranking.train`")
+    require_model_keys(description, run)
     try:
         tensors = safetensors.torch.load_file(str(run / WEIGHTS))
     except safetensors.SafetensorError as exc:

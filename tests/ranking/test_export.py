@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -117,3 +118,20 @@ def test_benchmarks_read_only_whole_runs(run: tuple[Path, pd.DataFrame], tmp_pat
     predictions.assign(score=1 - predictions["score"]).to_parquet(folder / "predictions_test.parquet")
     with pytest.raises(DataError, match="predictions_test.parquet: missing or changed"):
         read_run(folder)
+
+
+@pytest.mark.parametrize(("drop", "missing"), [(("meta",), "meta"), (("config", "model"), "config.model"),
+                                                (("meta", "n_items"), "meta.n_items")])
+def test_an_export_without_a_key_it_needs_is_a_data_error_naming_it(
+    run: tuple[Path, pd.DataFrame], tmp_path: Path, drop: tuple[str, ...], missing: str
+) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(run[0], folder)
+    description = json.loads((folder / MODEL_JSON).read_text())
+    node = description
+    for key in drop[:-1]:
+        node = node[key]
+    del node[drop[-1]]
+    _republished(folder, {MODEL_JSON: json.dumps(description).encode()})  # its unit.json matching: only the key is wrong
+    with pytest.raises(DataError, match=rf"model\.json: missing key '{re.escape(missing)}'; retrain.*ranking\.train"):
+        load_export(folder, META)
