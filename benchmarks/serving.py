@@ -52,13 +52,13 @@ import psutil
 from feast.constants import FEAST_FS_YAML_FILE_PATH_ENV_NAME
 
 from benchmarks.report import RESULTS_DIR, latency_stats, markdown_table, rerun_command, time_each, write_results
+from sidrank.envvars import env_override
 from sidrank.net import free_port
 from features import online_store, publish
-from ranking.serve import HOST, Ranker, ServeConfig
+from ranking.serve import HOST, Query, Ranker, ServeConfig, distinct_ids
+from ranking.service import freeze_heap
 
 log = logging.getLogger("benchmarks.serving")
-
-Request = tuple[int, list[int]]
 
 
 @dataclass
@@ -115,7 +115,7 @@ class ServingBenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
-def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int) -> list[Request]:
+def make_requests(n: int, candidates: int, n_users: int, n_items: int, seed: int) -> list[Query]:
     """``n`` (known user, distinct known items) requests."""
     if candidates > n_items:
         raise ValueError(f"candidates={candidates} exceeds the model's {n_items} items")
@@ -148,7 +148,7 @@ class Client:
         response = self.conn.getresponse()
         return response.status, json.loads(response.read())
 
-    def rank(self, request: Request) -> dict:
+    def rank(self, request: Query) -> dict:
         body = json.dumps({"user_id": request[0], "item_ids": request[1]})
         self.conn.request("POST", "/rank", body=body, headers={"Content-Type": "application/json"})
         response = self.conn.getresponse()
@@ -162,33 +162,18 @@ class Client:
 
 
 @contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` inside the block (child processes inherit it), as before after."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
 def serving_from(store: str, repo: Path, folder: Path) -> Iterator[None]:
     """Feast reads ``repo``'s online features from ``store`` inside the block, here and in child processes.
 
     Redis: a fresh redis-server, filled by materializing the repository's published tables.
     """
     if store != "redis":
-        with environment({FEAST_FS_YAML_FILE_PATH_ENV_NAME: str(online_store.store_yaml(repo, store).resolve())}):
+        with env_override({FEAST_FS_YAML_FILE_PATH_ENV_NAME: str(online_store.store_yaml(repo, store).resolve())}):
             yield
         return
     from feast import FeatureStore
 
-    with online_store.redis_server(folder) as redis, environment(online_store.redis_environment(repo, redis)):
+    with online_store.redis_server(folder) as redis, env_override(online_store.redis_environment(repo, redis)):
         start, end = publish.stamp_range(repo)
         began = time.perf_counter()
         FeatureStore(repo_path=str(repo)).materialize(start.to_pydatetime(), end.to_pydatetime())
@@ -237,7 +222,7 @@ def wait_healthy(child: subprocess.Popen, port: int, timeout: float, output) -> 
     raise RuntimeError(f"the server on port {port} did not become healthy (exit {child.poll()}):\n{tail}")
 
 
-def load_level(served: Server, requests: list[Request], clients: int, warmup: int) -> dict:
+def load_level(served: Server, requests: list[Query], clients: int, warmup: int) -> dict:
     """``clients`` threads send ``requests`` between them.
 
     Returns per request (seconds, the server's timings in ms), the wall seconds,
@@ -258,7 +243,7 @@ def load_level(served: Server, requests: list[Request], clients: int, warmup: in
             while (i := next(next_index)) < len(requests):
                 t0 = time.perf_counter()
                 answer = client.rank(requests[i])
-                samples.append((time.perf_counter() - t0, answer["timings_ms"]))
+                samples.append((time.perf_counter() - t0, {**answer["timings_ms"], "batch": answer["batch"]["requests"]}))
         except Exception as exc:  # re-raised in the main thread
             errors.append(exc)
 
@@ -281,12 +266,12 @@ def load_level(served: Server, requests: list[Request], clients: int, warmup: in
     return {"samples": samples, "wall_s": wall, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu}
 
 
-def baselines(ranker: Ranker, requests: list[Request], warmup: int) -> dict:
+def baselines(ranker: Ranker, requests: list[Query], warmup: int) -> dict:
     """Seconds per request of the bare Feast online read and of the bare forward on pre-built batches."""
-    read = lambda request: ranker.online(*request)  # noqa: E731
+    read = lambda request: ranker.online.read(*distinct_ids([request]))  # noqa: E731
     time_each(read, requests[:warmup])
     feast = time_each(read, requests)
-    batches = [ranker.encode(ranker.online(user, items), user)[1] for user, items in requests]
+    batches = [ranker.encode(read(request), [request])[1] for request in requests]
     forward = time_each(ranker.score, batches)
     return {"feast_read": feast, "forward": forward}
 
@@ -316,12 +301,17 @@ def measure_store(cfg: ServingBenchConfig) -> dict:
     """Every client level against a fresh server, then the baselines, on the store selected now."""
     ranker = Ranker(ServeConfig(run=cfg.run, repo=cfg.repo))
     requests = make_requests(cfg.requests, cfg.candidates, ranker.meta.n_users, ranker.meta.n_items, cfg.seed)
+    # This process holds torch and Feast for the baselines: its full garbage collections
+    # (hundreds of ms) would otherwise be counted as the server's latency.
+    freeze_heap()
     levels = {}
     with server(cfg) as served:
         for clients in cfg.clients:
             measured = load_level(served, requests, clients, cfg.warmup)
             levels[clients] = {**latency_stats([seconds for seconds, _ in measured["samples"]]), "clients": clients,
                                "throughput_rps": len(requests) / measured["wall_s"], "wall_s": measured["wall_s"],
+                               "requests_per_batch": float(np.mean([t["batch"] for _, t in measured["samples"]])),
+                               "queue_p50_ms": float(np.median([t["queue"] for _, t in measured["samples"]])),
                                "server_cpu_ms_per_request": measured["server_cpu_s"] / len(requests) * 1e3,
                                "client_cpu_ms_per_request": measured["client_cpu_s"] / len(requests) * 1e3}
             if clients == 1:
@@ -363,7 +353,8 @@ def store_rows(store: str, measured: dict) -> list[list[str]]:
     one = measured["levels"]["1"]
     rows = [[store, f"POST /rank, {level['clients']} client(s)", f"{level['throughput_rps']:.1f}",
              f"{level['throughput_rps'] / one['throughput_rps']:.2f}x", f"{level['p50_ms']:.2f}",
-             f"{level['p99_ms']:.2f}", f"{level['mean_ms']:.2f}", f"{level['server_cpu_ms_per_request']:.1f}",
+             f"{level['p99_ms']:.2f}", f"{level['mean_ms']:.2f}", f"{level['requests_per_batch']:.2f}",
+             f"{level['queue_p50_ms']:.2f}", f"{level['server_cpu_ms_per_request']:.1f}",
              f"{level['client_cpu_ms_per_request']:.1f}", str(level["n"])]
             for level in measured["levels"].values()]
     split = {"feast": "server: Feast online read (1 client)", "tensors": "server: rows -> tensors (1 client)",
@@ -371,8 +362,8 @@ def store_rows(store: str, measured: dict) -> list[list[str]]:
     bare = {"feast_read": "baseline: bare Feast online read", "forward": "baseline: bare model forward"}
     stats = [(label, measured["server_split_1_client"][k]) for k, label in split.items()]
     stats += [(label, measured["baselines"][k]) for k, label in bare.items()]
-    rows += [[store, label, "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", "", "",
-              str(s["n"])]
+    rows += [[store, label, "", "", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['mean_ms']:.2f}", "", "", "",
+              "", str(s["n"])]
              for label, s in stats]
     return rows
 
@@ -380,7 +371,7 @@ def store_rows(store: str, measured: dict) -> list[list[str]]:
 def report(payload: dict, cfg: ServingBenchConfig) -> str:
     """Markdown: the rows of every store, then the targets per store."""
     header = ["store", "measurement", "requests/s", "vs 1 client", "p50 ms", "p99 ms", "mean ms",
-              "server CPU ms/req", "client CPU ms/req", "requests"]
+              "requests per batch", "queue p50 ms", "server CPU ms/req", "client CPU ms/req", "requests"]
     rows = [row for store, measured in payload["stores"].items() for row in store_rows(store, measured)]
     names = {"speedup": f"throughput at {max(cfg.clients)} clients / 1 client",
              "p99_ratio": f"p99 at {max(cfg.clients)} clients / 1-client p50",

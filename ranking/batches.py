@@ -226,6 +226,18 @@ class SplitTensors:
             lengths.append(lens)
         return KeyedJaggedTensor(keys=list(self.keys[keys]), values=torch.cat(values), lengths=torch.cat(lengths))
 
+    def whole(self) -> RankerBatch:
+        """Every row in order: :meth:`batch` of ``arange(N)`` without the gather (serving scores all it encodes)."""
+
+        def kjt(keys: slice) -> KeyedJaggedTensor:
+            lengths = [offs[1:] - offs[:-1] for offs in self.offsets[keys]]
+            return KeyedJaggedTensor(keys=list(self.keys[keys]), values=torch.cat(self.values[keys]),
+                                     lengths=torch.cat(lengths))
+
+        sequence = kjt(slice(self.n_pooled, None)) if self.n_pooled < len(self.keys) else None
+        return RankerBatch(dense_features=self.dense, sparse_features=kjt(slice(0, self.n_pooled)),
+                           labels=self.labels, sequence_features=sequence)
+
     def batch(self, index: torch.Tensor) -> RankerBatch:
         """Rows ``index`` ([B] int64): dense [B, F], a pooled and (if any) an unpooled KJT, labels [B]."""
         pooled = self._kjt(index, slice(0, self.n_pooled))

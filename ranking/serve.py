@@ -34,10 +34,8 @@ The HTTP service (FastAPI on uvicorn, several worker processes) is in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -54,24 +52,24 @@ from torchrec.datasets.utils import Batch
 from sidrank.cli import add_config_arguments, build_config, log_to_stderr, parser_for, run_main
 from sidrank.schema import DataError
 from sidrank import contract
-from ranking.batches import build_split
+from ranking.batches import RankerBatch, build_split
 from ranking.checkpoint import Loaded
 from ranking.export import load_export, read_run
-from ranking.rows import OnlineFeatures
+from ranking.rows import OnlineFeatures, OnlineTables
 
 log = logging.getLogger("ranking.serve")
 
 # Loopback only: the service has no authentication.
 HOST = "127.0.0.1"
 MAX_ID = 2**63 - 1  # Feast's int64 entity keys
-# The environment variable that hands an HttpConfig to uvicorn's worker processes (ranking.service).
-CONFIG_ENV = "SIDRANK_SERVE_CONFIG"
 USER_COLUMNS = (*contract.USER_COUNT_COLUMNS, contract.HIST_ITEMS, *contract.HIST_SID_PREFIXES)
 ITEM_CONTENT_COLUMNS = (contract.ITEM_TAGS, *contract.ITEM_SCALAR_COLUMNS, contract.SID_CODES)
 # (has behaviour counts, has content or SID) -> the response's "features" flag.
 FEATURE_FLAGS = {(True, True): "full", (False, True): "content", (True, False): "behaviour", (False, False): "none"}
 # The /health probe: the first user and item of every model's vocabulary, so the store must hold their rows.
 PROBE_USER, PROBE_ITEM = 1, 1
+
+Query = tuple[int, list[int]]  # one request: (user id, candidate item ids)
 
 
 @dataclass
@@ -106,7 +104,9 @@ class HttpConfig:
     Args:
         ranker: the model and store every worker loads.
         port: HTTP port (0 picks a free one).
-        workers: worker processes, each with its own model and store connection.
+        workers: ranking worker processes behind the one HTTP process, each with its own
+            model and store connection (``ranking.service``).
+        max_batch_candidates: most candidates one worker ranks in one batch of waiting requests.
         max_body_bytes: largest request body; a larger one gets 413, decided from
             Content-Length before the body is read (while streaming when chunked).
         header_timeout: seconds a connection may take to send a request's head,
@@ -115,14 +115,14 @@ class HttpConfig:
         max_header_bytes: largest request head (more: 400).
         limit_concurrency: open connections per worker beyond which requests get 503.
         backlog: listen backlog of the server socket.
-        worker_timeout: seconds a worker may go without answering uvicorn's health ping
-            before it is replaced; a starting worker imports torch, TorchRec and Feast and
-            loads the model first (tens of seconds on two busy cores).
+        worker_timeout: seconds a worker process may take to start: it imports torch,
+            TorchRec and Feast and loads the model (tens of seconds on two busy cores).
     """
 
     ranker: ServeConfig
     port: int = 8765
-    workers: int = 1
+    workers: int = 2
+    max_batch_candidates: int = 2000
     max_body_bytes: int = 1 << 20
     header_timeout: float = 5.0
     body_timeout: float = 10.0
@@ -136,32 +136,24 @@ class HttpConfig:
             self.ranker = ServeConfig(**self.ranker)
         if not 0 <= self.port < 2**16:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("workers", "max_body_bytes", "max_header_bytes", "limit_concurrency", "backlog"):
+        for name in ("workers", "max_batch_candidates", "max_body_bytes", "max_header_bytes", "limit_concurrency",
+                     "backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout", "worker_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> HttpConfig:
-        return cls(**json.loads(text))
-
     def uvicorn_options(self) -> dict:
         """uvicorn's settings for this config: the one place the limits reach the server."""
         return {
             "host": HOST,
             "port": self.port,
-            "workers": self.workers,
             "backlog": self.backlog,
             "limit_concurrency": self.limit_concurrency,
             "timeout_keep_alive": self.header_timeout,
             "h11_max_incomplete_event_size": self.max_header_bytes,
-            "timeout_worker_healthcheck": self.worker_timeout,
-            # By name: uvicorn imports it in every worker process (ranking.service imports this module).
+            # By name: ranking.service imports this module.
             "http": "ranking.service:BoundedH11Protocol",
             "access_log": False,
         }
@@ -175,8 +167,12 @@ class RequestError(ValueError):
         self.status = status
 
 
-class StoreUnavailable(RuntimeError):
-    """The online store cannot be read now (HTTP 503); the message is safe to show a client."""
+class ServiceUnavailable(RuntimeError):
+    """The service cannot rank now (HTTP 503 with Retry-After); the message is safe to show a client."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The online store cannot be read now."""
 
 
 EntityId = Annotated[int, Field(ge=1, le=MAX_ID)]
@@ -232,39 +228,63 @@ def parse_request(body: bytes | dict, max_candidates: int, sid_version: str) -> 
 
 
 class Candidates(NamedTuple):
-    """Online rows in the training-row contract, plus what the store knew about them."""
+    """The rows of a batch of requests in the training-row contract, plus what the store knew about them.
 
-    rows: pd.DataFrame
-    cold_user: bool
+    Rows follow the requests, each request's items in its order.
+    """
+
+    rows: pd.DataFrame  # [N]
+    cold_users: np.ndarray  # [R] bool
     cold_items: np.ndarray  # [N] bool
-    features: list[str]  # [N] FEATURE_FLAGS values
+    features: np.ndarray  # [N] FEATURE_FLAGS values
     has_sid: np.ndarray  # [N] bool
 
 
-def _present(frame: pd.DataFrame, columns: list[str] | tuple[str, ...]) -> np.ndarray:
-    """[N] bool: any of ``columns`` holds a value, i.e. the store had a row (numpy: pandas' any() costs ms)."""
-    return np.logical_or.reduce([pd.notna(frame[column].to_numpy()) for column in columns])
+def _present(columns: dict[str, np.ndarray], names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """[n] bool: any of ``names`` holds a value, i.e. the store had a row."""
+    return np.logical_or.reduce([pd.notna(columns[name]) for name in names])
 
 
-def candidate_rows(online: pd.DataFrame, user_id: int, meta: contract.FeatureMeta) -> Candidates:
-    """Turn ``OnlineFeatures`` output into rows ``build_split`` encodes: unknown ids -> 0, request order kept."""
-    cold_user = user_id > meta.n_users or not _present(online, [*USER_COLUMNS, *meta.user_profile]).any()
-    behaviour, content = _present(online, contract.ITEM_COUNT_COLUMNS), _present(online, ITEM_CONTENT_COLUMNS)
-    item_ids = online["item_id"].to_numpy(np.int64)
-    cold_items = (item_ids > meta.n_items) | ~(behaviour | content)
-    # A user feature, so the same on every row; items published after training have no id row either.
-    history = online[contract.HIST_ITEMS].iloc[0]
-    if history is not None:
-        history = np.where(np.asarray(history) > meta.n_items, 0, history)
-    rows = online.assign(
-        row_id=np.arange(len(online)),  # build_split orders by row_id: this keeps the request's order
-        label=0,
-        user_id=0 if cold_user else user_id,
-        item_id=np.where(cold_items, 0, item_ids),
-        **{contract.HIST_ITEMS: [history] * len(online)},
-    )
-    flags = [FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)]
-    return Candidates(rows, bool(cold_user), cold_items, flags, _present(online, [contract.SID_CODES]))
+def candidate_rows(tables: OnlineTables, requests: list[Query], meta: contract.FeatureMeta) -> Candidates:
+    """One read's users and items joined into the rows ``build_split`` encodes: unknown ids -> 0.
+
+    ``tables`` holds the distinct users and items of ``requests`` in first-seen order
+    (:func:`distinct_ids`). Everything per user or per item is decided once and then
+    gathered onto the rows.
+    """
+    users, items = tables.users, tables.items
+    user_ids, item_ids = users["user_id"].astype(np.int64), items["item_id"].astype(np.int64)
+    cold_user = (user_ids > meta.n_users) | ~_present(users, [*USER_COLUMNS, *meta.user_profile])
+    behaviour, content = _present(items, contract.ITEM_COUNT_COLUMNS), _present(items, ITEM_CONTENT_COLUMNS)
+    cold_item = (item_ids > meta.n_items) | ~(behaviour | content)
+    # Items published after training have no id row in the model, in the history either.
+    history = np.empty(len(user_ids), dtype=object)  # filled one by one: numpy would stack equal-length lists
+    for i, seen in enumerate(users[contract.HIST_ITEMS]):
+        history[i] = None if seen is None else [0 if item > meta.n_items else item for item in seen]
+    user_at = {user: i for i, user in enumerate(user_ids.tolist())}
+    item_at = {item: i for i, item in enumerate(item_ids.tolist())}
+    row_user = np.repeat([user_at[user] for user, _ in requests], [len(ids) for _, ids in requests])
+    row_item = np.fromiter((item_at[item] for _, ids in requests for item in ids), np.int64, len(row_user))
+    flags = np.array([FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)], dtype=object)
+    rows = pd.DataFrame({
+        **{name: column.take(row_user) for name, column in users.items()},
+        **{name: column.take(row_item) for name, column in items.items()},
+        "row_id": np.arange(len(row_user)),  # build_split orders by row_id: this keeps the requests' order
+        "label": np.zeros(len(row_user), np.int64),
+        "user_id": np.where(cold_user, 0, user_ids).take(row_user),
+        "item_id": np.where(cold_item, 0, item_ids).take(row_item),
+        contract.HIST_ITEMS: history.take(row_user),
+    })
+    has_sid = _present(items, [contract.SID_CODES])
+    return Candidates(rows, cold_user.take([user_at[user] for user, _ in requests]), cold_item.take(row_item),
+                      flags.take(row_item), has_sid.take(row_item))
+
+
+def distinct_ids(requests: list[Query]) -> tuple[list[int], list[int]]:
+    """The distinct users and items of ``requests``, in first-seen order."""
+    users = list(dict.fromkeys(user for user, _ in requests))
+    items = list(dict.fromkeys(item for _, ids in requests for item in ids))
+    return users, items
 
 
 def load_model(run: Path, meta: contract.FeatureMeta) -> Loaded:
@@ -278,7 +298,7 @@ def load_model(run: Path, meta: contract.FeatureMeta) -> Loaded:
 class Ranker:
     """A run's model and its feature service, loaded once; :meth:`rank` scores one request.
 
-    Thread-safe: one request at a time per process (the store connection and
+    Thread-safe: one batch at a time per process (the store connection and
     the model are shared; ``--workers`` adds processes for parallelism).
 
     Args:
@@ -312,13 +332,13 @@ class Ranker:
         log.info("ready in %.1fs: run %s, service %s, SID version %s", time.perf_counter() - start, cfg.run,
                  self.service, self.sid_version)
 
-    def _read_once(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
+    def _read_once(self, users: list[int], items: list[int]) -> OnlineTables:
         if self.online is None:
             self.online = OnlineFeatures(self.cfg.repo, self.service, self.sid_version)
-        return self.online(user_id, item_ids)
+        return self.online.read(users, items)
 
-    def read(self, user_id: int, item_ids: list[int]) -> pd.DataFrame:
-        """The online store's latest features of ``user_id`` against ``item_ids`` (one row per item).
+    def read(self, users: list[int], items: list[int]) -> OnlineTables:
+        """The online store's latest features of distinct ``users`` and ``items``.
 
         The SIDs are those of the model's version: it is a key of every request.
 
@@ -327,19 +347,19 @@ class Ranker:
         """
         for attempt in (1, 2):
             try:
-                return self._read_once(user_id, item_ids)
+                return self._read_once(users, items)
             except Exception as exc:  # any failure of the store: sqlite, redis, a registry being rewritten
                 # A fresh FeatureStore opens a fresh connection (cheap once feast is imported).
                 self.online = None
                 log.warning("online read failed (attempt %d): %s: %s", attempt, type(exc).__name__, exc)
         raise StoreUnavailable("the online feature store cannot be read; retry later")
 
-    def encode(self, online: pd.DataFrame, user_id: int) -> tuple[Candidates, Batch]:
-        """Online rows -> cold-start flags and one batch of all candidates, encoded as in training."""
-        cand = candidate_rows(online, user_id, self.meta)
+    def encode(self, tables: OnlineTables, requests: list[Query]) -> tuple[Candidates, RankerBatch]:
+        """Online features -> cold-start flags and one batch of every request's candidates, encoded as in training."""
+        cand = candidate_rows(tables, requests, self.meta)
         split = build_split(cand.rows, self.meta, self.features, f"{self.cfg.repo} online features",
                             allow_missing_sid=True)
-        return cand, split.batch(torch.arange(len(split)))
+        return cand, split.whole()
 
     def score(self, batch: Batch) -> np.ndarray:
         """[B] click probabilities."""
@@ -348,41 +368,58 @@ class Ranker:
             _, (_, logits, _) = self.model(batch)
         return torch.sigmoid(logits).numpy()
 
-    def rank(self, user_id: int, item_ids: list[int]) -> dict:
-        """Score ``item_ids`` for ``user_id``; the items best first, with cold-start flags and stage timings.
+    def rank_batch(self, requests: list[Query]) -> list[dict]:
+        """Score several requests with one online read and one forward; one answer per request.
+
+        Each answer lists its items best first, with cold-start flags, and the
+        batch's stage timings (shared by the requests ranked together).
 
         Raises:
             StoreUnavailable: the online store cannot be read.
         """
         with self._lock:
             t0 = time.perf_counter()
-            online = self.read(user_id, item_ids)
+            tables = self.read(*distinct_ids(requests))
             t1 = time.perf_counter()
-            cand, batch = self.encode(online, user_id)
+            cand, batch = self.encode(tables, requests)
             t2 = time.perf_counter()
             scores = self.score(batch)
             t3 = time.perf_counter()
-        order = np.argsort(-scores, kind="stable")
-        items = [
-            {"item_id": int(item_ids[i]), "score": float(scores[i]), "cold_item": bool(cand.cold_items[i]),
-             "features": cand.features[i], "sid": bool(cand.has_sid[i])}
-            for i in order
-        ]
-        timings = {"feast": t1 - t0, "tensors": t2 - t1, "forward": t3 - t2, "total": t3 - t0}
-        return {"user_id": user_id, "cold_user": cand.cold_user, "sid_version": self.sid_version, "items": items,
-                "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}}
+        timings = {k: round(v * 1e3, 3) for k, v in
+                   {"feast": t1 - t0, "tensors": t2 - t1, "forward": t3 - t2, "total": t3 - t0}.items()}
+        answers, start = [], 0
+        for r, (user_id, item_ids) in enumerate(requests):
+            end = start + len(item_ids)
+            order = start + np.argsort(-scores[start:end], kind="stable")
+            items = [
+                {"item_id": item_ids[i - start], "score": float(scores[i]), "cold_item": bool(cand.cold_items[i]),
+                 "features": cand.features[i], "sid": bool(cand.has_sid[i])}
+                for i in order
+            ]
+            answers.append({"user_id": user_id, "cold_user": bool(cand.cold_users[r]), "sid_version": self.sid_version,
+                            "items": items, "batch": {"requests": len(requests), "candidates": len(scores)},
+                            "timings_ms": dict(timings)})
+            start = end
+        return answers
+
+    def rank(self, user_id: int, item_ids: list[int]) -> dict:
+        """:meth:`rank_batch` of one request."""
+        return self.rank_batch([(user_id, item_ids)])[0]
 
     def health(self) -> dict:
-        """A real online read and forward of the probe user and item, which every store of this run holds.
+        """A real online read and forward of the probe user and item (see :func:`health_answer`)."""
+        return health_answer(self.rank(PROBE_USER, [PROBE_ITEM]), self.service)
 
-        Raises:
-            StoreUnavailable: the read fails, or the store lacks the probe item's rows
-                (an emptied table reads as "no row", not as an error).
-        """
-        result = self.rank(PROBE_USER, [PROBE_ITEM])
-        if result["items"][0]["features"] == "none":
-            raise StoreUnavailable("the online feature store holds no features for known items; re-materialize it")
-        return {"status": "ok", "service": self.service, "sid_version": self.sid_version}
+
+def health_answer(probe: dict, service: str) -> dict:
+    """``/health``'s answer from the ranking of the probe user and item, which every store of this run holds.
+
+    Raises:
+        StoreUnavailable: the store lacks the probe item's rows (an emptied table reads as "no row", not as an error).
+    """
+    if probe["items"][0]["features"] == "none":
+        raise StoreUnavailable("the online feature store holds no features for known items; re-materialize it")
+    return {"status": "ok", "service": service, "sid_version": probe["sid_version"]}
 
 
 def preflight(cfg: ServeConfig) -> None:
@@ -412,13 +449,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve_http(cfg: HttpConfig) -> None:
-    """Run uvicorn with ``cfg.workers`` processes until interrupted; each builds the app from ``CONFIG_ENV``."""
+    """Run the service (``ranking.service``) with ``cfg.workers`` ranking processes until interrupted."""
     import uvicorn
 
+    from ranking.service import create_app  # imported here: the service builds on this module
+
     preflight(cfg.ranker)
-    os.environ[CONFIG_ENV] = cfg.to_json()
-    # By name, as a factory: worker processes import and build the app themselves.
-    uvicorn.run("ranking.service:app_from_environment", factory=True, **cfg.uvicorn_options())
+    uvicorn.run(create_app(cfg), **cfg.uvicorn_options())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,32 +1,68 @@
-"""The ranking service over HTTP: FastAPI on uvicorn, one :class:`ranking.serve.Ranker` per worker process.
+"""The ranking service over HTTP: one FastAPI/uvicorn process in front, ranking worker processes behind it.
 
     python -m ranking.serve http --run artifacts/demo --repo feature_repo --workers 2
 
-Routes: ``POST /rank`` (``ranking.serve.RankRequest``) and ``GET /health`` (a
+Requests are batched across clients: the HTTP process queues every valid
+request, and whenever a worker is free it takes all requests waiting (up to
+``--max-batch-candidates`` candidates) as one batch: one Feast online read for
+their distinct users and items and one forward (``ranking.serve.Ranker.rank_batch``).
+Nothing waits for a batch to fill: a lone request is dispatched at once, so
+batches grow only under load, when they save the per-call costs. The queue
+is first come, first served and any free worker takes the next batch, so a
+client's latency does not depend on which connection or worker it landed
+on (uvicorn's own worker processes each keep the connections they accepted,
+and a busy one starves its clients while another idles).
+
+Workers are ``multiprocessing`` spawn processes, each with its own model and
+store connection, talking to the HTTP process over a pipe. A worker that
+dies is restarted; its batch answers 503 and requests answer 503 while no
+worker is ready.
+
+Routes: ``POST /rank`` (``ranking.serve.Query``) and ``GET /health`` (a
 real online read and forward). Every answer the app gives is JSON, errors as
 ``{"error": "<short reason>"}``: 400 a body that is not JSON (or nested too
 deep), 404 / 405 an unknown route or method, 408 a body slower than
 ``--body-timeout``, 413 a body over ``--max-body-bytes`` or more than
 ``--max-candidates`` ids, 422 a request against the schema (duplicate ids,
 another ``sid_version``), 503 the online store cannot be read (``/health``
-too; the service reconnects by itself, see ``ranking.serve``), 500 a bug
-(details only in the server log). uvicorn itself answers a malformed or
-oversized head (400) and a worker over ``--limit-concurrency`` (503) in plain text.
+too; the service reconnects by itself, see ``ranking.serve``) or no worker is
+ready, 500 a bug (details only in the server log). uvicorn itself answers a
+malformed or oversized head (400) and connections over ``--limit-concurrency`` (503) in plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import collections
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import multiprocessing
+import pickle
+import signal
+import socket
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidrank.cli import log_to_stderr
-from ranking.serve import CONFIG_ENV, HttpConfig, Ranker, RequestError, StoreUnavailable, parse_request
+from ranking.serve import (
+    PROBE_ITEM, PROBE_USER, HttpConfig, Query, Ranker, RequestError,
+    ServeConfig, ServiceUnavailable, StoreUnavailable, health_answer, parse_request,
+)
+
+log = logging.getLogger("ranking.service")
+
+# A crashed worker is restarted after this many seconds, doubled per failed start up to the cap.
+RESTART_DELAY_S, RESTART_DELAY_MAX_S = 1.0, 30.0
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -59,9 +95,325 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(cfg: HttpConfig, ranker: Ranker) -> FastAPI:
-    """The ASGI app serving ``ranker`` under ``cfg``'s limits."""
-    app = FastAPI(title="sidrank ranking service", docs_url=None, redoc_url=None, openapi_url=None)
+@dataclass
+class Waiting:
+    """A queued request and the future its handler awaits."""
+
+    request: Query
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Dispatcher:
+    """First-come-first-served queue of requests, handed out in batches to whichever worker is free.
+
+    Args:
+        max_batch_candidates: most candidates in one batch (a larger single request goes alone).
+    """
+
+    def __init__(self, max_batch_candidates: int) -> None:
+        self.max_batch_candidates = max_batch_candidates
+        self.waiting: collections.deque[Waiting] = collections.deque()
+        self.idle: list = []
+        self.ready = 0  # workers able to take batches, idle or busy
+
+    async def rank(self, request: Query) -> dict:
+        """The worker's answer to ``request``, with the time it waited for a worker in ``timings_ms.queue``.
+
+        Raises:
+            ServiceUnavailable: no worker is ready, or the worker died or could not read the store.
+        """
+        if not self.ready:
+            raise ServiceUnavailable("no ranking worker is ready (one is starting); retry later")
+        waiting = Waiting(request, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiting)
+        self._dispatch()
+        return await waiting.future
+
+    def worker_ready(self, worker) -> None:
+        self.ready += 1
+        self.idle.append(worker)
+        self._dispatch()
+
+    def worker_lost(self, worker) -> None:
+        self.ready -= 1
+        if worker in self.idle:
+            self.idle.remove(worker)
+        if not self.ready:  # nobody left to serve the queue: fail it rather than hold clients until a restart
+            while self.waiting:
+                waiting = self.waiting.popleft()
+                if not waiting.future.done():
+                    waiting.future.set_exception(ServiceUnavailable("no ranking worker is ready; retry later"))
+
+    def _take_batch(self) -> list[Waiting]:
+        batch, candidates = [], 0
+        while self.waiting:
+            size = len(self.waiting[0].request[1])
+            if batch and candidates + size > self.max_batch_candidates:
+                break
+            waiting = self.waiting.popleft()
+            if not waiting.future.done():  # a client that went away is not ranked
+                batch.append(waiting)
+                candidates += size
+        return batch
+
+    def _dispatch(self) -> None:
+        while self.idle and self.waiting:
+            batch = self._take_batch()
+            if not batch:
+                return
+            worker = self.idle.pop()
+            dispatched = time.perf_counter()
+            future = worker.submit([waiting.request for waiting in batch])
+            future.add_done_callback(lambda done, w=worker, b=batch, t=dispatched: self._finished(w, b, t, done))
+
+    def _finished(self, worker, batch: list[Waiting], dispatched: float, done: asyncio.Future) -> None:
+        if worker.alive:
+            self.idle.append(worker)
+        error = done.exception()
+        for i, waiting in enumerate(batch):
+            if waiting.future.done():
+                continue
+            if error is not None:
+                waiting.future.set_exception(error)
+            else:
+                answer = done.result()[i]
+                answer["timings_ms"]["queue"] = round((dispatched - waiting.queued_at) * 1e3, 3)
+                waiting.future.set_result(answer)
+        self._dispatch()
+
+
+class LocalWorker:
+    """A :class:`ranking.serve.Ranker` of this process on a thread of its own (in-process servers, tests)."""
+
+    alive = True
+
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker = ranker
+        self.info = {"service": ranker.service, "sid_version": ranker.sid_version}
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ranker")
+
+    async def start(self, dispatcher: Dispatcher) -> None:
+        dispatcher.worker_ready(self)
+
+    def submit(self, batch: list[Query]) -> asyncio.Future:
+        return asyncio.wrap_future(self.executor.submit(self.ranker.rank_batch, batch))
+
+    async def stop(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+def freeze_heap() -> None:
+    """Exempt everything loaded so far (torch, TorchRec, Feast, the model) from the garbage collector.
+
+    A full collection walks every live object: a few hundred ms in a process
+    with these libraries loaded, which stalled whichever batch it hit (the
+    p99 of the serving benchmark). Requests allocate little that lives long,
+    so the young generations keep memory in check.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+# A message between the HTTP process and a worker: its pickle's length, then the pickle.
+FRAME = struct.Struct("!Q")
+
+
+def send_message(sock: socket.socket, message: object) -> None:
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    sock.sendall(FRAME.pack(len(data)) + data)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the peer closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def receive_message(sock: socket.socket) -> object:
+    (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
+    return pickle.loads(_receive_exactly(sock, size))  # our own parent's messages: pickle is safe here
+
+
+def worker_main(cfg_json: str, sock: socket.socket) -> None:
+    """A worker process: load the ranker, say ready, then rank every batch the socket brings until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the HTTP process stops us
+    log_to_stderr("ranking")
+    try:
+        ranker = Ranker(ServeConfig(**json.loads(cfg_json)))
+    except Exception as exc:
+        send_message(sock, ("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    freeze_heap()
+    send_message(sock, ("ready", {"service": ranker.service, "sid_version": ranker.sid_version}))
+    while True:
+        try:
+            batch = receive_message(sock)
+        except (EOFError, ConnectionError):  # the HTTP process closed the socket or died
+            return
+        try:
+            answer = ("ok", ranker.rank_batch(batch))
+        except ServiceUnavailable as exc:
+            answer = ("unavailable", str(exc))
+        except Exception:
+            log.exception("ranking a batch of %d requests failed", len(batch))
+            answer = ("error", None)
+        send_message(sock, answer)
+
+
+class ProcessWorker:
+    """One spawned worker process and its socket; restarted when it dies.
+
+    Args:
+        cfg: the ranker every worker loads.
+        index: the worker's number, for the log.
+        start_timeout: seconds the first start may take.
+    """
+
+    def __init__(self, cfg: ServeConfig, index: int, start_timeout: float) -> None:
+        self.cfg_json = json.dumps(dataclasses.asdict(cfg), default=str)
+        self.index, self.start_timeout = index, start_timeout
+        self.alive, self.stopping = False, False
+        self.info: dict | None = None
+        self.failure: str | None = None
+        self.process = self.writer = self.reading = self.in_flight = self.dispatcher = None
+        self.started = asyncio.Event()  # set once the first start has ended, ready or failed
+        self.restart_delay = RESTART_DELAY_S
+
+    async def start(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        await self._spawn()
+        try:
+            await asyncio.wait_for(self.started.wait(), self.start_timeout)
+        except TimeoutError:
+            self.failure = f"worker {self.index} did not load its ranker within {self.start_timeout:g} s (--worker-timeout)"
+            await self.stop()
+
+    async def _spawn(self) -> None:
+        context = multiprocessing.get_context("spawn")  # not fork: this process runs threads and an event loop
+        ours, theirs = socket.socketpair()
+        self.process = context.Process(target=worker_main, args=(self.cfg_json, theirs), daemon=True,
+                                       name=f"sidrank-ranker-{self.index}")
+        self.process.start()
+        theirs.close()
+        reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        self.reading = asyncio.create_task(self._read(reader))
+
+    def submit(self, batch: list[Query]) -> asyncio.Future:
+        self.in_flight = asyncio.get_running_loop().create_future()
+        data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+        self.writer.write(FRAME.pack(len(data)) + data)
+        return self.in_flight
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                self._on_message(*pickle.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        await self._exited()
+
+    def _on_message(self, kind: str, payload: object) -> None:
+        if kind == "ready":
+            self.alive, self.info, self.failure, self.restart_delay = True, payload, None, RESTART_DELAY_S
+            log.info("ranking worker %d ready (pid %d)", self.index, self.process.pid)
+            self.started.set()
+            self.dispatcher.worker_ready(self)
+            return
+        if kind == "failed":
+            self.failure = payload  # the process exits next
+            log.error("ranking worker %d failed to start: %s", self.index, payload)
+            return
+        future, self.in_flight = self.in_flight, None
+        if kind == "ok":
+            future.set_result(payload)
+        elif kind == "unavailable":
+            future.set_exception(StoreUnavailable(payload))
+        else:
+            future.set_exception(RuntimeError(f"ranking worker {self.index} failed on a batch; see its log"))
+
+    async def _exited(self) -> None:
+        self.writer.close()
+        await asyncio.to_thread(self.process.join, 5)
+        was_alive, self.alive = self.alive, False
+        if was_alive:
+            self.dispatcher.worker_lost(self)
+        if self.in_flight is not None:
+            self.in_flight.set_exception(ServiceUnavailable("a ranking worker stopped during the request; retry"))
+            self.in_flight = None
+        if self.info is None and self.failure is None:
+            self.failure = f"worker {self.index} exited with status {self.process.exitcode} before it was ready"
+        self.started.set()
+        if self.stopping or self.info is None:
+            return  # shutting down, or never ready: the service refuses to start (WorkerPool.start)
+        log.error("ranking worker %d (pid %d) exited with status %s; restarting in %.0f s", self.index,
+                  self.process.pid, self.process.exitcode, self.restart_delay)
+        await asyncio.sleep(self.restart_delay)
+        self.restart_delay = min(2 * self.restart_delay, RESTART_DELAY_MAX_S)
+        if not self.stopping:
+            await self._spawn()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.process is None:
+            return
+        self.writer.close()  # the worker reads EOF and returns
+        await asyncio.to_thread(self.process.join, 10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class WorkerPool:
+    """The workers behind one app and the dispatcher that feeds them.
+
+    Args:
+        workers: :class:`LocalWorker` or :class:`ProcessWorker` instances.
+        max_batch_candidates: see :class:`Dispatcher`.
+    """
+
+    def __init__(self, workers: list, max_batch_candidates: int) -> None:
+        self.workers = workers
+        self.dispatcher = Dispatcher(max_batch_candidates)
+
+    @property
+    def info(self) -> dict:
+        """The service and SID version the workers rank with (all load the same run)."""
+        return next(worker.info for worker in self.workers if worker.info is not None)
+
+    async def start(self) -> None:
+        """Start every worker; raises if one cannot load its ranker (a configuration error, not a crash)."""
+        await asyncio.gather(*(worker.start(self.dispatcher) for worker in self.workers))
+        failures = [worker.failure for worker in self.workers if getattr(worker, "failure", None)]
+        if failures:
+            await self.stop()
+            raise RuntimeError(f"ranking workers failed to start: {failures[0]}")
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(worker.stop() for worker in self.workers))
+
+
+def create_app(cfg: HttpConfig, ranker: Ranker | None = None) -> FastAPI:
+    """The ASGI app under ``cfg``'s limits: ``cfg.workers`` worker processes, or ``ranker`` in this process."""
+    workers = [LocalWorker(ranker)] if ranker is not None else [
+        ProcessWorker(cfg.ranker, index, cfg.worker_timeout) for index in range(cfg.workers)]
+    pool = WorkerPool(workers, cfg.max_batch_candidates)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await pool.start()
+        freeze_heap()
+        try:
+            yield
+        finally:
+            await pool.stop()
+
+    app = FastAPI(title="sidrank ranking service", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -72,8 +424,8 @@ def create_app(cfg: HttpConfig, ranker: Ranker) -> FastAPI:
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc))
 
-    @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    @app.exception_handler(ServiceUnavailable)
+    async def unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
@@ -85,21 +437,15 @@ def create_app(cfg: HttpConfig, ranker: Ranker) -> FastAPI:
     @app.post("/rank")
     async def rank(request: Request) -> JSONResponse:
         body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout)
-        user_id, item_ids = parse_request(body, cfg.ranker.max_candidates, ranker.sid_version)
-        return JSONResponse(await run_in_threadpool(ranker.rank, user_id, item_ids))
+        ranked = parse_request(body, cfg.ranker.max_candidates, pool.info["sid_version"])
+        return JSONResponse(await pool.dispatcher.rank(ranked))
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(ranker.health))
+        probe = await pool.dispatcher.rank((PROBE_USER, [PROBE_ITEM]))
+        return JSONResponse(health_answer(probe, pool.info["service"]))
 
     return app
-
-
-def app_from_environment() -> FastAPI:
-    """uvicorn's app factory in each worker: the config ``ranking.serve.serve_http`` put in the environment."""
-    log_to_stderr("ranking")
-    cfg = HttpConfig.from_json(os.environ[CONFIG_ENV])
-    return create_app(cfg, Ranker(cfg.ranker))
 
 
 class BoundedH11Protocol(H11Protocol):

@@ -198,3 +198,19 @@ def test_pooling_factors_are_mean_ids_per_row() -> None:
     assert factors["user_id"] == 1.0
     lengths = [0 if h is None else len(h) for h in tiny_rows()[contract.HIST_ITEMS]]  # None: no history yet
     assert factors["hist_items"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_whole_split_equals_the_gather_of_every_row() -> None:
+    rng = np.random.default_rng(2)
+    n = 30
+    rows = pd.concat([tiny_rows()] * 10, ignore_index=True).iloc[:n].assign(row_id=np.arange(n))
+    rows["hist_items"] = [rng.integers(1, 5, rng.integers(0, 4)) for _ in range(n)]
+    split = build_split(rows, TINY_ROWS_META, FeatureConfig(), "r")
+    whole, gathered = split.whole(), split.batch(torch.arange(n))
+    assert torch.equal(whole.dense_features, gathered.dense_features) and torch.equal(whole.labels, gathered.labels)
+    for got, expected in ((whole.sparse_features, gathered.sparse_features),
+                          (whole.sequence_features, gathered.sequence_features)):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert got.keys() == expected.keys()
+            assert torch.equal(got.values(), expected.values()) and torch.equal(got.lengths(), expected.lengths())

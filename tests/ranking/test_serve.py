@@ -104,6 +104,32 @@ def test_served_scores_equal_the_offline_models_for_the_same_rows(served: Served
     assert set(result["timings_ms"]) == {"feast", "tensors", "forward", "total"}
 
 
+def test_online_read_equals_feasts_own_answer(served: Served) -> None:
+    store, service = served.ranker.online.store, served.ranker.online.service
+    for user, items in ((2, [5, 1, 9]), (N_USERS + 50, [3, N_ITEMS + 7, 4])):  # an unknown user, an unknown item
+        rows = [{"user_id": user, "item_id": item, "sid_version": TEST_SID_VERSION} for item in items]
+        expected = store.get_online_features(features=service, entity_rows=rows).to_df()
+        got = served.ranker.online(user, items)
+        assert sorted(got.columns) == sorted(expected.columns)
+        pd.testing.assert_frame_equal(got[expected.columns], expected)
+
+
+def test_a_batch_ranks_each_request_as_if_alone(served: Served) -> None:
+    # Shared users and items, a cold user and an item the store does not hold, in one read and one forward.
+    requests = [(2, [4, 5, 6]), (3, [6, 1]), (2, [7]), (N_USERS + 50, [5, N_ITEMS + 2, 2])]
+    together = served.ranker.rank_batch(requests)
+    for (user, items), answer in zip(requests, together):
+        alone = served.ranker.rank(user, items)
+        assert [item["item_id"] for item in answer["items"]] == [item["item_id"] for item in alone["items"]]
+        for got, expected in zip(answer["items"], alone["items"]):
+            assert got["score"] == pytest.approx(expected["score"], abs=1e-6)
+            assert {k: got[k] for k in ("cold_item", "features", "sid")} == {
+                k: expected[k] for k in ("cold_item", "features", "sid")}
+        assert answer["cold_user"] == alone["cold_user"] and answer["user_id"] == user
+        assert answer["batch"] == {"requests": 4, "candidates": 9} and alone["batch"] == {"requests": 1, "candidates": len(items)}
+    assert together[3]["cold_user"] and not together[0]["cold_user"]
+
+
 def test_unknown_user_is_scored_as_cold(served: Served) -> None:
     known = served.ranker.rank(1, [1, 2, 3])
     cold = served.ranker.rank(N_USERS + 50, [1, 2, 3])
@@ -376,3 +402,28 @@ def test_serving_benchmark_runs_the_service_under_load(served: Served, tmp_path:
     text = (tmp_path / "serving.md").read_text()
     assert "POST /rank, 2 client(s)" in text and ("PASS" in text or "FAIL" in text)
     assert json.loads((tmp_path / "serving.json").read_text())["command"].startswith("python -m benchmarks.serving")
+
+
+def test_a_killed_worker_answers_503_and_is_replaced(served: Served, tmp_path: Path) -> None:
+    import psutil
+
+    from benchmarks import serving
+
+    def workers(pid: int) -> list[psutil.Process]:
+        return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+    cfg = serving.ServingBenchConfig(run=served.run, repo=served.repo, workers=1, results_dir=tmp_path)
+    with serving.server(cfg) as running:
+        request = _rank_body(2, [4, 5, 6])
+        status, before = _request(running.port, "POST", "/rank", request)
+        assert status == 200
+        (worker,) = workers(running.pid)
+        worker.kill()
+        worker.wait(10)
+        status, answer = _request(running.port, "POST", "/rank", request)
+        assert status == 503 and "retry" in answer["error"], answer
+        assert _status_within(running.port, 200, seconds=120)  # restarted: a fresh process loads the ranker
+        (replacement,) = workers(running.pid)
+        assert replacement.pid != worker.pid
+        status, after = _request(running.port, "POST", "/rank", request)
+        assert status == 200 and scores_by_item(after) == scores_by_item(before)
