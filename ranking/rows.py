@@ -121,8 +121,8 @@ def retrieve_rows(
         raise DataError(f"events: column 'row_id' repeats {repeated}; row ids must be unique")
     store = _feature_store(repo)
     features = _feature_service(store, repo, service)
-    version = contract.RepoPaths(repo).published_sid_version(sid_version)
-    profile = contract.RepoPaths(repo).feature_meta(version).user_profile
+    meta = contract.RepoPaths(repo).feature_meta(sid_version)  # refuses an unpublished version
+    version, profile = meta.sid_version, meta.user_profile
     absent = [c for c in contract.USER_PROFILE_FEATURES if c not in profile]
     entity_df = events[list(contract.ENTITY_COLUMNS)].reset_index(drop=True)
     entity_df[contract.SID_VERSION] = version
