@@ -132,7 +132,7 @@ class Server(NamedTuple):
 
 
 def cpu_seconds(pid: int, children: bool) -> float:
-    """User + system CPU seconds of ``pid``, with its living children (uvicorn's workers) or without."""
+    """User + system CPU seconds of ``pid``, with its living children (the ranking workers) or without."""
     root = psutil.Process(pid)
     return sum(sum(p.cpu_times()[:2]) for p in [root, *(root.children(recursive=True) if children else [])])
 
@@ -193,7 +193,7 @@ def server(cfg: ServingBenchConfig) -> Iterator[Server]:
             wait_healthy(child, port, cfg.start_timeout, output)
             yield Server(port, child.pid)
         finally:
-            child.terminate()  # uvicorn stops its workers on SIGTERM
+            child.terminate()  # uvicorn shuts the app down on SIGTERM, and the app stops its workers
             try:
                 child.wait(30)
             except subprocess.TimeoutExpired:
@@ -371,7 +371,7 @@ def store_rows(store: str, measured: dict) -> list[list[str]]:
 def report(payload: dict, cfg: ServingBenchConfig) -> str:
     """Markdown: the rows of every store, then the targets per store."""
     header = ["store", "measurement", "requests/s", "vs 1 client", "p50 ms", "p99 ms", "mean ms",
-              "requests per batch", "queue p50 ms", "server CPU ms/req", "client CPU ms/req", "requests"]
+              "batch size seen by a request (mean)", "queue p50 ms", "server CPU ms/req", "client CPU ms/req", "requests"]
     rows = [row for store, measured in payload["stores"].items() for row in store_rows(store, measured)]
     names = {"speedup": f"throughput at {max(cfg.clients)} clients / 1 client",
              "p99_ratio": f"p99 at {max(cfg.clients)} clients / 1-client p50",

@@ -179,11 +179,21 @@ class OnlineTables(NamedTuple):
     Every column is a numpy array in the order of the ids read: int64 for
     integer features the store holds for every id, float64 with NaN where
     some ids have no row (as pandas reads Feast's None), object arrays of
-    lists (None where absent) for list features, objects for strings.
+    lists (None where absent) for list features, objects for strings, and
+    an object array of None for a feature no id has.
     """
 
     users: dict[str, np.ndarray]  # column -> [U], "user_id" included
     items: dict[str, np.ndarray]  # column -> [I], "item_id" included
+
+
+class StoreReadError(RuntimeError):
+    """The online store failed to answer a read (connection, database, registry): worth a retry."""
+
+
+# Feast value types whose online values _values/_column decode as Feast's own to_df does.
+DECODED_VALUE_TYPES = frozenset({"INT32", "INT64", "FLOAT", "DOUBLE", "STRING", "BOOL",
+                                 "INT32_LIST", "INT64_LIST", "FLOAT_LIST", "DOUBLE_LIST"})
 
 
 def _values(vector) -> list:
@@ -200,14 +210,19 @@ def _values(vector) -> list:
     return out
 
 
+def object_array(values: list) -> np.ndarray:
+    """[N] object array of ``values`` (lists stay lists: ``np.array`` would stack equal-length ones into 2-D)."""
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+    return column
+
+
 def _column(values: list) -> np.ndarray:
     """A decoded feature column as the numpy array pandas would hold (see :class:`OnlineTables`)."""
     present = [v for v in values if v is not None]
     if not present or isinstance(present[0], (list, str)):
-        column = np.empty(len(values), dtype=object)  # filled one by one: numpy would stack equal-length lists
-        for i, value in enumerate(values):
-            column[i] = value
-        return column
+        return object_array(values)
     if len(present) == len(values):
         return np.array(values)
     if isinstance(present[0], bool):
@@ -229,7 +244,7 @@ class OnlineFeatures:
     """The serving read, with one FeatureStore and feature service for the process lifetime.
 
     Building a FeatureStore parses the repository and registry (seconds), so
-    a server builds this once and calls it per request. The service's views
+    a server builds this once and reads a batch of requests at a time. The service's views
     are read in two Feast online reads: those keyed by the user (and the SID
     version) once per distinct user, those keyed by the item once per
     distinct item, however many (user, item) pairs a request joins.
@@ -241,8 +256,9 @@ class OnlineFeatures:
             means the repository's default version.
 
     Raises:
-        DataError: an unknown service, or one with a view keyed by neither
-            or both of user and item (an on-demand view included).
+        DataError: an unknown service, one with a view keyed by neither or
+            both of user and item (an on-demand view included), a feature of
+            a type :func:`_decode` does not handle, or two features of one name.
     """
 
     def __init__(self, repo: Path, service: str = contract.FEATURE_SERVICE, sid_version: str | None = None) -> None:
@@ -260,13 +276,26 @@ class OnlineFeatures:
                     f"{sorted(keys) or 'no entity'}; the ranking service reads views keyed by user_id or by item_id "
                     f"(and sid_version): declare the view so in {repo}/definitions.py"
                 )
+            unsupported = [f"{f.name} ({f.dtype})" for f in projection.features
+                           if f.dtype.to_value_type().name not in DECODED_VALUE_TYPES]
+            if unsupported:
+                raise DataError(f"{repo}: view '{projection.name}' of service '{service}' has features {unsupported} "
+                                f"of a type the ranking service does not decode; use {sorted(DECODED_VALUE_TYPES)}")
             self.references[sides[0]] += [f"{projection.name}:{feature.name}" for feature in projection.features]
+        names = [[ref.split(":")[1] for ref in refs] for refs in self.references.values()]
+        if set(names[0]) & set(names[1]) or any(len(set(n)) < len(n) for n in names):
+            raise DataError(f"{repo}: feature service '{service}' has two features of one name; rename one in "
+                            f"{repo}/definitions.py (the ranking service reads features by name)")
 
     def _read(self, key: str, ids: Sequence[int]) -> dict[str, np.ndarray]:
         if not self.references[key]:
             return {key: np.asarray(ids, dtype=np.int64)}
         rows = [{key: int(i), contract.SID_VERSION: self.sid_version} for i in ids]
-        columns = _decode(self.store.get_online_features(features=self.references[key], entity_rows=rows))
+        try:
+            response = self.store.get_online_features(features=self.references[key], entity_rows=rows)
+        except Exception as exc:  # sqlite, redis, a registry being rewritten: the store's failure, not ours
+            raise StoreReadError(f"online read of {len(rows)} {key} rows failed: {type(exc).__name__}: {exc}") from exc
+        columns = _decode(response)
         columns.pop(contract.SID_VERSION, None)
         return columns
 

@@ -6,8 +6,9 @@
 
 The model is the run's, loaded once per process (:func:`load_model`) into the
 model built unsharded on CPU. Features are the latest rows of the run's
-feature service, one Feast online read per request for all candidates,
-encoded by the training code (``ranking.batches.build_split``), so a served
+feature service, read for a whole batch of requests at once (user-keyed
+views once per distinct user, item-keyed views once per distinct item:
+``ranking.rows.OnlineFeatures.read``), encoded by the training code (``ranking.batches.build_split``), so a served
 score equals the offline model's score of the same row (tests/ranking/test_serve.py).
 The service talks to ``feast.FeatureStore`` only, so it serves from whichever
 online store the repository's ``feature_store.yaml`` selects.
@@ -17,8 +18,12 @@ model's tables, e.g. an item published after training) or that the store
 does not know is looked up as the unknown id 0; its SID, content and counts
 still come from the store, so a new item is scored through its SID. An item
 without any row in the store is scored on unknown features throughout and
-flagged ``"features": "none"``. The response lists the items best first:
-``{"item_id", "score", "cold_item", "features", "sid"}``.
+flagged ``"features": "none"``. The response lists the items best first,
+``{"item_id", "score", "cold_item", "features", "sid"}``, beside ``batch``
+(``{"requests", "candidates"}`` ranked together) and ``timings_ms`` (the
+batch's stages; the HTTP service adds ``queue``, the wait for a worker).
+A request's scores do not depend on what it was batched with, up to the last
+bits of float32 rounding.
 
 Store outages: a failed online read drops the store connection and retries
 once on a fresh one (a connection may point at a database file that was
@@ -27,8 +32,8 @@ removed or replaced since); if that fails too the request gets
 request reconnects again, so the service recovers by itself once the store
 is back.
 
-The HTTP service (FastAPI on uvicorn, several worker processes) is in
-``ranking.service``; :class:`HttpConfig` holds its limits.
+The HTTP service (one FastAPI/uvicorn process, ranking worker processes behind
+it) is in ``ranking.service``; :class:`HttpConfig` holds its limits.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from sidrank import contract
 from ranking.batches import RankerBatch, build_split
 from ranking.checkpoint import Loaded
 from ranking.export import load_export, read_run
-from ranking.rows import OnlineFeatures, OnlineTables
+from ranking.rows import OnlineFeatures, OnlineTables, StoreReadError, object_array
 
 log = logging.getLogger("ranking.serve")
 
@@ -113,10 +118,14 @@ class HttpConfig:
             counted from its opening or its previous response; also the keep-alive idle limit.
         body_timeout: seconds a request may take to send its body (then 408).
         max_header_bytes: largest request head (more: 400).
-        limit_concurrency: open connections per worker beyond which requests get 503.
+        limit_concurrency: open connections beyond which requests get 503.
         backlog: listen backlog of the server socket.
-        worker_timeout: seconds a worker process may take to start: it imports torch,
-            TorchRec and Feast and loads the model (tens of seconds on two busy cores).
+        worker_timeout: seconds a worker process may take to start (at launch and at every
+            restart): it imports torch, TorchRec and Feast and loads the model (tens of
+            seconds on two busy cores); a worker past it is killed.
+        batch_timeout: seconds a worker may take over one batch; past it the worker is
+            killed (its batch answers 503) and replaced, so a hung store read cannot hold
+            clients forever.
     """
 
     ranker: ServeConfig
@@ -130,6 +139,7 @@ class HttpConfig:
     limit_concurrency: int = 256
     backlog: int = 4096
     worker_timeout: float = 180.0
+    batch_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ranker, dict):
@@ -140,7 +150,7 @@ class HttpConfig:
                      "backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("header_timeout", "body_timeout", "worker_timeout"):
+        for name in ("header_timeout", "body_timeout", "worker_timeout", "batch_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -258,9 +268,8 @@ def candidate_rows(tables: OnlineTables, requests: list[Query], meta: contract.F
     behaviour, content = _present(items, contract.ITEM_COUNT_COLUMNS), _present(items, ITEM_CONTENT_COLUMNS)
     cold_item = (item_ids > meta.n_items) | ~(behaviour | content)
     # Items published after training have no id row in the model, in the history either.
-    history = np.empty(len(user_ids), dtype=object)  # filled one by one: numpy would stack equal-length lists
-    for i, seen in enumerate(users[contract.HIST_ITEMS]):
-        history[i] = None if seen is None else [0 if item > meta.n_items else item for item in seen]
+    history = object_array([None if seen is None else [0 if item > meta.n_items else item for item in seen]
+                            for seen in users[contract.HIST_ITEMS]])
     user_at = {user: i for i, user in enumerate(user_ids.tolist())}
     item_at = {item: i for i, item in enumerate(item_ids.tolist())}
     row_user = np.repeat([user_at[user] for user, _ in requests], [len(ids) for _, ids in requests])
@@ -334,13 +343,20 @@ class Ranker:
 
     def _read_once(self, users: list[int], items: list[int]) -> OnlineTables:
         if self.online is None:
-            self.online = OnlineFeatures(self.cfg.repo, self.service, self.sid_version)
+            try:
+                self.online = OnlineFeatures(self.cfg.repo, self.service, self.sid_version)
+            except DataError:
+                raise  # the repository no longer serves this run: a configuration error, not an outage
+            except Exception as exc:  # a registry or store being rewritten under us
+                raise StoreReadError(f"{self.cfg.repo}: the feature store cannot be opened: {exc}") from exc
         return self.online.read(users, items)
 
     def read(self, users: list[int], items: list[int]) -> OnlineTables:
         """The online store's latest features of distinct ``users`` and ``items``.
 
         The SIDs are those of the model's version: it is a key of every request.
+        Only the store's own failures are retried and turned into 503s; a bug in
+        decoding its answer stays a bug (HTTP 500, in the log).
 
         Raises:
             StoreUnavailable: the read failed on the current connection and on a fresh one.
@@ -348,10 +364,10 @@ class Ranker:
         for attempt in (1, 2):
             try:
                 return self._read_once(users, items)
-            except Exception as exc:  # any failure of the store: sqlite, redis, a registry being rewritten
+            except StoreReadError as exc:
                 # A fresh FeatureStore opens a fresh connection (cheap once feast is imported).
                 self.online = None
-                log.warning("online read failed (attempt %d): %s: %s", attempt, type(exc).__name__, exc)
+                log.warning("online read failed (attempt %d): %s", attempt, exc)
         raise StoreUnavailable("the online feature store cannot be read; retry later")
 
     def encode(self, tables: OnlineTables, requests: list[Query]) -> tuple[Candidates, RankerBatch]:
@@ -405,10 +421,6 @@ class Ranker:
     def rank(self, user_id: int, item_ids: list[int]) -> dict:
         """:meth:`rank_batch` of one request."""
         return self.rank_batch([(user_id, item_ids)])[0]
-
-    def health(self) -> dict:
-        """A real online read and forward of the probe user and item (see :func:`health_answer`)."""
-        return health_answer(self.rank(PROBE_USER, [PROBE_ITEM]), self.service)
 
 
 def health_answer(probe: dict, service: str) -> dict:

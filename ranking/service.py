@@ -14,11 +14,13 @@ on (uvicorn's own worker processes each keep the connections they accepted,
 and a busy one starves its clients while another idles).
 
 Workers are ``multiprocessing`` spawn processes, each with its own model and
-store connection, talking to the HTTP process over a pipe. A worker that
-dies is restarted; its batch answers 503 and requests answer 503 while no
-worker is ready.
+store connection, talking to the HTTP process over a socket pair (pickled
+messages, only ever between these processes). A worker that dies is
+restarted, one that takes longer than ``--batch-timeout`` over a batch or
+``--worker-timeout`` to start is killed and restarted; its batch answers 503,
+and requests answer 503 while no worker is ready.
 
-Routes: ``POST /rank`` (``ranking.serve.Query``) and ``GET /health`` (a
+Routes: ``POST /rank`` (``ranking.serve.RankRequest``) and ``GET /health`` (a
 real online read and forward). Every answer the app gives is JSON, errors as
 ``{"error": "<short reason>"}``: 400 a body that is not JSON (or nested too
 deep), 404 / 405 an unknown route or method, 408 a body slower than
@@ -164,23 +166,42 @@ class Dispatcher:
                 return
             worker = self.idle.pop()
             dispatched = time.perf_counter()
-            future = worker.submit([waiting.request for waiting in batch])
+            try:
+                future = worker.submit([waiting.request for waiting in batch])
+            except Exception as exc:  # the worker could not take it (stopped, socket gone): this batch fails alone
+                log.exception("handing a batch to a ranking worker failed")
+                self._settle(batch, dispatched, error=exc)
+                if worker.alive:
+                    self.idle.append(worker)
+                continue
             future.add_done_callback(lambda done, w=worker, b=batch, t=dispatched: self._finished(w, b, t, done))
 
     def _finished(self, worker, batch: list[Waiting], dispatched: float, done: asyncio.Future) -> None:
         if worker.alive:
             self.idle.append(worker)
-        error = done.exception()
+        if done.cancelled():
+            self._settle(batch, dispatched, error=ServiceUnavailable("the ranking worker was stopped; retry later"))
+        elif done.exception() is not None:
+            self._settle(batch, dispatched, error=done.exception())
+        elif len(done.result()) != len(batch):
+            self._settle(batch, dispatched, error=RuntimeError(
+                f"a ranking worker answered {len(done.result())} of a batch of {len(batch)} requests"))
+        else:
+            self._settle(batch, dispatched, answers=done.result())
+        self._dispatch()
+
+    @staticmethod
+    def _settle(batch: list[Waiting], dispatched: float, *, answers: list[dict] | None = None,
+                error: BaseException | None = None) -> None:
+        """Every request of ``batch`` gets its answer, or ``error``; clients that went away are skipped."""
         for i, waiting in enumerate(batch):
             if waiting.future.done():
                 continue
-            if error is not None:
+            if answers is None:
                 waiting.future.set_exception(error)
             else:
-                answer = done.result()[i]
-                answer["timings_ms"]["queue"] = round((dispatched - waiting.queued_at) * 1e3, 3)
-                waiting.future.set_result(answer)
-        self._dispatch()
+                answers[i]["timings_ms"]["queue"] = round((dispatched - waiting.queued_at) * 1e3, 3)
+                waiting.future.set_result(answers[i])
 
 
 class LocalWorker:
@@ -219,9 +240,9 @@ def freeze_heap() -> None:
 FRAME = struct.Struct("!Q")
 
 
-def send_message(sock: socket.socket, message: object) -> None:
+def frame(message: object) -> bytes:
     data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-    sock.sendall(FRAME.pack(len(data)) + data)
+    return FRAME.pack(len(data)) + data
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -236,7 +257,7 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
 
 def receive_message(sock: socket.socket) -> object:
     (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
-    return pickle.loads(_receive_exactly(sock, size))  # our own parent's messages: pickle is safe here
+    return pickle.loads(_receive_exactly(sock, size))  # only ever our own parent's messages
 
 
 def worker_main(cfg_json: str, sock: socket.socket) -> None:
@@ -246,10 +267,10 @@ def worker_main(cfg_json: str, sock: socket.socket) -> None:
     try:
         ranker = Ranker(ServeConfig(**json.loads(cfg_json)))
     except Exception as exc:
-        send_message(sock, ("failed", f"{type(exc).__name__}: {exc}"))
+        sock.sendall(frame(("failed", f"{type(exc).__name__}: {exc}")))
         return
     freeze_heap()
-    send_message(sock, ("ready", {"service": ranker.service, "sid_version": ranker.sid_version}))
+    sock.sendall(frame(("ready", {"service": ranker.service, "sid_version": ranker.sid_version})))
     while True:
         try:
             batch = receive_message(sock)
@@ -262,61 +283,86 @@ def worker_main(cfg_json: str, sock: socket.socket) -> None:
         except Exception:
             log.exception("ranking a batch of %d requests failed", len(batch))
             answer = ("error", None)
-        send_message(sock, answer)
+        sock.sendall(frame(answer))
 
 
 class ProcessWorker:
-    """One spawned worker process and its socket; restarted when it dies.
+    """One spawned worker process and its socket; killed when it hangs and restarted when it dies.
 
     Args:
         cfg: the ranker every worker loads.
         index: the worker's number, for the log.
-        start_timeout: seconds the first start may take.
+        start_timeout: seconds a start may take (the first and every restart).
+        batch_timeout: seconds a batch may take; a worker past it is killed and replaced.
     """
 
-    def __init__(self, cfg: ServeConfig, index: int, start_timeout: float) -> None:
+    def __init__(self, cfg: ServeConfig, index: int, start_timeout: float, batch_timeout: float) -> None:
         self.cfg_json = json.dumps(dataclasses.asdict(cfg), default=str)
-        self.index, self.start_timeout = index, start_timeout
+        self.index, self.start_timeout, self.batch_timeout = index, start_timeout, batch_timeout
         self.alive, self.stopping = False, False
         self.info: dict | None = None
         self.failure: str | None = None
-        self.process = self.writer = self.reading = self.in_flight = self.dispatcher = None
+        self.process = self.writer = self.reading = self.in_flight = self.dispatcher = self.deadline = None
         self.started = asyncio.Event()  # set once the first start has ended, ready or failed
         self.restart_delay = RESTART_DELAY_S
 
     async def start(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         await self._spawn()
-        try:
-            await asyncio.wait_for(self.started.wait(), self.start_timeout)
-        except TimeoutError:
-            self.failure = f"worker {self.index} did not load its ranker within {self.start_timeout:g} s (--worker-timeout)"
-            await self.stop()
+        await self.started.wait()
 
     async def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # not fork: this process runs threads and an event loop
         ours, theirs = socket.socketpair()
-        self.process = context.Process(target=worker_main, args=(self.cfg_json, theirs), daemon=True,
-                                       name=f"sidrank-ranker-{self.index}")
-        self.process.start()
-        theirs.close()
-        reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            self.process = context.Process(target=worker_main, args=(self.cfg_json, theirs), daemon=True,
+                                           name=f"sidrank-ranker-{self.index}")
+            self.process.start()
+            reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._arm(self.start_timeout, f"did not load its ranker within {self.start_timeout:g} s (--worker-timeout)")
         self.reading = asyncio.create_task(self._read(reader))
 
+    def _arm(self, seconds: float, reason: str) -> None:
+        """Kill the process unless the next message comes within ``seconds``: a hung worker is replaced."""
+        self._disarm()
+        self.deadline = asyncio.get_running_loop().call_later(seconds, self._kill, reason)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _kill(self, reason: str) -> None:
+        log.error("ranking worker %d (pid %d) %s; killing it", self.index, self.process.pid, reason)
+        if self.info is None:
+            self.failure = f"worker {self.index} {reason}"
+        self.process.kill()  # its socket closes: _read ends and _exited cleans up
+
     def submit(self, batch: list[Query]) -> asyncio.Future:
+        if not self.alive:
+            raise ServiceUnavailable(f"ranking worker {self.index} is not running")
         self.in_flight = asyncio.get_running_loop().create_future()
-        data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
-        self.writer.write(FRAME.pack(len(data)) + data)
+        self.writer.write(frame(batch))
+        self._arm(self.batch_timeout, f"took longer than {self.batch_timeout:g} s over a batch (--batch-timeout)")
         return self.in_flight
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                self._disarm()
                 self._on_message(*pickle.loads(await reader.readexactly(size)))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        await self._exited()
+            pass  # the worker exited
+        except Exception:
+            log.exception("ranking worker %d: handling its message failed; replacing it", self.index)
+        finally:
+            await self._exited()
 
     def _on_message(self, kind: str, payload: object) -> None:
         if kind == "ready":
@@ -338,34 +384,52 @@ class ProcessWorker:
             future.set_exception(RuntimeError(f"ranking worker {self.index} failed on a batch; see its log"))
 
     async def _exited(self) -> None:
-        self.writer.close()
-        await asyncio.to_thread(self.process.join, 5)
+        # Out of the rotation first: nothing may be handed to it while it is reaped.
+        self._disarm()
         was_alive, self.alive = self.alive, False
         if was_alive:
             self.dispatcher.worker_lost(self)
         if self.in_flight is not None:
             self.in_flight.set_exception(ServiceUnavailable("a ranking worker stopped during the request; retry"))
             self.in_flight = None
+        self.writer.close()
+        await asyncio.to_thread(self.process.join, 5)
+        if self.process.is_alive():  # it closed its socket but did not exit
+            self.process.kill()
+            await asyncio.to_thread(self.process.join)
         if self.info is None and self.failure is None:
             self.failure = f"worker {self.index} exited with status {self.process.exitcode} before it was ready"
         self.started.set()
         if self.stopping or self.info is None:
             return  # shutting down, or never ready: the service refuses to start (WorkerPool.start)
-        log.error("ranking worker %d (pid %d) exited with status %s; restarting in %.0f s", self.index,
-                  self.process.pid, self.process.exitcode, self.restart_delay)
-        await asyncio.sleep(self.restart_delay)
-        self.restart_delay = min(2 * self.restart_delay, RESTART_DELAY_MAX_S)
-        if not self.stopping:
-            await self._spawn()
+        while not self.stopping:
+            log.error("ranking worker %d (pid %d) exited with status %s; restarting in %.0f s", self.index,
+                      self.process.pid, self.process.exitcode, self.restart_delay)
+            await asyncio.sleep(self.restart_delay)
+            self.restart_delay = min(2 * self.restart_delay, RESTART_DELAY_MAX_S)
+            if self.stopping:
+                return
+            try:
+                await self._spawn()
+                return
+            except Exception:
+                log.exception("ranking worker %d could not be started", self.index)
 
     async def stop(self) -> None:
         self.stopping = True
+        self._disarm()
         if self.process is None:
             return
         self.writer.close()  # the worker reads EOF and returns
         await asyncio.to_thread(self.process.join, 10)
         if self.process.is_alive():
             self.process.kill()
+            await asyncio.to_thread(self.process.join)
+        if self.reading is not None and self.reading is not asyncio.current_task():
+            # The reader sees the socket close and returns; one waiting out a restart delay is cancelled.
+            await asyncio.wait([self.reading], timeout=5)
+            self.reading.cancel()
+            await asyncio.gather(self.reading, return_exceptions=True)
 
 
 class WorkerPool:
@@ -387,8 +451,10 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker; raises if one cannot load its ranker (a configuration error, not a crash)."""
-        await asyncio.gather(*(worker.start(self.dispatcher) for worker in self.workers))
-        failures = [worker.failure for worker in self.workers if getattr(worker, "failure", None)]
+        started = await asyncio.gather(*(worker.start(self.dispatcher) for worker in self.workers),
+                                       return_exceptions=True)
+        failures = [str(error) for error in started if isinstance(error, BaseException)]
+        failures += [worker.failure for worker in self.workers if getattr(worker, "failure", None)]
         if failures:
             await self.stop()
             raise RuntimeError(f"ranking workers failed to start: {failures[0]}")
@@ -400,7 +466,7 @@ class WorkerPool:
 def create_app(cfg: HttpConfig, ranker: Ranker | None = None) -> FastAPI:
     """The ASGI app under ``cfg``'s limits: ``cfg.workers`` worker processes, or ``ranker`` in this process."""
     workers = [LocalWorker(ranker)] if ranker is not None else [
-        ProcessWorker(cfg.ranker, index, cfg.worker_timeout) for index in range(cfg.workers)]
+        ProcessWorker(cfg.ranker, index, cfg.worker_timeout, cfg.batch_timeout) for index in range(cfg.workers)]
     pool = WorkerPool(workers, cfg.max_batch_candidates)
 
     @contextlib.asynccontextmanager

@@ -151,3 +151,35 @@ def test_without_a_ready_worker_requests_get_503_at_once_and_waiting_ones_are_re
         assert (await again)["user_id"] == 3
 
     run(test)
+
+
+def test_a_worker_that_cannot_take_or_finish_a_batch_fails_that_batch_alone() -> None:
+    async def test() -> None:
+        dispatcher, worker = Dispatcher(max_batch_candidates=1), StandInWorker()  # one request per batch
+        dispatcher.worker_ready(worker)
+        cancelled, short, refused, fine = (asyncio.create_task(dispatcher.rank((user, [1]))) for user in (1, 2, 3, 4))
+        await settle()
+        worker.futures[0].cancel()  # e.g. the worker stopped at shutdown
+        await settle()
+        real_submit, broken = worker.submit, []
+
+        def submit_once_broken(batch: list) -> asyncio.Future:
+            if not broken:
+                broken.append(batch)
+                raise OSError("socket closed")
+            return real_submit(batch)
+
+        worker.submit = submit_once_broken
+        worker.futures[1].set_result([])  # answers missing
+        await settle()
+        with pytest.raises(ServiceUnavailable, match="stopped"):
+            await cancelled
+        with pytest.raises(RuntimeError, match="answered 0 of a batch of 1"):
+            await short
+        with pytest.raises(OSError, match="socket closed"):
+            await refused
+        assert broken == [[(3, [1])]] and worker.batches[-1] == [(4, [1])]  # the queue went on
+        worker.answer()
+        assert (await fine)["user_id"] == 4
+
+    run(test)

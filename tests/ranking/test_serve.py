@@ -427,3 +427,30 @@ def test_a_killed_worker_answers_503_and_is_replaced(served: Served, tmp_path: P
         assert replacement.pid != worker.pid
         status, after = _request(running.port, "POST", "/rank", request)
         assert status == 200 and scores_by_item(after) == scores_by_item(before)
+
+
+def test_a_worker_past_the_batch_timeout_is_killed_and_its_batch_answers_503(served: Served, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sidrank.net import free_port
+
+    port, log_path = free_port(), tmp_path / "server.log"
+    command = [sys.executable, "-m", "ranking.serve", "http", "--run", str(served.run), "--repo", str(served.repo),
+               "--port", str(port), "--workers", "1", "--batch-timeout", "0.001"]  # no batch can be that fast
+    with open(log_path, "wb") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # uvicorn listens once the worker is ready
+            assert child.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                status, answer = _request(port, "POST", "/rank", _rank_body(2, [4, 5, 6]))
+                break
+            except ConnectionError:
+                time.sleep(0.5)
+        assert status == 503 and answer == {"error": "a ranking worker stopped during the request; retry"}
+        assert "took longer than 0.001 s over a batch (--batch-timeout); killing it" in log_path.read_text()
+    finally:
+        child.terminate()
+        child.wait(30)
