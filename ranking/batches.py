@@ -59,13 +59,19 @@ def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarr
     return values.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False)
 
 
+def _missing_as_zero(series: pd.Series) -> np.ndarray:
+    """float64 values, NaN/None as 0 (numpy: pandas' fillna on an all-None object column warns and is slower)."""
+    values = np.asarray(series, dtype=np.float64)
+    return np.where(np.isnan(values), 0.0, values)
+
+
 def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.ndarray:
     """A scalar categorical id column; NaN (not joined) means 0 = unknown."""
     series = rows[column]
     if series.dtype.kind in "iu":  # the common case (training rows, online reads): no NaN, no rounding to check
         values = series.to_numpy(np.int64)
     else:
-        floats = series.fillna(0).to_numpy(np.float64)
+        floats = _missing_as_zero(series)
         if not np.array_equal(floats, np.round(floats)):
             raise DataError(f"{source}: column '{column}' has non-integer ids; expected int64")
         values = floats.astype(np.int64)
@@ -145,7 +151,7 @@ def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.nd
     columns = []
     for count_col, pos_col in (contract.USER_COUNT_COLUMNS, contract.ITEM_COUNT_COLUMNS):
         # Both missing: no earlier event (check_behaviour_counts refused a lone missing one).
-        count, pos = (rows[c].fillna(0).to_numpy(np.float64) for c in (count_col, pos_col))
+        count, pos = (_missing_as_zero(rows[c]) for c in (count_col, pos_col))
         columns.append((np.log1p(count), np.log1p(pos), (pos + a) / (count + a + b)))
     (log_uc, log_upc, user_rate), (log_ic, log_ipc, item_rate) = columns
     _, hist_len = _list_column(rows, contract.HIST_ITEMS, source)
