@@ -13,6 +13,7 @@ log1p of the history length. Missing counts (no earlier events) read as 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,9 @@ from sidrank import contract
 from sidrank.schema import DataError, check_ids_in_range, require_columns
 from ranking.tables import FeatureConfig, item_prefix_buckets, prefix_bucket, profile_columns, sparse_tables
 
+# Rows as a DataFrame or as column name -> numpy array / Arrow array (build_split).
+Columns = pd.DataFrame | Mapping[str, "np.ndarray | pa.Array"]
+
 DENSE_FEATURES = (
     "log_user_count",
     "log_user_pos_count",
@@ -38,14 +42,15 @@ DENSE_FEATURES = (
 )
 
 
-def _list_column(rows: pd.DataFrame, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _list_column(rows: Columns, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(values int64 [nnz], lengths int64 [N]) of a list column; a missing list is empty."""
     try:
-        arr = pa.array(rows[column], from_pandas=True)
+        values = rows[column]
+        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DataError(f"{source}: column '{column}' is not a column of int64 lists ({exc})") from exc
     if pa.types.is_null(arr.type):
-        return np.zeros(0, np.int64), np.zeros(len(rows), np.int64)
+        return np.zeros(0, np.int64), np.zeros(len(arr), np.int64)
     if not pa.types.is_list(arr.type):
         raise DataError(f"{source}: column '{column}' holds {arr.type}, expected lists of int64")
     # pc works on Arrow-backed columns (chunked arrays) and plain arrays alike.
@@ -65,11 +70,11 @@ def _missing_as_zero(series: pd.Series) -> np.ndarray:
     return np.where(np.isnan(values), 0.0, values)
 
 
-def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.ndarray:
+def _int_column(rows: Columns, column: str, size: int, source: str) -> np.ndarray:
     """A scalar categorical id column; NaN (not joined) means 0 = unknown."""
     series = rows[column]
     if series.dtype.kind in "iu":  # the common case (training rows, online reads): no NaN, no rounding to check
-        values = series.to_numpy(np.int64)
+        values = np.asarray(series, dtype=np.int64)
     else:
         floats = _missing_as_zero(series)
         if not np.array_equal(floats, np.round(floats)):
@@ -79,7 +84,7 @@ def _int_column(rows: pd.DataFrame, column: str, size: int, source: str) -> np.n
     return values
 
 
-def _sid_codes(rows: pd.DataFrame, meta: contract.FeatureMeta, source: str, allow_missing: bool) -> np.ndarray:
+def _sid_codes(rows: Columns, meta: contract.FeatureMeta, source: str, allow_missing: bool) -> np.ndarray:
     """[N, L] int64 SID codes in [0, K); -1 on rows without a SID if ``allow_missing``, else an error."""
     L, K = meta.sid_levels, meta.sid_codebook_size
     if K**L >= 2**63:
@@ -89,17 +94,17 @@ def _sid_codes(rows: pd.DataFrame, meta: contract.FeatureMeta, source: str, allo
     if bad.any():
         raise DataError(
             f"{source}: column '{contract.SID_CODES}' is missing or not {L} codes long for row_id "
-            f"{rows['row_id'].to_numpy()[bad][:5].tolist()}; every item needs a SID of version "
+            f"{np.asarray(rows['row_id'])[bad][:5].tolist()}; every item needs a SID of version "
             f"'{meta.sid_version}': publish it to Feast before training"
         )
     check_ids_in_range(values, K, f"{source}: column '{contract.SID_CODES}'")
-    codes = np.full((len(rows), L), -1, np.int64)
+    codes = np.full((len(lengths), L), -1, np.int64)
     codes[lengths == L] = values.reshape(-1, L)
     return codes
 
 
 def _sid_features(
-    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
+    rows: Columns, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
     """SID positions, hashed item prefixes (depth 1..L) and hashed history prefix lists.
 
@@ -109,7 +114,7 @@ def _sid_features(
     codes = _sid_codes(rows, meta, source, allow_missing_sid)
     L, K, buckets = meta.sid_levels, meta.sid_codebook_size, cfg.n_prefix_buckets(meta)
     known = codes[:, 0] >= 0
-    feats = {f"sid_{lvl}": (codes[:, lvl] + 1, np.ones(len(rows), np.int64)) for lvl in range(L)}
+    feats = {f"sid_{lvl}": (codes[:, lvl] + 1, np.ones(len(codes), np.int64)) for lvl in range(L)}
     for depth, bucket in enumerate(item_prefix_buckets(codes[known], K, buckets), start=1):
         feats[f"sid_prefix_{depth}"] = (bucket, known.astype(np.int64))
     for depth, column in enumerate(contract.HIST_SID_PREFIXES[:L], start=1):
@@ -120,10 +125,10 @@ def _sid_features(
 
 
 def _sparse_features(
-    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
+    rows: Columns, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, allow_missing_sid: bool
 ) -> dict:
     """Feature name -> (values [nnz], lengths [N]) for every feature of :func:`sparse_tables`."""
-    ones = np.ones(len(rows), np.int64)
+    ones = np.ones(len(rows["row_id"]), np.int64)
     feats = {}
     if cfg.use_user_id:
         feats["user_id"] = (_int_column(rows, "user_id", meta.n_users + 1, source), ones)
@@ -144,7 +149,7 @@ def _sparse_features(
     return feats
 
 
-def dense_features(rows: pd.DataFrame, cfg: FeatureConfig, source: str) -> np.ndarray:
+def dense_features(rows: Columns, cfg: FeatureConfig, source: str) -> np.ndarray:
     """[N, len(DENSE_FEATURES)] float32 dense matrix (see the module docstring)."""
     contract.check_behaviour_counts(rows, source)
     a, b = cfg.rate_prior_pos, cfg.rate_prior_neg
@@ -253,12 +258,14 @@ class SplitTensors:
 
 
 def build_split(
-    rows: pd.DataFrame, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, *, allow_missing_sid: bool = False
+    rows: Columns, meta: contract.FeatureMeta, cfg: FeatureConfig, source: str, *, allow_missing_sid: bool = False
 ) -> SplitTensors:
     """Encode one split's training rows (``contract`` columns, any order) into tensors.
 
     Args:
-        rows: training rows of one split.
+        rows: training rows of one split: a DataFrame, or (serving, a few rows at a
+            time) a mapping of column name -> numpy array or Arrow list array in
+            ``row_id`` order, which skips pandas' per-column costs.
         meta: table sizes from ``feature_meta.json``.
         cfg: feature selection.
         source: name for error messages, e.g. ``rows.parquet[valid]``.
@@ -270,17 +277,21 @@ def build_split(
         DataError: empty split, missing columns, ids outside their table,
             NaN inside lists, a row without its SID (unless allowed).
     """
-    if rows.empty:
+    if not (len(rows) if isinstance(rows, pd.DataFrame) else len(rows.get("row_id", ()))):
         raise DataError(f"{source}: no rows; the split is empty, check the 'split' column of events.parquet")
     needed = ["row_id", "label", "user_id", contract.ITEM_TAGS, contract.HIST_ITEMS, *contract.ITEM_SCALAR_COLUMNS]
     needed += [*contract.USER_COUNT_COLUMNS, *contract.ITEM_COUNT_COLUMNS, *profile_columns(meta, cfg)]
     needed += ["item_id"] if cfg.use_item_id else []
     needed += [contract.SID_CODES, *contract.HIST_SID_PREFIXES[: meta.sid_levels]] if cfg.use_sid else []
     require_columns(rows, needed, source)
-    if not rows["label"].isin([0, 1]).all():
+    labels, row_ids = np.asarray(rows["label"]), np.asarray(rows["row_id"], dtype=np.int64)
+    if not np.isin(labels, (0, 1)).all():
         raise DataError(f"{source}: column 'label' must be 0/1; rebuild the events with the ingest stage")
-    if not rows["row_id"].is_monotonic_increasing:
-        rows = rows.sort_values("row_id", kind="stable")
+    if (np.diff(row_ids) < 0).any():
+        if not isinstance(rows, pd.DataFrame):
+            raise ValueError(f"{source}: rows given as columns must come in row_id order")
+        return build_split(rows.sort_values("row_id", kind="stable"), meta, cfg, source,
+                           allow_missing_sid=allow_missing_sid)
     feats = _sparse_features(rows, meta, cfg, source, allow_missing_sid)
     tables = sparse_tables(meta, cfg)
     keys = tuple(f for table in tables for f in table.features)
@@ -290,8 +301,8 @@ def build_split(
         keys=keys,
         n_pooled=sum(len(table.features) for table in tables if table.pooled),
         dense=torch.from_numpy(dense_features(rows, cfg, source)),
-        labels=torch.from_numpy(rows["label"].to_numpy(np.float32)),
-        row_ids=torch.from_numpy(rows["row_id"].to_numpy(np.int64)),
+        labels=torch.from_numpy(labels.astype(np.float32)),
+        row_ids=torch.from_numpy(row_ids),
         values=tuple(torch.from_numpy(feats[k][0]) for k in keys),
         offsets=tuple(torch.from_numpy(o.astype(np.int64)) for o in offsets),
     )

@@ -50,6 +50,7 @@ from typing import Annotated, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torchrec.datasets.utils import Batch
@@ -243,7 +244,7 @@ class Candidates(NamedTuple):
     Rows follow the requests, each request's items in its order.
     """
 
-    rows: pd.DataFrame  # [N]
+    rows: dict[str, np.ndarray | pa.Array]  # column -> [N], for build_split
     cold_users: np.ndarray  # [R] bool
     cold_items: np.ndarray  # [N] bool
     features: np.ndarray  # [N] FEATURE_FLAGS values
@@ -275,18 +276,25 @@ def candidate_rows(tables: OnlineTables, requests: list[Query], meta: contract.F
     row_user = np.repeat([user_at[user] for user, _ in requests], [len(ids) for _, ids in requests])
     row_item = np.fromiter((item_at[item] for _, ids in requests for item in ids), np.int64, len(row_user))
     flags = np.array([FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)], dtype=object)
-    rows = pd.DataFrame({
-        **{name: column.take(row_user) for name, column in users.items()},
-        **{name: column.take(row_item) for name, column in items.items()},
-        "row_id": np.arange(len(row_user)),  # build_split orders by row_id: this keeps the requests' order
+    rows = {
+        **{name: _gather(column, row_user) for name, column in users.items()},
+        **{name: _gather(column, row_item) for name, column in items.items()},
+        "row_id": np.arange(len(row_user)),
         "label": np.zeros(len(row_user), np.int64),
         "user_id": np.where(cold_user, 0, user_ids).take(row_user),
         "item_id": np.where(cold_item, 0, item_ids).take(row_item),
-        contract.HIST_ITEMS: history.take(row_user),
-    })
+        contract.HIST_ITEMS: _gather(history, row_user),
+    }
     has_sid = _present(items, [contract.SID_CODES])
     return Candidates(rows, cold_user.take([user_at[user] for user, _ in requests]), cold_item.take(row_item),
                       flags.take(row_item), has_sid.take(row_item))
+
+
+def _gather(column: np.ndarray, rows: np.ndarray) -> np.ndarray | pa.Array:
+    """``column[rows]``; a list column as an Arrow list array, converted once per distinct id, not per row."""
+    if column.dtype == object and any(isinstance(value, list) for value in column):
+        return pa.array(column, type=pa.list_(pa.int64())).take(pa.array(rows))
+    return column.take(rows)
 
 
 def distinct_ids(requests: list[Query]) -> tuple[list[int], list[int]]:

@@ -7,6 +7,7 @@ and the fix, so a user never has to read a traceback to learn what is wrong.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,14 @@ def require_file(path: str | Path, made_by: str) -> Path:
     return path
 
 
-def require_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], source: str) -> None:
-    """Raise if any of ``columns`` is absent from ``df``."""
-    missing = [c for c in columns if c not in df.columns]
+def require_columns(df: "pd.DataFrame | Mapping[str, object]", columns: tuple[str, ...] | list[str],
+                    source: str) -> None:
+    """Raise if any of ``columns`` is absent from ``df`` (a DataFrame, or a mapping of columns)."""
+    names = list(df.columns) if isinstance(df, pd.DataFrame) else list(df)
+    missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(
-            f"{source}: missing column(s) {missing}; found {list(df.columns)}. "
+            f"{source}: missing column(s) {missing}; found {names}. "
             f"Regenerate the file with the stage that writes it, or rename the columns."
         )
 

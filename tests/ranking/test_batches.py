@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from builders import TINY_ROWS_META, tiny_rows
@@ -214,3 +215,23 @@ def test_whole_split_equals_the_gather_of_every_row() -> None:
         if got is not None:
             assert got.keys() == expected.keys()
             assert torch.equal(got.values(), expected.values()) and torch.equal(got.lengths(), expected.lengths())
+
+
+def test_columns_encode_like_the_frame_they_come_from() -> None:
+    rng = np.random.default_rng(3)
+    n = 12
+    rows = pd.concat([tiny_rows()] * 6, ignore_index=True).iloc[:n].assign(row_id=np.arange(n))
+    rows["hist_items"] = [rng.integers(1, 5, rng.integers(0, 4)).tolist() for _ in range(n)]
+    rows.loc[3, "item_count"] = rows.loc[3, "item_pos_count"] = np.nan  # no earlier event
+    columns = {name: rows[name].to_numpy() for name in rows.columns}
+    columns["hist_items"] = pa.array(rows["hist_items"].tolist(), type=pa.list_(pa.int64()))  # as serving gathers it
+    from_frame, from_columns = (build_split(r, TINY_ROWS_META, FeatureConfig(), "r").whole() for r in (rows, columns))
+    assert torch.equal(from_frame.dense_features, from_columns.dense_features)
+    assert torch.equal(from_frame.labels, from_columns.labels)
+    for a, b in ((from_frame.sparse_features, from_columns.sparse_features),
+                 (from_frame.sequence_features, from_columns.sequence_features)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.keys() == b.keys() and torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths())
+    with pytest.raises(ValueError, match="row_id order"):
+        build_split({**columns, "row_id": columns["row_id"][::-1].copy()}, TINY_ROWS_META, FeatureConfig(), "r")
