@@ -8,8 +8,9 @@ The model is the run's, loaded once per process (:func:`load_model`) into the
 model built unsharded on CPU. Features are the latest rows of the run's
 feature service, read for a whole batch of requests at once (user-keyed
 views once per distinct user, item-keyed views once per distinct item:
-``ranking.rows.OnlineFeatures.read``), encoded by the training code (``ranking.batches.build_split``), so a served
-score equals the offline model's score of the same row (tests/ranking/test_serve.py).
+``ranking.rows.OnlineFeatures.read``), encoded by the training code
+(``ranking.batches.build_split``), so a served score equals the offline
+model's score of the same row (tests/ranking/test_serve.py).
 The service talks to ``feast.FeatureStore`` only, so it serves from whichever
 online store the repository's ``feature_store.yaml`` selects.
 
@@ -273,7 +274,8 @@ def candidate_rows(tables: OnlineTables, requests: list[Query], meta: contract.F
                             for seen in users[contract.HIST_ITEMS]])
     user_at = {user: i for i, user in enumerate(user_ids.tolist())}
     item_at = {item: i for i, item in enumerate(item_ids.tolist())}
-    row_user = np.repeat([user_at[user] for user, _ in requests], [len(ids) for _, ids in requests])
+    request_user = [user_at[user] for user, _ in requests]
+    row_user = np.repeat(request_user, [len(ids) for _, ids in requests])
     row_item = np.fromiter((item_at[item] for _, ids in requests for item in ids), np.int64, len(row_user))
     flags = np.array([FEATURE_FLAGS[(bool(b), bool(c))] for b, c in zip(behaviour, content)], dtype=object)
     rows = {
@@ -286,7 +288,7 @@ def candidate_rows(tables: OnlineTables, requests: list[Query], meta: contract.F
         contract.HIST_ITEMS: _gather(history, row_user),
     }
     has_sid = _present(items, [contract.SID_CODES])
-    return Candidates(rows, cold_user.take([user_at[user] for user, _ in requests]), cold_item.take(row_item),
+    return Candidates(rows, cold_user.take(request_user), cold_item.take(row_item),
                       flags.take(row_item), has_sid.take(row_item))
 
 

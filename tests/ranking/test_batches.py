@@ -201,20 +201,22 @@ def test_pooling_factors_are_mean_ids_per_row() -> None:
     assert factors["hist_items"] == pytest.approx(sum(lengths) / len(lengths))
 
 
+def assert_same_batch(got, expected) -> None:
+    """Equal dense features, labels and (pooled and sequence) KJTs, key by key."""
+    assert torch.equal(got.dense_features, expected.dense_features) and torch.equal(got.labels, expected.labels)
+    for a, b in ((got.sparse_features, expected.sparse_features), (got.sequence_features, expected.sequence_features)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.keys() == b.keys() and torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths())
+
+
 def test_whole_split_equals_the_gather_of_every_row() -> None:
     rng = np.random.default_rng(2)
     n = 30
     rows = pd.concat([tiny_rows()] * 10, ignore_index=True).iloc[:n].assign(row_id=np.arange(n))
     rows["hist_items"] = [rng.integers(1, 5, rng.integers(0, 4)) for _ in range(n)]
     split = build_split(rows, TINY_ROWS_META, FeatureConfig(), "r")
-    whole, gathered = split.whole(), split.batch(torch.arange(n))
-    assert torch.equal(whole.dense_features, gathered.dense_features) and torch.equal(whole.labels, gathered.labels)
-    for got, expected in ((whole.sparse_features, gathered.sparse_features),
-                          (whole.sequence_features, gathered.sequence_features)):
-        assert (got is None) == (expected is None)
-        if got is not None:
-            assert got.keys() == expected.keys()
-            assert torch.equal(got.values(), expected.values()) and torch.equal(got.lengths(), expected.lengths())
+    assert_same_batch(split.whole(), split.batch(torch.arange(n)))
 
 
 def test_columns_encode_like_the_frame_they_come_from() -> None:
@@ -225,13 +227,6 @@ def test_columns_encode_like_the_frame_they_come_from() -> None:
     rows.loc[3, "item_count"] = rows.loc[3, "item_pos_count"] = np.nan  # no earlier event
     columns = {name: rows[name].to_numpy() for name in rows.columns}
     columns["hist_items"] = pa.array(rows["hist_items"].tolist(), type=pa.list_(pa.int64()))  # as serving gathers it
-    from_frame, from_columns = (build_split(r, TINY_ROWS_META, FeatureConfig(), "r").whole() for r in (rows, columns))
-    assert torch.equal(from_frame.dense_features, from_columns.dense_features)
-    assert torch.equal(from_frame.labels, from_columns.labels)
-    for a, b in ((from_frame.sparse_features, from_columns.sparse_features),
-                 (from_frame.sequence_features, from_columns.sequence_features)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.keys() == b.keys() and torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths())
+    assert_same_batch(*(build_split(r, TINY_ROWS_META, FeatureConfig(), "r").whole() for r in (rows, columns)))
     with pytest.raises(ValueError, match="row_id order"):
         build_split({**columns, "row_id": columns["row_id"][::-1].copy()}, TINY_ROWS_META, FeatureConfig(), "r")
